@@ -1,0 +1,3 @@
+from lionkd.cli import main
+
+main()

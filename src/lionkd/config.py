@@ -1,0 +1,350 @@
+"""The validated configuration of a run: pydantic v2 models loaded from YAML, strict.
+
+Every option has a default that works, so a short file is enough. Unknown keys are errors that name
+the key, where it is, and the closest valid key. Secrets never live here: an endpoint names the
+environment variable that holds its key (`api_key_env`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import UserError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model endpoints
+
+
+class Price(Strict):
+    """US dollars per 1M tokens."""
+
+    input: float = Field(0.0, ge=0)
+    output: float = Field(0.0, ge=0)
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
+
+
+class SandboxOptions(Strict):
+    """Knobs of the offline task world when it plays a role (`backend: sandbox`)."""
+
+    error_rate: float = Field(0.0, ge=0, le=1)
+    position_bias: float = 0.0
+    malformed_rate: float = Field(0.0, ge=0, le=1)
+
+
+class EndpointConfig(Strict):
+    """A model reached through one backend. A role is an endpoint plus a prompt."""
+
+    backend: Literal["openai", "hf", "vllm", "sandbox"] = "openai"
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key_env: str | None = "OPENAI_API_KEY"
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(1024, ge=1)
+    seed: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=20, description="top_logprobs to ask for (black-box KD)")
+    concurrency: int = Field(16, ge=1)
+    requests_per_minute: float | None = Field(None, gt=0)
+    tokens_per_minute: float | None = Field(None, gt=0)
+    max_retries: int = Field(6, ge=0)
+    timeout_s: float = Field(120.0, gt=0)
+    price: Price | None = None
+    # local backends (hf, vllm)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = "auto"
+    batch_size: int = Field(16, ge=1)
+    sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
+
+    def api_key(self) -> str | None:
+        """The key, read from the environment at the moment of use; never stored."""
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+def _endpoint(**defaults: Any) -> Any:
+    return Field(default_factory=lambda: EndpointConfig(**defaults))
+
+
+# --------------------------------------------------------------------------- student and training
+
+
+class LoraConfig(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class TrainConfig(Strict):
+    """One training run of the student (the Lion imitation stage, or KD training)."""
+
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int = Field(-1, description="overrides epochs when > 0")
+    learning_rate: float = Field(2e-5, gt=0)
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    batch_size: int = Field(8, ge=1, description="per device")
+    grad_accum: int = Field(1, ge=1)
+    max_length: int = Field(1024, ge=8)
+    weight_decay: float = Field(0.0, ge=0)
+    bf16: Literal["auto", True, False] = "auto"
+    gradient_checkpointing: bool = False
+    replay_fraction: float = Field(0.0, ge=0, le=1, description="share of earlier training data replayed")
+    seed: int = 0
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1, description="checkpoint every N optimiser steps (resume after a crash)")
+
+
+class GenerationConfig(Strict):
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_new_tokens: int = Field(512, ge=1)
+    batch_size: int = Field(16, ge=1)
+
+
+class StudentConfig(Strict):
+    model: str = "sandbox:base-student"
+    template: Literal["chat", "alpaca"] = "chat"
+    lora: LoraConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+
+
+# --------------------------------------------------------------------------- Lion
+
+
+class PromptOverrides(Strict):
+    """Replace any of the built-in prompts (see `lionkd.lion.prompts`)."""
+
+    teacher_system: str | None = None
+    referee: str | None = None
+    generator_hard: str | None = None
+    generator_easy: str | None = None
+
+
+class LionConfig(Strict):
+    seed_pool: Path | None = None
+    iterations: int = Field(3, ge=1)
+    new_per_iteration: int = Field(6000, ge=1)
+    hard_easy_ratio: str = "1:1"
+    tau: float = 1.0
+    rouge_l_max: float = Field(0.7, gt=0, le=1)
+    novelty_tokenizer: Literal["rouge", "unicode"] = "rouge"
+    seed_weighting: Literal["uniform", "learnable"] = "uniform"
+    referee_retries: int = Field(2, ge=0)
+    generation_rounds: int = Field(4, ge=1, description="rounds of generation to fill N after filters")
+    min_instruction_words: int = Field(4, ge=1)
+    prompts: PromptOverrides = Field(default_factory=PromptOverrides)
+
+    @field_validator("hard_easy_ratio")
+    @classmethod
+    def _ratio(cls, v: str) -> str:
+        parts = v.split(":")
+        try:
+            hard, easy = (float(p) for p in parts)
+        except ValueError:
+            raise ValueError("must look like 'hard:easy', e.g. '1:1'") from None
+        if hard < 0 or easy < 0 or hard + easy == 0:
+            raise ValueError("both sides must be >= 0 and not both 0")
+        return v
+
+    @property
+    def hard_fraction(self) -> float:
+        hard, easy = (float(p) for p in self.hard_easy_ratio.split(":"))
+        return hard / (hard + easy)
+
+
+# --------------------------------------------------------------------------- task-specific KD
+
+
+class DataConfig(Strict):
+    """A table of examples: a local JSON/JSONL/CSV/Parquet file or a Hugging Face dataset name."""
+
+    path: str | None = None
+    split: str = "train"
+    input_column: str = "input"
+    target_column: str = "target"
+
+
+class KDConfig(Strict):
+    """The task-specific KD pipeline (`lionkd distill`)."""
+
+    labeled: DataConfig = Field(default_factory=DataConfig)
+    unlabeled: DataConfig | None = None
+    eval: DataConfig | None = None
+    teacher_finetune: bool = False
+    student_init: Literal["pretrained", "pruned", "config"] = "pretrained"
+    objective: dict[str, float] = Field(default_factory=lambda: {"logits": 1.0})
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"] = (
+        "forward_kl"
+    )
+    temperature: float = Field(1.0, gt=0)
+    jsd_beta: float = Field(0.5, ge=0, le=1)
+    skew_alpha: float = Field(0.1, ge=0, le=1)
+    final_ce_epochs: float = Field(1.0, ge=0)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+class RunConfig(Strict):
+    run_dir: Path = Path("runs/lion")
+    seed: int = 0
+    teacher: EndpointConfig = _endpoint(temperature=0.7, max_tokens=1024)
+    referee: EndpointConfig = _endpoint(temperature=0.2, max_tokens=512)
+    generator: EndpointConfig = _endpoint(temperature=1.0, top_p=1.0, max_tokens=256)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    lion: LionConfig = Field(default_factory=LionConfig)
+    kd: KDConfig = Field(default_factory=KDConfig)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model class that holds the field at `loc` (for suggesting a close key)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(str(part))
+        if field is None:
+            return None
+        current = _nested_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _nested_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _nested_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Line number (1-based) of every mapping key in a YAML document, by its dotted path."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                p = (*path, str(key.value))
+                lines[p] = key.start_mark.line + 1
+                walk(value, p)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    with contextlib.suppress(yaml.YAMLError):
+        walk(yaml.compose(text), ())
+    return lines
+
+
+def _type_name(err: dict[str, Any]) -> str:
+    kind = err["type"]
+    names = {
+        "int_parsing": "an integer",
+        "int_type": "an integer",
+        "float_parsing": "a number",
+        "float_type": "a number",
+        "bool_parsing": "true or false",
+        "bool_type": "true or false",
+        "string_type": "a string",
+        "dict_type": "a mapping",
+        "model_type": "a mapping",
+        "list_type": "a list",
+    }
+    return names.get(kind, "")
+
+
+def describe_error(exc: ValidationError, source: str, text: str = "") -> str:
+    """One line naming the place of the first error, with a suggestion where one helps."""
+    err = exc.errors()[0]
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc) or "(top level)"
+    line = _key_lines(text).get(loc) if text else None
+    where = f"{source}:{line}" if line else source
+    if err["type"] == "extra_forbidden":
+        owner = _model_at(RunConfig, err["loc"])
+        valid = list(owner.model_fields) if owner else []
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        return f"{where}: unknown key '{dotted}'{hint}"
+    expected = _type_name(err)
+    got = err.get("input")
+    if expected:
+        return f"{where}: key '{dotted}' must be {expected}, got {got!r}"
+    return f"{where}: key '{dotted}': {err['msg']}"
+
+
+def load_config(path: str | Path, check_paths: bool = True) -> RunConfig:
+    """Read and validate a run config; relative paths resolve against the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{at}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of sections")
+    try:
+        cfg = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise UserError(describe_error(exc, str(path), text)) from None
+    return resolve_paths(cfg, path.parent, check_paths=check_paths)
+
+
+def resolve_paths(cfg: RunConfig, base: Path, check_paths: bool = True) -> RunConfig:
+    if not cfg.run_dir.is_absolute():
+        cfg.run_dir = base / cfg.run_dir
+    if cfg.lion.seed_pool is not None:
+        if not cfg.lion.seed_pool.is_absolute():
+            cfg.lion.seed_pool = base / cfg.lion.seed_pool
+        if check_paths and not cfg.lion.seed_pool.exists():
+            raise UserError(f"lion.seed_pool: file not found: {cfg.lion.seed_pool}")
+    for data in (cfg.kd.labeled, cfg.kd.unlabeled, cfg.kd.eval):
+        if data is not None and data.path and not Path(data.path).is_absolute():
+            local = base / data.path
+            if local.exists():
+                data.path = str(local)
+    return cfg
+
+
+SECRET_MASK = "***"
+
+
+def masked_dump(cfg: RunConfig) -> dict[str, Any]:
+    """The resolved config as plain data, safe to print or store: no secret value appears."""
+    data = cfg.model_dump(mode="json")
+    secrets = {v for v in (os.environ.get(e.api_key_env or "") for e in (cfg.teacher, cfg.referee, cfg.generator)) if v}
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: scrub(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [scrub(v) for v in node]
+        if isinstance(node, str):
+            for s in secrets:
+                node = node.replace(s, SECRET_MASK)
+        return node
+
+    return scrub(data)
