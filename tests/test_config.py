@@ -1,0 +1,88 @@
+import textwrap
+
+import pytest
+from conftest import run_cli
+
+from lionkd.config import RunConfig, load_config
+from lionkd.errors import UserError
+
+
+def write(tmp_path, text, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_short_config_gets_paper_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, "seed: 3\n"))
+    assert cfg.seed == 3
+    assert cfg.teacher.temperature == 0.7 and cfg.referee.temperature == 0.2
+    assert cfg.generator.temperature == 1.0
+    assert cfg.lion.tau == 1.0 and cfg.lion.rouge_l_max == 0.7 and cfg.lion.hard_fraction == 0.5
+    assert cfg.run_dir == tmp_path / "runs/lion"
+
+
+def test_typo_names_key_and_suggests(tmp_path):
+    path = write(tmp_path, """\
+        teacher:
+          model: gpt-4o-mini
+          temprature: 0.3
+        """)
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 2
+    assert "temprature" in result.stderr and "did you mean 'temperature'" in result.stderr
+    assert f"{path}:3" in result.stderr  # the line of the bad key
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_section_lists_valid_keys(tmp_path):
+    with pytest.raises(UserError, match="unknown key 'lion.tua'.*did you mean 'tau'"):
+        load_config(write(tmp_path, "lion:\n  tua: 2\n"))
+    with pytest.raises(UserError, match="unknown key 'zzz'"):
+        load_config(write(tmp_path, "zzz: 1\n"))
+
+
+def test_wrong_type_names_key_and_expected_type(tmp_path):
+    result = run_cli("config", "check", str(write(tmp_path, "referee:\n  max_tokens: lots\n")))
+    assert result.returncode == 2
+    assert "referee.max_tokens" in result.stderr and "must be an integer" in result.stderr
+
+
+def test_missing_seed_file_names_the_path(tmp_path):
+    result = run_cli("config", "check", str(write(tmp_path, "lion:\n  seed_pool: data/seeds.json\n")))
+    assert result.returncode == 2
+    assert str(tmp_path / "data/seeds.json") in result.stderr
+
+
+def test_missing_config_and_bad_yaml(tmp_path):
+    assert run_cli("config", "check", str(tmp_path / "nope.yaml")).returncode == 2
+    bad = run_cli("config", "check", str(write(tmp_path, "teacher: [unclosed\n")))
+    assert bad.returncode == 2 and "not valid YAML" in bad.stderr
+
+
+def test_secret_never_printed(tmp_path):
+    secret = "sk-test-SECRET"
+    path = write(tmp_path, """\
+        teacher: {backend: openai, model: gpt-4o-mini, api_key_env: OPENAI_API_KEY}
+        referee: {backend: openai, base_url: "http://127.0.0.1:9/v1", api_key_env: OPENAI_API_KEY}
+        """)
+    result = run_cli("config", "check", str(path), env={"OPENAI_API_KEY": secret})
+    assert result.returncode == 0, result.stderr
+    assert "OPENAI_API_KEY" in result.stdout
+    for part in (secret, "SECRET", "sk-test"):
+        assert part not in result.stdout and part not in result.stderr
+
+
+@pytest.mark.parametrize("preset", ["demo", "api", "kd"])
+def test_presets_are_valid_configs(tmp_path, preset):
+    result = run_cli("init", "--preset", preset)
+    assert result.returncode == 0
+    path = write(tmp_path, result.stdout, f"{preset}.yaml")
+    cfg = load_config(path, check_paths=False)
+    assert isinstance(cfg, RunConfig)
+
+
+def test_unknown_preset_is_a_user_error():
+    result = run_cli("init", "--preset", "nope")
+    assert result.returncode == 2 and "unknown preset" in result.stderr
