@@ -148,6 +148,121 @@ def export(
     console.print(f"wrote {len(records)} records to {out}")
 
 
+# --------------------------------------------------------------------------- the Lion loop
+
+
+@app.command()
+def run(
+    config: Path,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the most calls, tokens and cost; spend nothing.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end.")] = True,
+) -> None:
+    """Run (or resume) the Lion loop of a config: imitation, discrimination, generation per iteration."""
+    from .config import load_config
+    from .lion.loop import plan_run, plan_table, run_lion
+
+    cfg = load_config(config)
+    if dry_run:
+        console.print(plan_table(plan_run(cfg)))
+        return
+    summary = run_lion(cfg, progress=progress, report=report)
+    if summary.report_path:
+        console.print(f"report: {summary.report_path}")
+
+
+# --------------------------------------------------------------------------- evaluation and reports
+
+
+def _stage_progress() -> tuple[Any, Any]:
+    """A rich progress display and a `(stage, done, total)` callback that feeds it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    bars = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err_console, transient=False)
+    tasks: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.update(tasks[stage], completed=done, total=total)
+
+    return bars, update
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[str, typer.Option(help="A local model folder, or the model name at --base-url.")],
+    data: Annotated[str, typer.Option(help="JSON/JSONL/CSV/Parquet file or a Hugging Face dataset name.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (results, predictions, call cache).")] = Path("runs/eval"),
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible endpoint serving --model.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Environment variable holding the endpoint's key.")] = None,
+    split: Annotated[str, typer.Option(help="Split of a hub dataset.")] = "test",
+    input_column: Annotated[str, typer.Option(help="Column with the inputs.")] = "input",
+    target_column: Annotated[str | None, typer.Option(help="Column with the targets (default: target, if present).")] = None,
+    category_column: Annotated[str | None, typer.Option(help="Column with categories (per-category results).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N rows.")] = None,
+    metrics: Annotated[str, typer.Option(help="Comma list: bleu, rouge, exact_match, perplexity, bertscore.")] = "bleu,rouge,exact_match,perplexity",
+    template: Annotated[str, typer.Option(help="Prompt format of a local model: chat | alpaca.")] = "chat",
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length limit.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    num_beams: Annotated[int, typer.Option(help="Beam search width (local models).")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Batch size of a local model.")] = 16,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    judge: Annotated[bool, typer.Option("--judge", help="Judge evaluation by a referee, as in the Lion paper.")] = False,
+    config: Annotated[Path | None, typer.Option(help="A run config: its referee/teacher endpoints and prompts.")] = None,
+    referee_model: Annotated[str | None, typer.Option(help="Referee model name (OpenAI-compatible).")] = None,
+    referee_base_url: Annotated[str | None, typer.Option(help="Referee endpoint.")] = None,
+    referee_api_key_env: Annotated[str | None, typer.Option(help="Environment variable with the referee's key.")] = None,
+    reference: Annotated[str, typer.Option(help="Reference answers for the judge: target | teacher.")] = "target",
+    speed: Annotated[bool, typer.Option("--speed", help="Measure size, latency, throughput and memory.")] = False,
+    teacher: Annotated[str | None, typer.Option(help="A local teacher folder (speed ratios, reference answers).")] = None,
+    speed_new_tokens: Annotated[int, typer.Option(help="Tokens generated per timed call.")] = 64,
+    memory_budget_gb: Annotated[float | None, typer.Option(help="Memory budget for the throughput batch.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Largest batch tried for throughput.")] = 256,
+    harness_tasks: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, e.g. bbh_zeroshot.")] = None,
+    harness_limit: Annotated[int | None, typer.Option(help="Examples per harness task (a quick check).")] = None,
+) -> None:
+    """Evaluate a model on a data set: task metrics, judge evaluation, speed, harness benchmarks."""
+    from rich.markdown import Markdown
+
+    from .eval.evaluate import RESULTS_JSON, EvalSettings, run_eval
+    from .eval.report import eval_markdown
+
+    if template not in ("chat", "alpaca"):
+        raise UserError(f"--template: must be chat or alpaca, not '{template}'")
+    if reference not in ("target", "teacher"):
+        raise UserError(f"--reference: must be target or teacher, not '{reference}'")
+    settings = EvalSettings(
+        data=data, out_dir=out, model=model, base_url=base_url, api_key_env=api_key_env, split=split,
+        input_column=input_column, target_column=target_column, category_column=category_column, limit=limit,
+        template=template, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
+        num_beams=num_beams, seed=seed, batch_size=batch_size,
+        metrics=[m.strip() for m in metrics.split(",") if m.strip()], judge=judge, config=config,
+        referee_model=referee_model, referee_base_url=referee_base_url, referee_api_key_env=referee_api_key_env,
+        reference=reference, speed=speed, teacher=teacher, speed_new_tokens=speed_new_tokens,  # type: ignore[arg-type]
+        memory_budget_gb=memory_budget_gb, max_batch=max_batch,
+        harness_tasks=[t for t in (harness_tasks or "").split(",") if t.strip()], harness_limit=harness_limit,
+    )
+    bars, update = _stage_progress()
+    with bars:
+        results = run_eval(settings, progress=update)
+    console.print(Markdown(eval_markdown(results, f"Evaluation of {results['model']}")))
+    console.print(f"wrote {out / RESULTS_JSON}")
+
+
+@app.command()
+def report(
+    run_dir: Path,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for report.html/.md (default: RUN_DIR).")] = None,
+) -> None:
+    """Write a self-contained HTML report (and Markdown) of a Lion or distill run."""
+    from .eval.report import build_report
+
+    html_path, md_path = build_report(run_dir, out)
+    console.print(f"wrote {html_path} and {md_path}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -136,6 +136,7 @@ class PromptOverrides(Strict):
 
 class LionConfig(Strict):
     seed_pool: Path | None = None
+    seed_pool_size: int = Field(1000, ge=1, description="instructions drawn from the sandbox world when seed_pool is null")
     iterations: int = Field(3, ge=1)
     new_per_iteration: int = Field(6000, ge=1)
     hard_easy_ratio: str = "1:1"
@@ -194,6 +195,19 @@ class KDConfig(Strict):
     jsd_beta: float = Field(0.5, ge=0, le=1)
     skew_alpha: float = Field(0.1, ge=0, le=1)
     final_ce_epochs: float = Field(1.0, ge=0)
+    topk_tail: Literal["rest", "renorm"] = Field(
+        "rest", description="teacher mass outside a sparse top-k: a 'rest' bucket, or renormalise the top-k"
+    )
+    teacher_topk: int = Field(0, ge=0, description="> 0: cache the teacher's top-k per target token once")
+    pt_method: Literal["none", "beam", "sample", "high_temp"] = "sample"
+    pt_count: int = Field(4, ge=1, description="pseudo-targets per input (K); epoch e uses number e mod K")
+    pt_temperature: float | None = Field(None, gt=0, description="default: 1.0 for sample, 1.5 for high_temp")
+    pt_top_p: float = Field(0.95, gt=0, le=1)
+    pt_num_beams: int = Field(4, ge=1)
+    pt_max_new_tokens: int = Field(128, ge=1)
+    joint_alpha: float = Field(0.0, ge=0, le=1, description="Joint-Teaching share of student samples (paper 0.5)")
+    joint_refresh_every: int = Field(1, ge=1, description="optimiser steps a student sample is reused")
+    prune_keep: str = Field("first_last", description="'first_last', 'even:N' or a list like '0,2,-1'")
 
 
 # --------------------------------------------------------------------------- the whole run

@@ -65,6 +65,17 @@ class Choice:
     logprobs: list[TokenLogprob] | None = None
 
 
+def choice_from_dict(data: dict[str, Any]) -> Choice:
+    logprobs = data.get("logprobs")
+    return Choice(
+        text=data["text"],
+        finish_reason=data.get("finish_reason", "stop"),
+        logprobs=None if logprobs is None else [
+            TokenLogprob(t["token"], t["logprob"], [(a, b) for a, b in t.get("top", [])]) for t in logprobs
+        ],
+    )
+
+
 @dataclass
 class GenResult:
     """The outcome of one request: `n` choices, or an error after retries."""
@@ -78,6 +89,20 @@ class GenResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready data (for the call cache and the HTTP server)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenResult:
+        return cls(
+            choices=[choice_from_dict(c) for c in data.get("choices", [])],
+            prompt_tokens=data.get("prompt_tokens", 0),
+            completion_tokens=data.get("completion_tokens", 0),
+            error=data.get("error"),
+            cached=data.get("cached", False),
+        )
 
     @property
     def text(self) -> str:

@@ -1,0 +1,9 @@
+"""The KD engine: losses, data collation, the trainer, pruning, pseudo-targets, Joint-Teaching.
+
+Entry points: `lionkd.kd.trainer.train_student`, `lionkd.kd.prune.prune_layers`,
+`lionkd.kd.pseudo_targets.generate_pseudo_targets`, and the losses in `lionkd.kd.losses`.
+"""
+
+from .losses import ce_loss, divergence_rows, kd_loss, relation_kl_loss, sparse_kd_loss
+
+__all__ = ["ce_loss", "divergence_rows", "kd_loss", "relation_kl_loss", "sparse_kd_loss"]

@@ -1,0 +1,306 @@
+"""Distillation losses as plain functions of logits.
+
+Conventions shared by every loss here:
+- `student_logits` is [B, T, V]; position t is scored against whatever the caller aligned with it
+  (the collator shifts targets for causal models, so no logits tensor is ever sliced or copied).
+- `mask` is [B, T]: the weight of each position (0 for prompt and padding, 1 or an example weight
+  for target tokens).
+- The result is the weighted SUM over positions divided by `num_items`, the number of target tokens
+  of the whole optimiser step (all micro-batches, all processes). Loss and gradients are then the
+  same however the step is split. With `num_items=None` the local token count is used.
+- Divergences sum over the vocabulary. With a temperature both sides are divided by it and the loss
+  is multiplied by its square (the gradient scale stays comparable across temperatures).
+
+Memory: full-vocabulary probabilities exist for one chunk of positions at a time. `_ChunkedRowLoss`
+evaluates the per-position loss chunk by chunk without autograd, and in backward recomputes each
+chunk with autograd to get its gradient, so the [N, V] float32 intermediates of a naive
+implementation never exist at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
+TopkTail = Literal["rest", "renorm"]
+DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+
+CHUNK_ELEMENTS = 1 << 23  # ~32 MiB of float32 per [chunk, V] intermediate
+
+
+# --------------------------------------------------------------------------- divergences on rows
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probabilities; terms where p = 0 count as 0."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def _log_mix(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b)."""
+    if weight_a <= 0.0:
+        return log_b
+    if weight_a >= 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def divergence_rows(
+    student_logp: torch.Tensor,
+    teacher_logp: torch.Tensor,
+    divergence: Divergence = "forward_kl",
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> torch.Tensor:
+    """Per-row divergence between teacher p and student q, given log-probabilities [N, V] -> [N].
+
+    - forward_kl: KL(p || q)                     reverse_kl: KL(q || p)
+    - jsd: the generalised JSD of GKD with TRL's semantics: beta = 0 is KL(p || q), beta = 1 is
+      KL(q || p), otherwise beta KL(p || m) + (1 - beta) KL(q || m) with m = beta p + (1 - beta) q.
+    - skew_forward_kl: KL(p || alpha p + (1 - alpha) q)   (DistiLLM)
+    - skew_reverse_kl: KL(q || alpha q + (1 - alpha) p)   (DistiLLM)
+    - tv: total variation, 0.5 * sum |p - q|
+    """
+    # Clamping keeps exp(-inf) * (-inf - x) from turning into nan for tokens a model rules out.
+    tiny = torch.finfo(student_logp.dtype).min
+    lq, lp = student_logp.clamp_min(tiny), teacher_logp.clamp_min(tiny)
+    if divergence == "forward_kl":
+        return _kl(lp, lq)
+    if divergence == "reverse_kl":
+        return _kl(lq, lp)
+    if divergence == "jsd":
+        if beta == 0.0:
+            return _kl(lp, lq)
+        if beta == 1.0:
+            return _kl(lq, lp)
+        lm = _log_mix(lp, lq, beta)
+        return beta * _kl(lp, lm) + (1.0 - beta) * _kl(lq, lm)
+    if divergence == "skew_forward_kl":
+        return _kl(lp, _log_mix(lp, lq, alpha))
+    if divergence == "skew_reverse_kl":
+        return _kl(lq, _log_mix(lq, lp, alpha))
+    if divergence == "tv":
+        return 0.5 * (lp.exp() - lq.exp()).abs().sum(-1)
+    raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+
+# --------------------------------------------------------------------------- chunked evaluation
+
+RowLoss = Callable[..., torch.Tensor]  # (student_rows [C, V], *other_rows) -> per-row loss [C]
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """sum_i w_i * row_loss(student[i], others[i]) over rows with w_i != 0, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, student, weights, row_loss, chunk, *others):  # type: ignore[override]
+        rows = weights.nonzero().squeeze(-1)
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        for start in range(0, rows.numel(), chunk):
+            idx = rows[start : start + chunk]
+            loss = row_loss(student.index_select(0, idx), *(o.index_select(0, idx) for o in others))
+            total += (loss * weights.index_select(0, idx)).sum()
+        ctx.save_for_backward(student, weights, rows, *others)
+        ctx.row_loss, ctx.chunk = row_loss, chunk
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):  # type: ignore[override]
+        student, weights, rows, *others = ctx.saved_tensors
+        grad = torch.zeros_like(student)
+        for start in range(0, rows.numel(), ctx.chunk):
+            idx = rows[start : start + ctx.chunk]
+            with torch.enable_grad():
+                part = student.index_select(0, idx).detach().requires_grad_(True)
+                loss = ctx.row_loss(part, *(o.index_select(0, idx) for o in others))
+                (g,) = torch.autograd.grad((loss * weights.index_select(0, idx)).sum(), part)
+            grad.index_copy_(0, idx, g * grad_total)
+        return grad, None, None, None, *([None] * len(others))
+
+
+def _chunk_rows(vocab: int, chunk_size: int | None) -> int:
+    return chunk_size or max(1, CHUNK_ELEMENTS // max(vocab, 1))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]) if x.dim() >= 3 else x.reshape(-1)
+
+
+def _normalise(total: torch.Tensor, mask: torch.Tensor, num_items: float | torch.Tensor | None) -> torch.Tensor:
+    if num_items is None:
+        num_items = (mask != 0).sum().clamp_min(1)
+    if isinstance(num_items, torch.Tensor):
+        num_items = num_items.to(total.device, total.dtype)
+    return total / num_items
+
+
+def common_vocab(student_vocab: int, teacher_vocab: int, vocab_size: int | None = None) -> int:
+    """The number of logit columns both sides share.
+
+    Models pad their output layer (151936 vs 152064 rows for one tokenizer), so sizes may differ
+    while the tokens are the same. `vocab_size` is the real vocabulary (len(tokenizer)); columns
+    beyond it are padding and dropped. Without it, sizes must be equal.
+    """
+    if vocab_size is not None:
+        if min(student_vocab, teacher_vocab) < vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the tokenizer has {vocab_size} tokens but the student scores "
+                f"{student_vocab} and the teacher {teacher_vocab}"
+            )
+        return vocab_size
+    if student_vocab != teacher_vocab:
+        raise ValueError(
+            f"vocabulary mismatch: student logits have {student_vocab} columns, teacher logits "
+            f"{teacher_vocab}; if the extra columns are padding, pass vocab_size=len(tokenizer)"
+        )
+    return student_vocab
+
+
+# --------------------------------------------------------------------------- public losses
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Word-level KD against the teacher's full distribution (see the module doc for conventions)."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+
+    def row_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = s[:, :vocab].float() / temperature
+        t = t[:, :vocab].float() / temperature
+        return divergence_rows(s.log_softmax(-1), t.log_softmax(-1), divergence, beta=beta, alpha=alpha)
+
+    total = _ChunkedRowLoss.apply(
+        _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(vocab, chunk_size),
+        _flat(teacher_logits).detach(),
+    )
+    return _normalise(total * temperature**2, mask, num_items)
+
+
+def sparse_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    tail: TopkTail = "rest",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Word-level KD against the teacher's top-k only: ids and log-probabilities [B, T, k].
+
+    The teacher's log-probabilities must already be at the training temperature (cache them that
+    way); the student's logits are divided by `temperature` here. The mass the teacher puts outside
+    its top-k is handled explicitly by `tail`:
+    - "rest" (default): compare k + 1 buckets, the top-k tokens and one "rest" bucket holding the
+      remaining mass (1 - sum of the teacher's top-k probabilities against the student's mass on all
+      other tokens). Exact when the teacher's tail is empty; any divergence applies.
+    - "renorm": renormalise the teacher over its top-k (its tail counts as zero) and take
+      KL(teacher || student) against the student's full distribution. Forward KL only.
+    """
+    if tail == "renorm" and divergence != "forward_kl":
+        raise ValueError("sparse top-k with tail='renorm' supports divergence='forward_kl' only")
+    if tail not in ("rest", "renorm"):
+        raise ValueError(f"unknown top-k tail rule {tail!r}; choose 'rest' or 'renorm'")
+    if teacher_ids.max() >= student_logits.shape[-1]:
+        raise ValueError("teacher top-k ids exceed the student's vocabulary")
+
+    def row_loss(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+        s_logp = (s.float() / temperature).log_softmax(-1)
+        s_top = s_logp.gather(-1, ids.long())
+        t_logp = t_logp.float()
+        if tail == "renorm":
+            t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)
+            return (t_logp.exp() * (t_logp - s_top)).sum(-1)
+        s_rest = _log1mexp(s_top.logsumexp(-1, keepdim=True))
+        t_rest = _log1mexp(t_logp.logsumexp(-1, keepdim=True))
+        return divergence_rows(
+            torch.cat([s_top, s_rest], -1), torch.cat([t_logp, t_rest], -1), divergence, beta=beta, alpha=alpha
+        )
+
+    total = _ChunkedRowLoss.apply(
+        _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(student_logits.shape[-1], chunk_size),
+        _flat(teacher_ids), _flat(teacher_logprobs).detach(),
+    )
+    return _normalise(total * temperature**2, mask, num_items)
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, stable at both ends; -inf-ish when the mass is all used up."""
+    x = x.clamp(max=-1e-7)
+    return torch.where(x > -math.log(2), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def ce_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy of the targets [B, T] aligned with the logits, weighted by `mask`."""
+
+    def row_loss(s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = s.float()
+        return s.logsumexp(-1) - s.gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+
+    total = _ChunkedRowLoss.apply(
+        _flat(logits), _flat(mask).float(), row_loss, _chunk_rows(logits.shape[-1], chunk_size), _flat(targets)
+    )
+    return _normalise(total, mask, num_items)
+
+
+def relation_kl_loss(
+    student_states: torch.Tensor,
+    teacher_states: torch.Tensor,
+    num_heads: int,
+    key_mask: torch.Tensor,
+    row_mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+) -> torch.Tensor:
+    """MiniLM self-relation KD for one of Q, K or V: states [B, T, H] of either width.
+
+    Both sides are split into `num_heads` relation heads (the teacher's head count), relations are
+    softmax(X X^T / sqrt(d)) per head, and the loss is KL(teacher || student) per query row,
+    averaged over heads, weighted by `row_mask` [B, T] and divided by `num_items`.
+    """
+
+    def log_relations(x: torch.Tensor) -> torch.Tensor:
+        b, t, h = x.shape
+        if h % num_heads:
+            raise ValueError(f"hidden size {h} is not divisible by {num_heads} relation heads")
+        x = x.float().view(b, t, num_heads, h // num_heads).transpose(1, 2)
+        scores = x @ x.transpose(-1, -2) / math.sqrt(h // num_heads)
+        allowed = key_mask[:, None, None, :].bool()
+        if causal:
+            allowed = allowed & torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).log_softmax(-1)
+
+    lq, lp = log_relations(student_states), log_relations(teacher_states.detach())
+    per_row = (lp.exp() * (lp - lq)).sum(-1).mean(1)  # [B, T]
+    total = (per_row * row_mask.float()).sum()
+    return _normalise(total, row_mask, num_items)

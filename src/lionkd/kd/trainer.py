@@ -1,0 +1,494 @@
+"""The KD trainer: `transformers.Trainer` with distillation objectives, and `train_student`.
+
+Objectives (weighted sum, e.g. {"logits": 0.5, "attention": 0.5}):
+- "ce":        cross-entropy on the target tokens (plain fine-tuning)
+- "logits":    word-level KD against the teacher (eval mode), divergence from `KDConfig`;
+               uses cached teacher top-k when every example carries it (no teacher forward)
+- "noisy":     the same with the teacher in train mode (dropout on)
+- "attention": MiniLM self-relation KD of Q, K and V of the last self-attention layer(s)
+
+Every loss is a sum over target tokens divided by the number of target tokens of the whole
+optimiser step, counted over all micro-batches and all processes before the first forward, so the
+update does not depend on how a step is split into micro-batches or processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import KDConfig, LoraConfig, TrainConfig
+from ..errors import UserError
+from .data import (
+    Collator,
+    EpochDataset,
+    ExampleDataset,
+    PromptTemplate,
+    TrainExample,
+    encode_example,
+    is_encoder_decoder,
+)
+from .joint_teaching import JointTeaching, StudentSampler
+from .losses import ce_loss, kd_loss, relation_kl_loss, sparse_kd_loss
+
+TrainSettings = TrainConfig  # the settings of one training run
+OBJECTIVES = ("ce", "logits", "noisy", "attention")
+MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+METRICS_FILE = "train_metrics.json"
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_model(spec: str | Path | PreTrainedModel, dtype: torch.dtype | None = None) -> PreTrainedModel:
+    if isinstance(spec, PreTrainedModel):
+        return spec
+    path = str(spec)
+    if not Path(path).exists():
+        raise UserError(f"model not found: {path}")
+    config = AutoConfig.from_pretrained(path)
+    cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    return cls.from_pretrained(path, dtype=dtype) if dtype is not None else cls.from_pretrained(path)
+
+
+def load_tokenizer(spec: str | Path | PreTrainedModel, tokenizer: Any = None) -> Any:
+    if tokenizer is None:
+        path = spec.name_or_path if isinstance(spec, PreTrainedModel) else str(spec)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"no tokenizer found for {path}: pass one") from exc
+    if tokenizer.pad_token_id is None:
+        # masks come from positions, so padding with EOS never hides a real EOS
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_vocab(student_tok: Any, teacher_tok: Any) -> None:
+    if student_tok.get_vocab() != teacher_tok.get_vocab():
+        raise UserError(
+            f"teacher and student tokenizers differ ({len(teacher_tok)} vs {len(student_tok)} tokens): "
+            "logit KD needs one vocabulary; use sequence-level KD (objective 'ce' on teacher text)"
+        )
+
+
+def resolve_objective(objective: str | Mapping[str, float] | None, has_teacher: bool) -> dict[str, float]:
+    if objective is None:
+        objective = {"logits": 1.0} if has_teacher else {"ce": 1.0}
+    if isinstance(objective, str):
+        objective = {objective: 1.0}
+    unknown = sorted(set(objective) - set(OBJECTIVES))
+    if unknown:
+        raise UserError(f"kd.objective: unknown objective '{unknown[0]}' (valid: {', '.join(OBJECTIVES)})")
+    weights = {k: float(v) for k, v in objective.items() if v}
+    if not weights:
+        raise UserError("kd.objective: every weight is zero")
+    return weights
+
+
+# --------------------------------------------------------------------------- attention relations
+
+QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
+
+
+def last_self_attentions(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module, nn.Module]]:
+    """The Q, K, V projections of the last self-attention layer of each stack ("encoder", "decoder")."""
+    found: dict[str, tuple[nn.Module, nn.Module, nn.Module]] = {}
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] not in ("self_attn", "SelfAttention"):
+            continue
+        for names in QKV_NAMES:
+            parts = [getattr(module, n, None) for n in names]
+            if all(isinstance(p, nn.Module) for p in parts):
+                stack = "encoder" if "encoder" in name.split(".") else "decoder"
+                found[stack] = tuple(parts)  # type: ignore[assignment]  # later layers overwrite
+    return found
+
+
+@contextlib.contextmanager
+def capture_qkv(model: nn.Module) -> Iterator[dict[tuple[str, str], torch.Tensor]]:
+    """Record the outputs of the last layer's Q, K, V projections during a forward pass."""
+    states: dict[tuple[str, str], torch.Tensor] = {}
+    layers = last_self_attentions(model)
+    if not layers:
+        raise UserError(f"attention objective: no q/k/v self-attention found in {type(model).__name__}")
+    handles = []
+    for stack, modules in layers.items():
+        for kind, module in zip("qkv", modules, strict=True):
+
+            def hook(_m: nn.Module, _i: Any, out: torch.Tensor, key: tuple[str, str] = (stack, kind)) -> None:
+                states[key] = out
+
+            handles.append(module.register_forward_hook(hook))
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def relation_heads(config: Any, stack: str) -> tuple[int, int]:
+    """(heads for Q, heads for K and V) of the teacher: relation heads follow the teacher."""
+    q = (
+        getattr(config, f"{stack}_attention_heads", None)
+        or getattr(config, "num_attention_heads", None)
+        or config.num_heads
+    )
+    return q, getattr(config, "num_key_value_heads", None) or q
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+class KDTrainer(Trainer):
+    """`Trainer` whose loss is a weighted sum of distillation objectives."""
+
+    loss_is_scaled_for_ga = True  # losses are divided by the step's token count, not per micro-batch
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: PreTrainedModel | None = None,
+        objective: Mapping[str, float],
+        kd: KDConfig | None = None,
+        vocab_size: int | None = None,
+        sampler: StudentSampler | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.objective = dict(objective)
+        self.kd = kd or KDConfig()
+        self.vocab_size = vocab_size
+        self.sampler = sampler
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+            if self.args.bf16:
+                teacher.to(torch.bfloat16)
+            teacher.to(self.args.device)
+        self.target_tokens = 0  # target tokens this process trained on
+        self.input_tokens = 0
+        self.last_parts: dict[str, float] = {}
+
+    # Count the step's target tokens over every micro-batch (and process) before any forward.
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sampler is not None:
+            batches = [self._with_student_samples(b, device) for b in batches]
+        count = sum(b["target_mask"].ne(0).sum() for b in batches) if batches else torch.tensor(0)
+        count = torch.as_tensor(count, device=device)
+        self.target_tokens += int(count)
+        self.input_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.accelerator.num_processes > 1:
+            count = self.accelerator.gather(count.reshape(1)).sum()
+        return batches, count.clamp_min(1)
+
+    def _with_student_samples(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        assert self.sampler is not None
+        model = self.accelerator.unwrap_model(self.model)
+        features = self.sampler.mix(model, batch["features"], self.state.global_step)
+        new = self.data_collator(features)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in new.items()}
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        n = num_items_in_batch if num_items_in_batch is not None else inputs["target_mask"].ne(0).sum()
+        model_inputs = {k: inputs[k] for k in MODEL_INPUTS if k in inputs}
+        w = self.objective
+        kd = self.kd
+        mask = inputs["target_mask"]
+        with capture_qkv(model) if "attention" in w else contextlib.nullcontext({}) as s_states:
+            out = model(**model_inputs, use_cache=False)
+        logits = out.logits
+        parts: dict[str, torch.Tensor] = {}
+        if "ce" in w:
+            parts["ce"] = ce_loss(logits, inputs["target_ids"], mask, n)
+        t_states: dict[tuple[str, str], torch.Tensor] = {}
+        teacher_runs: list[tuple[str | None, bool]] = [(k, k == "noisy") for k in ("logits", "noisy") if k in w]
+        if "attention" in w and not teacher_runs:
+            teacher_runs = [(None, False)]  # a teacher forward for its Q/K/V states only
+        for name, noisy in teacher_runs:
+            if name == "logits" and "topk_ids" in inputs and "attention" not in w:
+                parts[name] = sparse_kd_loss(
+                    logits, inputs["topk_ids"], inputs["topk_logprobs"], mask, n,
+                    divergence=kd.divergence, temperature=kd.temperature, beta=kd.jsd_beta, alpha=kd.skew_alpha,
+                    tail=kd.topk_tail,
+                )
+                continue
+            t_logits, states = self._teacher_forward(
+                model_inputs, noisy=noisy, capture="attention" in w and not t_states
+            )
+            t_states = t_states or states
+            if name is not None:
+                parts[name] = kd_loss(
+                    logits, t_logits, mask, n,
+                    divergence=kd.divergence, temperature=kd.temperature, beta=kd.jsd_beta, alpha=kd.skew_alpha,
+                    vocab_size=self.vocab_size,
+                )
+        if "attention" in w:
+            parts["attention"] = self._attention_loss(s_states, t_states, inputs, n)
+        loss = sum(w[k] * v for k, v in parts.items())
+        self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
+        # DDP averages gradients over processes; the token count already spans all of them.
+        loss = loss * self.accelerator.num_processes
+        return (loss, out) if return_outputs else loss
+
+    def _teacher_forward(
+        self, model_inputs: dict[str, torch.Tensor], *, noisy: bool, capture: bool
+    ) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
+        if self.teacher is None:
+            raise UserError("this objective needs a teacher model (or cached teacher top-k for 'logits')")
+        self.teacher.train(noisy)
+        try:
+            with torch.no_grad(), capture_qkv(self.teacher) if capture else contextlib.nullcontext({}) as states:
+                t_out = self.teacher(**model_inputs, use_cache=False)
+        finally:
+            self.teacher.eval()
+        return t_out.logits, dict(states)
+
+    def _attention_loss(
+        self,
+        s_states: dict[tuple[str, str], torch.Tensor],
+        t_states: dict[tuple[str, str], torch.Tensor],
+        inputs: dict[str, Any],
+        n: torch.Tensor | int,
+    ) -> torch.Tensor:
+        assert self.teacher is not None
+        total = torch.zeros((), device=inputs["input_ids"].device)
+        stacks = sorted({stack for stack, _ in t_states} & {stack for stack, _ in s_states})
+        if not stacks:
+            raise UserError("attention objective: teacher and student share no self-attention stack")
+        encdec = "decoder_input_ids" in inputs
+        for stack in stacks:
+            q_heads, kv_heads = relation_heads(self.teacher.config, stack)
+            if stack == "encoder":
+                key_mask, row_mask, causal = inputs["attention_mask"], inputs["attention_mask"], False
+            else:
+                key_mask = inputs["decoder_attention_mask"] if encdec else inputs["attention_mask"]
+                row_mask, causal = inputs["token_mask"], True
+            for kind in "qkv":
+                heads = q_heads if kind == "q" else kv_heads
+                total = total + relation_kl_loss(
+                    s_states[(stack, kind)], t_states[(stack, kind)], heads, key_mask, row_mask, n, causal=causal
+                ) / 3
+        return total
+
+
+# --------------------------------------------------------------------------- the public entry point
+
+
+def _bf16(setting: Any) -> bool:
+    if setting == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(setting)
+
+
+def _apply_lora(model: PreTrainedModel, lora: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task
+    )
+    return get_peft_model(model, config)
+
+
+def _encode_all(
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    max_length: int,
+    encoder_decoder: bool,
+) -> torch.utils.data.Dataset:
+    if not examples:
+        raise UserError("no training examples")
+
+    def encode(batch: Sequence[TrainExample]) -> list[dict[str, Any]]:
+        return [
+            encode_example(tokenizer, e, template=template, max_length=max_length, encoder_decoder=encoder_decoder)
+            for e in batch
+        ]
+
+    if isinstance(examples[0], TrainExample):
+        return ExampleDataset(encode(examples))  # type: ignore[arg-type]
+    return EpochDataset([encode(epoch) for epoch in examples])  # type: ignore[arg-type]
+
+
+def build_trainer(
+    student: str | Path | PreTrainedModel,
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    out_dir: str | Path,
+    *,
+    settings: TrainConfig | None = None,
+    teacher: str | Path | PreTrainedModel | None = None,
+    objective: str | Mapping[str, float] | None = None,
+    kd: KDConfig | None = None,
+    template: PromptTemplate = "chat",
+    lora: LoraConfig | None = None,
+    joint: JointTeaching | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> KDTrainer:
+    """A ready `KDTrainer` (see `train_student` for the arguments); checkpoints go to out_dir/checkpoints."""
+    settings = settings or TrainConfig()
+    kd = kd or KDConfig()
+    if objective is None and teacher is not None:
+        objective = kd.objective
+    weights = resolve_objective(objective, teacher is not None)
+
+    model = load_model(student)
+    tok = load_tokenizer(student, tokenizer)
+    encdec = is_encoder_decoder(model)
+    teacher_model = None
+    if teacher is not None and set(weights) - {"ce"}:
+        teacher_model = load_model(teacher)
+        if not isinstance(teacher, PreTrainedModel):
+            check_same_vocab(tok, load_tokenizer(teacher))
+        if is_encoder_decoder(teacher_model) != encdec:
+            raise UserError("teacher and student must both be decoder-only or both encoder-decoder")
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora is not None:
+        model = _apply_lora(model, lora)
+
+    dataset = _encode_all(examples, tok, template, settings.max_length, encdec)
+    collator = Collator(
+        pad_token_id=tok.pad_token_id,
+        encoder_decoder=encdec,
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    )
+    args = TrainingArguments(
+        output_dir=str(Path(out_dir) / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        bf16=_bf16(settings.bf16),
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=not progress,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    sampler = (
+        StudentSampler(joint, tok, settings.max_length, encdec) if joint is not None and joint.alpha > 0 else None
+    )
+    return KDTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tok,
+        teacher=teacher_model,
+        objective=weights,
+        kd=kd,
+        vocab_size=len(tok),
+        sampler=sampler,
+    )
+
+
+def train_student(
+    student: str | Path | PreTrainedModel,
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    out_dir: str | Path,
+    *,
+    settings: TrainConfig | None = None,
+    teacher: str | Path | PreTrainedModel | None = None,
+    objective: str | Mapping[str, float] | None = None,
+    kd: KDConfig | None = None,
+    template: PromptTemplate = "chat",
+    lora: LoraConfig | None = None,
+    joint: JointTeaching | None = None,
+    tokenizer: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `student` on `examples`, save it (model + tokenizer) to `out_dir`, return metrics.
+
+    `examples` is one list (the same every epoch) or a list of equally long lists (epoch e trains on
+    list e mod n: the pseudo-target schedule). `objective` defaults to `kd.objective` with a teacher
+    and to "ce" without. `tokenizer` is needed only when `student` is a model object without a
+    saved tokenizer. With `resume`, a finished `out_dir` is returned as is and an interrupted run
+    continues from its last checkpoint. LoRA adapters are merged into the saved model.
+    Metrics: loss (mean training loss), steps, epochs, target_tokens, tokens_per_s (input tokens,
+    prompt included, per second of training), runtime_s, objective, last_losses (per objective).
+    """
+    out_dir = Path(out_dir)
+    done = out_dir / METRICS_FILE
+    if resume and done.exists():
+        return json.loads(done.read_text())
+    trainer = build_trainer(
+        student, examples, out_dir, settings=settings, teacher=teacher, objective=objective, kd=kd,
+        template=template, lora=lora, joint=joint, tokenizer=tokenizer, progress=progress,
+    )
+    ckpt_dir = Path(trainer.args.output_dir)
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    elapsed = time.perf_counter() - start
+
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if lora is not None:
+        final = final.merge_and_unload()
+    processes = trainer.accelerator.num_processes
+    metrics: dict[str, Any] = {
+        "loss": float(result.training_loss),
+        "steps": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "target_tokens": trainer.target_tokens * processes,
+        "tokens_per_s": trainer.input_tokens * processes / max(elapsed, 1e-9),
+        "runtime_s": elapsed,
+        "objective": trainer.objective,
+        "last_losses": trainer.last_parts,
+        "final_logged_loss": _last_logged_loss(trainer),
+    }
+    if trainer.sampler is not None:
+        metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
+    if trainer.is_world_process_zero():
+        final.save_pretrained(out_dir)
+        trainer.processing_class.save_pretrained(out_dir)
+        done.write_text(json.dumps(metrics, indent=2))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def _last_logged_loss(trainer: Trainer) -> float | None:
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry and math.isfinite(entry["loss"]):
+            return float(entry["loss"])
+    return None

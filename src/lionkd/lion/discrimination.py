@@ -1,0 +1,109 @@
+"""Discrimination: find the Cache Pool instructions the student is still bad at.
+
+The teacher and the current student answer every Cache Pool instruction; the referee scores each
+pair twice (teacher first, then student first) and each model's score is the mean of its two.
+An instruction is hard when d = teacher - student >= tau, easy otherwise. One the referee could not
+be read on (after retries) is left out of both sets and counted, never scored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rich.progress import Progress
+
+from ..config import RunConfig
+from ..records import Instruction, Judgement, Response
+from ..store import Store
+from .imitation import CallsFailed, collect_answers, request_params, student_dir
+from .prompts import LionPrompts, student_messages
+from .referee import PairVerdict, RefereeCallError, stream_judgements
+
+
+@dataclass
+class Split:
+    hard: list[str]  # instruction ids, in Cache Pool order
+    easy: list[str]
+    excluded: list[str]  # the referee could not be read: in neither set
+
+
+def split_hard_easy(cache_ids: Sequence[str], judgements: dict[str, Judgement], tau: float) -> Split:
+    split = Split([], [], [])
+    for i in cache_ids:
+        j = judgements.get(i)
+        if j is None or not j.ok:
+            split.excluded.append(i)
+        elif j.gap >= tau:
+            split.hard.append(i)
+        else:
+            split.easy.append(i)
+    return split
+
+
+def judgement_from(instruction_id: str, iteration: int, v: PairVerdict) -> Judgement:
+    """The referee's verdict with a = teacher and b = student."""
+    both = v.scores_a_first is not None and v.scores_b_first is not None and v.error is None
+    return Judgement(
+        instruction_id=instruction_id, iteration=iteration,
+        raw_teacher_first=v.raw_a_first, raw_student_first=v.raw_b_first,
+        teacher_scores=(v.scores_a_first[0], v.scores_b_first[0]) if both else None,  # type: ignore[index]
+        student_scores=(v.scores_a_first[1], v.scores_b_first[1]) if both else None,  # type: ignore[index]
+        parse_failures=v.parse_failures, error=v.error,
+    )
+
+
+def open_student(cfg: RunConfig, iteration: int) -> Any:
+    """The student trained in `iteration`, as a local backend."""
+    from ..llm.hf import HFBackend
+
+    return HFBackend(str(student_dir(cfg, iteration).resolve()), template=cfg.student.template,
+                     batch_size=cfg.student.generation.batch_size)
+
+
+async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction], teacher: dict[str, Response],
+                 student: dict[str, Response], *, prompts: LionPrompts, cfg: RunConfig, iteration: int,
+                 progress: Progress) -> None:
+    done = store.judgements(iteration)
+    todo = [ins for ins in instructions if ins.id not in done]
+    task = progress.add_task(f"iteration {iteration}: referee judges both orders", total=len(instructions),
+                             completed=len(instructions) - len(todo))
+    items = [(ins.prompt, teacher[ins.id].text, student[ins.id].text) for ins in todo]
+    try:
+        async for i, verdict in stream_judgements(referee, items, prompt=prompts.referee,
+                                                  params=request_params(cfg.referee),
+                                                  retries=cfg.lion.referee_retries, iteration=iteration):
+            store.add_judgement(judgement_from(todo[i].id, iteration, verdict))
+            progress.advance(task)
+    except RefereeCallError as exc:
+        raise CallsFailed(f"referee: {exc}; finished work is saved, run the same command again to retry") from None
+    progress.remove_task(task)
+
+
+def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, prompts: LionPrompts, iteration: int,
+                 progress: Progress) -> tuple[Split, dict[str, Judgement]]:
+    """Answer, judge and split the Cache Pool of `iteration`."""
+    from ..llm.cache import CachedLLM
+
+    cache_ids = store.pool(iteration, "cache")
+    instructions = store.instructions(cache_ids)
+    teacher_answers = asyncio.run(collect_answers(
+        teacher, store, instructions, role="teacher", messages=lambda ins: prompts.teacher_messages(ins.prompt),
+        params=request_params(cfg.teacher), iteration=iteration, progress=progress,
+        label=f"iteration {iteration}: teacher answers the cache pool",
+    ))
+    student = CachedLLM(open_student(cfg, iteration), store, role="student")
+    gen = cfg.student.generation
+    student_answers = asyncio.run(collect_answers(
+        student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt),
+        params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_new_tokens,
+                "seed": cfg.seed},
+        iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",
+    ))
+    del student
+    asyncio.run(_judge(referee, store, instructions, teacher_answers, student_answers, prompts=prompts, cfg=cfg,
+                       iteration=iteration, progress=progress))
+    judgements = store.judgements(iteration)
+    return split_hard_easy(cache_ids, judgements, cfg.lion.tau), judgements

@@ -1,0 +1,206 @@
+"""Generation: new instructions from hard and easy seeds, filtered for quality and novelty.
+
+A hard seed asks the generator for a new instruction of the same domain and task type (to train on
+what the student cannot do yet); an easy seed for a rarer one of the same domain (diversity, against
+forgetting). Seeds are drawn with RNGs seeded by (run seed, iteration, round), and replies are
+filtered and checked for novelty in seed order, never in the order the replies arrived, so a
+resumed run keeps exactly the instructions an uninterrupted one keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rich.progress import Progress
+
+from ..config import RunConfig
+from ..llm.base import GenRequest, GenResult
+from ..records import Instruction, Judgement, content_id
+from ..store import Store
+from .imitation import CallsFailed, request_params
+from .novelty import NoveltyFilter, rouge_tokens
+from .prompts import PROMPT_MARKERS, LionPrompts
+
+_QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
+
+
+@dataclass
+class GenerationOutcome:
+    new: list[Instruction] = field(default_factory=list)
+    rounds: int = 0
+    asked: int = 0
+    seeds: Counter[str] = field(default_factory=Counter)  # by mode
+    filter_rejections: Counter[str] = field(default_factory=Counter)  # by reason
+    novelty_rejections: int = 0
+
+
+# --------------------------------------------------------------------------- seeds
+
+
+def seed_counts(n: int, hard_fraction: float, have_hard: bool, have_easy: bool) -> tuple[int, int]:
+    """How many of `n` seeds come from the hard and the easy set (all from one set if the other is empty)."""
+    if not have_hard:
+        return 0, n if have_easy else 0
+    if not have_easy:
+        return n, 0
+    hard = round(n * hard_fraction)
+    return hard, n - hard
+
+
+def draw_seeds(ids: Sequence[str], k: int, rng: random.Random, weights: Sequence[float] | None = None) -> list[str]:
+    """`k` seeds: uniformly without replacement (cycling through reshuffles when k > len), or by weight."""
+    if k <= 0 or not ids:
+        return []
+    if weights is not None:
+        return rng.choices(list(ids), weights=list(weights), k=k)
+    out: list[str] = []
+    while len(out) < k:
+        order = list(ids)
+        rng.shuffle(order)
+        out += order
+    return out[:k]
+
+
+def group_of(ins: Instruction) -> str:
+    """What counts as "similar instructions": the task type, else the domain, else the opening words."""
+    if ins.task:
+        return f"task:{ins.task}"
+    if ins.domain:
+        return f"domain:{ins.domain}"
+    return "start:" + " ".join(rouge_tokens(ins.text)[:2])
+
+
+def learnable_weights(seeds: Sequence[Instruction], judged: Sequence[Instruction], judgements: dict[str, Judgement],
+                      tau: float) -> list[float]:
+    """Weight acc * (1 - acc) per seed, acc = the student's success rate on the seed's group.
+
+    Groups the student has mastered or cannot learn yet get little weight; partly learned ones the
+    most (Laplace-smoothed, so a group seen once is not written off).
+    """
+    wins: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for ins in judged:
+        j = judgements.get(ins.id)
+        if j is not None and j.ok:
+            seen[group_of(ins)] += 1
+            wins[group_of(ins)] += j.gap < tau
+    weights = []
+    for ins in seeds:
+        g = group_of(ins)
+        acc = (wins[g] + 1) / (seen[g] + 2)
+        weights.append(acc * (1 - acc))
+    return weights
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def clean_instruction(text: str) -> str:
+    text = text.strip()
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return text
+
+
+def reject_reason(text: str, finish_reason: str, min_words: int) -> str | None:
+    """Why a generated instruction is not kept, or None (text already cleaned)."""
+    if finish_reason == "length":
+        return "cut_off"
+    if not text:
+        return "empty"
+    lowered = text.lower()
+    if any(marker.lower() in lowered for marker in PROMPT_MARKERS):
+        return "prompt_echo"
+    if not text[0].isalnum():
+        return "starts_with_punctuation"
+    if len(text.split()) < min_words:
+        return "too_short"
+    return None
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+def slot_seed(run_seed: int, endpoint_seed: int | None, iteration: int, round_: int, slot: int) -> int:
+    """A distinct, reproducible request seed per generation slot (so repeated seeds give fresh replies)."""
+    key = content_id(str(run_seed), str(endpoint_seed), str(iteration), str(round_), str(slot))
+    return int(key[:8], 16)
+
+
+async def _ask(llm: Any, requests: list[GenRequest], iteration: int, progress: Progress, label: str
+               ) -> list[GenResult]:
+    results: list[GenResult | None] = [None] * len(requests)
+    task = progress.add_task(label, total=len(requests))
+    async for i, result in llm.stream(requests, iteration=iteration):
+        results[i] = result
+        progress.advance(task)
+    progress.remove_task(task)
+    failed = [r for r in results if r is None or not r.ok]
+    if failed:
+        raise CallsFailed(f"generator: {len(failed)} call(s) failed, e.g. {failed[0].error if failed[0] else '?'}; "
+                          "finished work is saved, run the same command again to retry")
+    return results  # type: ignore[return-value]
+
+
+def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts, iteration: int, *,
+             hard: Sequence[str], easy: Sequence[str], judgements: dict[str, Judgement],
+             progress: Progress) -> GenerationOutcome:
+    """Up to `lion.new_per_iteration` new, novel instructions, in rounds until enough are kept."""
+    lion = cfg.lion
+    cache = store.instructions(store.pool(iteration, "cache"))
+    by_id = {ins.id: ins for ins in cache}
+    known = set(by_id)
+    novelty = NoveltyFilter([ins.prompt for ins in cache], threshold=lion.rouge_l_max,
+                            tokenizer=lion.novelty_tokenizer)
+    weights: dict[str, list[float] | None] = {"hard": None, "easy": None}
+    if lion.seed_weighting == "learnable":
+        for mode, ids in (("hard", hard), ("easy", easy)):
+            weights[mode] = learnable_weights([by_id[i] for i in ids], cache, judgements, lion.tau)
+    params = request_params(cfg.generator)
+    out = GenerationOutcome()
+    for round_ in range(lion.generation_rounds):
+        need = lion.new_per_iteration - len(out.new)
+        if need <= 0:
+            break
+        rng = random.Random(f"{cfg.seed}-{iteration}-generation-{round_}")
+        n_hard, n_easy = seed_counts(need, lion.hard_fraction, bool(hard), bool(easy))
+        seeds = [(i, "hard") for i in draw_seeds(hard, n_hard, rng, weights["hard"])]
+        seeds += [(i, "easy") for i in draw_seeds(easy, n_easy, rng, weights["easy"])]
+        if not seeds:
+            break
+        out.rounds += 1
+        out.asked += len(seeds)
+        out.seeds.update(mode for _, mode in seeds)
+        requests = [
+            GenRequest.chat(prompts.generator_messages(by_id[i].prompt, mode),
+                            **(params | {"seed": slot_seed(cfg.seed, cfg.generator.seed, iteration, round_, slot)}))
+            for slot, (i, mode) in enumerate(seeds)
+        ]
+        results = asyncio.run(_ask(generator, requests, iteration, progress,
+                                   f"iteration {iteration}: generator round {round_ + 1}"))
+        candidates = []
+        for (seed_id, mode), result in zip(seeds, results, strict=True):
+            text = clean_instruction(result.text)
+            reason = reject_reason(text, result.choices[0].finish_reason, lion.min_instruction_words)
+            if reason:
+                out.filter_rejections[reason] += 1
+                continue
+            parent = by_id[seed_id]
+            candidates.append(Instruction(
+                text=text, domain=parent.domain, task=parent.task if mode == "hard" else None, origin="generated",
+                parent_id=seed_id, mode=mode, iteration=iteration, meta={"round": round_},
+            ))
+        for ins, (novel, _) in zip(candidates, novelty.add_many([c.text for c in candidates]), strict=True):
+            if not novel:
+                out.novelty_rejections += 1
+            elif ins.id in known:
+                out.filter_rejections["duplicate"] += 1
+            else:
+                known.add(ins.id)
+                out.new.append(ins)
+    return out

@@ -1,0 +1,341 @@
+"""The Lion loop: one command runs every iteration, and every stage resumes after a crash.
+
+    setup        seed instructions -> Train Pool 1 = Cache Pool 1
+    iteration k  imitation       the teacher answers Train Pool k; the student (from iteration k-1)
+                                 is fine-tuned on the answers -> students/iter-k
+                 discrimination  teacher and student answer Cache Pool k; the referee splits it into
+                                 hard (teacher - student >= tau) and easy
+                 generation      new instructions from hard and easy seeds, filtered for novelty
+                                 -> Train Pool k+1 := new; Cache Pool k+1 := Cache Pool k + new
+    finally      one last imitation on the last generated set, so every generated instruction is
+                 trained on (students/iter-{K+1} is the final student)
+
+Resuming: every model call is in the store's call cache and every answer and judgement is stored as
+it arrives; a stage record marks a finished stage. A rerun skips finished stages and, inside an
+unfinished one, asks only for what is missing. Every random choice comes from an RNG seeded by
+(seed, iteration, stage), so a resumed run ends with the same store as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from ..config import EndpointConfig, RunConfig, masked_dump
+from ..errors import UserError
+from ..records import Instruction
+from ..store import Store
+from .discrimination import Split, discriminate, split_hard_easy
+from .generation import GenerationOutcome, generate
+from .imitation import answer_train_pool, student_dir, student_init, train
+from .prompts import LionPrompts
+from .referee import PairVerdict, summarise
+
+ROLES = ("teacher", "referee", "generator")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    iterations: int
+    final_student: Path
+    metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    already_finished: bool = False
+    report_path: Path | None = None
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True) -> RunSummary:
+    """Run (or resume) every iteration of the Lion loop described by `cfg`."""
+    prompts = LionPrompts.from_config(cfg.lion.prompts)  # a bad prompt override fails before any work
+    run_dir = Path(cfg.run_dir)
+    console = Console(stderr=True, quiet=not progress)
+    last = cfg.lion.iterations + 1
+    with Store.open_run(run_dir) as store:
+        save_config(cfg, run_dir)
+        if store.stage_done(last, "imitation"):
+            console.print(f"{run_dir}: the run is already finished ({cfg.lion.iterations} iterations)")
+            return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
+                              already_finished=True)
+        setup(cfg, store)
+        llms = open_roles(cfg, store)
+        for k in range(1, last + 1):
+            imitation_stage(cfg, store, llms, prompts, k, progress)
+            if k == last:
+                break
+            split, judgements = discrimination_stage(cfg, store, llms, prompts, k, progress)
+            generation_stage(cfg, store, llms, prompts, k, split, judgements, progress)
+            console.print(iteration_line(k, store.metrics().get(k, {})))
+        store.put_metrics(last, usage_metrics(cfg, store, last))
+        summary = RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
+    if report:
+        summary.report_path = write_report(run_dir)
+    console.print(f"finished: final student in {summary.final_student}")
+    return summary
+
+
+def setup(cfg: RunConfig, store: Store) -> None:
+    """Iteration 0: the seed instructions become Train Pool 1 and Cache Pool 1."""
+    if store.stage_done(0, "setup"):
+        return
+    seeds = load_seed_pool(cfg)
+    seen: set[str] = set()
+    unique = [ins for ins in seeds if not (ins.id in seen or seen.add(ins.id))]  # first occurrence wins
+    store.add_instructions(unique)
+    ids = [ins.id for ins in unique]
+    store.set_pool(1, "train", ids)
+    store.set_pool(1, "cache", ids)
+    store.finish_stage(0, "setup", {"seeds": len(ids), "duplicates_dropped": len(seeds) - len(ids)})
+
+
+def load_seed_pool(cfg: RunConfig) -> list[Instruction]:
+    if cfg.lion.seed_pool is not None:
+        from ..data import read_instructions
+
+        seeds = read_instructions(cfg.lion.seed_pool)
+    elif cfg.teacher.backend == "sandbox":
+        from ..sandbox import seed_pool
+
+        seeds = [Instruction(text=r["instruction"], domain=r.get("domain"), task=r.get("task"),
+                             meta={"level": r["level"]} if "level" in r else {})
+                 for r in seed_pool(cfg.lion.seed_pool_size, seed=cfg.seed)]
+    else:
+        raise UserError("lion.seed_pool: a seed instruction file is required unless the teacher is the sandbox world")
+    if not seeds:
+        raise UserError(f"lion.seed_pool: no instructions in {cfg.lion.seed_pool}")
+    return seeds
+
+
+def open_roles(cfg: RunConfig, store: Store) -> dict[str, Any]:
+    from ..llm.factory import open_llm
+
+    return {role: open_llm(getattr(cfg, role), store, role) for role in ROLES}
+
+
+def imitation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+                    progress: bool) -> None:
+    if store.stage_done(k, "imitation") and student_dir(cfg, k).is_dir():
+        return
+    with bars(progress) as p:
+        instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
+    if answers:
+        info = train(cfg, store, instructions, answers, k, show_progress=progress)
+    else:  # nothing new survived the filters: the student stays as it was
+        shutil.copytree(student_init(cfg, k), student_dir(cfg, k), dirs_exist_ok=True)
+        info = {"examples": 0, "replayed": 0, "skipped": True}
+    store.put_metrics(k, {"train_examples": info["examples"], "train_replayed": info["replayed"],
+                          "train_loss": info.get("train_loss")})
+    store.finish_stage(k, "imitation", info)
+
+
+def discrimination_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+                         progress: bool) -> tuple[Split, dict[str, Any]]:
+    if store.stage_done(k, "discrimination"):
+        judgements = store.judgements(k)
+        return split_hard_easy(store.pool(k, "cache"), judgements, cfg.lion.tau), judgements
+    with bars(progress) as p:
+        split, judgements = discriminate(cfg, store, llms["teacher"], llms["referee"], prompts, k, p)
+    store.put_metrics(k, discrimination_metrics(split, judgements))
+    store.finish_stage(k, "discrimination", {"hard": len(split.hard), "easy": len(split.easy),
+                                             "excluded": len(split.excluded)})
+    return split, judgements
+
+
+def generation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+                     split: Split, judgements: dict[str, Any], progress: bool) -> None:
+    if store.stage_done(k, "generation"):
+        return
+    with bars(progress) as p:
+        outcome = generate(cfg, store, llms["generator"], prompts, k, hard=split.hard, easy=split.easy,
+                           judgements=judgements, progress=p)
+    new_ids = [ins.id for ins in outcome.new]
+    store.add_instructions(outcome.new)
+    store.set_pool(k + 1, "train", new_ids)
+    store.set_pool(k + 1, "cache", store.pool(k, "cache") + new_ids)
+    store.put_metrics(k, generation_metrics(outcome) | usage_metrics(cfg, store, k))
+    store.finish_stage(k, "generation", {"new": len(new_ids), "rounds": outcome.rounds})
+
+
+# --------------------------------------------------------------------------- learning dynamics
+
+
+def discrimination_metrics(split: Split, judgements: dict[str, Any]) -> dict[str, Any]:
+    verdicts = [
+        PairVerdict(scores_a_first=(j.teacher_scores[0], j.student_scores[0]) if j.ok else None,
+                    scores_b_first=(j.teacher_scores[1], j.student_scores[1]) if j.ok else None,
+                    parse_failures=j.parse_failures, error=j.error)
+        for j in judgements.values()
+    ]
+    s = summarise(verdicts)
+    judged = len(split.hard) + len(split.easy)
+    gap = s.mean_a - s.mean_b if s.mean_a is not None and s.mean_b is not None else None
+    return {
+        "hard": len(split.hard), "easy": len(split.easy), "excluded": len(split.excluded),
+        "hard_ratio": len(split.hard) / judged if judged else None,
+        "teacher_score": s.mean_a, "student_score": s.mean_b, "score_gap": gap,
+        "order_agreement": s.order_agreement, "first_position_advantage": s.first_position_advantage,
+        "parse_failures": s.parse_failures,
+    }
+
+
+def generation_metrics(outcome: GenerationOutcome) -> dict[str, Any]:
+    return {
+        "new_instructions": len(outcome.new), "generator_calls": outcome.asked, "generation_rounds": outcome.rounds,
+        "seeds_hard": outcome.seeds["hard"], "seeds_easy": outcome.seeds["easy"],
+        "novelty_rejections": outcome.novelty_rejections,
+        "filter_rejections": dict(sorted(outcome.filter_rejections.items())),
+    }
+
+
+def usage_metrics(cfg: RunConfig, store: Store, k: int) -> dict[str, Any]:
+    """Calls, tokens and cost per role actually spent in iteration `k` (cached reuses are free)."""
+    out: dict[str, Any] = {}
+    for row in store.usage():
+        if row["iteration"] != k or not row["role"]:
+            continue
+        price = getattr(cfg, row["role"]).price if row["role"] in ROLES else None
+        entry = out.setdefault(f"usage_{row['role']}", {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                                                         "failures": 0, "cost": 0.0})
+        for key in ("calls", "prompt_tokens", "completion_tokens", "failures"):
+            entry[key] += row[key] or 0
+        if price is not None:
+            entry["cost"] += price.cost(row["prompt_tokens"] or 0, row["completion_tokens"] or 0)
+    return out
+
+
+def iteration_line(k: int, m: dict[str, Any]) -> str:
+    def f(key: str, fmt: str = "{:.3g}") -> str:
+        v = m.get(key)
+        return "-" if v is None else fmt.format(v)
+
+    return (f"iteration {k}: hard {f('hard')} / easy {f('easy')} (ratio {f('hard_ratio', '{:.2f}')}), "
+            f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
+            f"order agreement {f('order_agreement', '{:.2f}')}, new {f('new_instructions')} "
+            f"(novelty rejections {f('novelty_rejections')})")
+
+
+def save_config(cfg: RunConfig, run_dir: Path) -> None:
+    text = yaml.safe_dump(masked_dump(cfg), sort_keys=False, allow_unicode=True)
+    (run_dir / "config.yaml").write_text(text, encoding="utf-8")
+
+
+def write_report(run_dir: Path) -> Path | None:
+    from ..eval.report import build_report
+
+    html, _ = build_report(run_dir)
+    return Path(html)
+
+
+# --------------------------------------------------------------------------- progress display
+
+
+class RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
+
+
+@contextmanager
+def bars(enabled: bool) -> Iterator[Progress]:
+    """Progress bars with counts, rate and ETA (one display per stage, so training can print its own)."""
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
+                        disable=not enabled, transient=False)
+    with progress:
+        yield progress
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+@dataclass
+class PlanRow:
+    iteration: int
+    role: str
+    calls: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost: float | None
+
+
+def _tokens(chars: float) -> int:
+    return math.ceil(chars / 4)  # ~4 characters per token
+
+
+def _cost(endpoint: EndpointConfig, prompt_tokens: int, completion_tokens: int) -> float | None:
+    return endpoint.price.cost(prompt_tokens, completion_tokens) if endpoint.price is not None else None
+
+
+def plan_run(cfg: RunConfig) -> list[PlanRow]:
+    """Upper bounds of calls, tokens and cost per role and iteration, before anything is spent.
+
+    Cached calls are free, so the teacher pays only for each new Train Pool (Cache Pool answers were
+    given when those instructions were trained on); the referee bound counts every retry.
+    """
+    prompts = LionPrompts.from_config(cfg.lion.prompts)
+    seeds = load_seed_pool(cfg)
+    s, n, K = len(seeds), cfg.lion.new_per_iteration, cfg.lion.iterations
+    instruction = sum(len(ins.prompt) for ins in seeds) / len(seeds)
+    gen = cfg.student.generation
+    per_call = {
+        "teacher": (_tokens(len(prompts.teacher_system) + instruction) + 4, cfg.teacher.max_tokens),
+        "student": (_tokens(instruction) + 8, gen.max_new_tokens),
+        "referee": (_tokens(len(prompts.referee) + instruction) + cfg.teacher.max_tokens + gen.max_new_tokens,
+                    cfg.referee.max_tokens),
+        "generator": (_tokens(max(len(prompts.generator_hard), len(prompts.generator_easy)) + instruction),
+                      cfg.generator.max_tokens),
+    }
+    rows = []
+    for k in range(1, K + 2):
+        cache = s + (k - 1) * n
+        calls = {"teacher": s if k == 1 else n}
+        if k <= K:
+            calls |= {"student": cache, "referee": 2 * cache * (1 + cfg.lion.referee_retries),
+                      "generator": n * cfg.lion.generation_rounds}
+        for role, count in calls.items():
+            prompt, completion = per_call[role][0] * count, per_call[role][1] * count
+            endpoint = getattr(cfg, role) if role in ROLES else None
+            rows.append(PlanRow(k, role, count, prompt, completion,
+                                _cost(endpoint, prompt, completion) if endpoint else None))
+    return rows
+
+
+def plan_table(rows: list[PlanRow]) -> Table:
+    table = Table(title="Dry run: the most this run can spend (cached calls are free)")
+    for col in ("iteration", "role", "max calls", "max tokens in", "max tokens out", "max cost $"):
+        table.add_column(col, justify="left" if col == "role" else "right")
+    for r in rows:
+        table.add_row(str(r.iteration), r.role, f"{r.calls:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}",
+                      f"{r.cost:.2f}" if r.cost is not None else "-")
+    totals: dict[str, list[int | float]] = {}
+    for r in rows:
+        t = totals.setdefault(r.role, [0, 0, 0, 0.0])
+        t[0], t[1], t[2] = t[0] + r.calls, t[1] + r.prompt_tokens, t[2] + r.completion_tokens
+        t[3] += r.cost or 0.0
+    for role, (calls, prompt, completion, cost) in totals.items():
+        table.add_row("total", role, f"{calls:,}", f"{prompt:,}", f"{completion:,}", f"{cost:.2f}")
+    grand = sum(r.cost or 0.0 for r in rows)
+    table.caption = (f"total max cost: ${grand:.2f}; prompt tokens estimated at ~4 characters per token; "
+                     f"iteration {rows[-1].iteration} is the final imitation")
+    return table

@@ -1,0 +1,131 @@
+"""The prompts of the Lion roles, in one place.
+
+Each prompt is a template with named placeholders; `lion.prompts.<key>` in the config replaces the
+built-in text. The bracketed markers ([Instruction], [Assistant 1], [Seed instruction], ...) are the
+shared format that the referee and generator read (and that the sandbox oracles parse), so an
+override must keep its placeholders; the wording around them is free.
+"""
+
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+
+from ..config import PromptOverrides
+from ..errors import UserError
+from ..llm.base import Message
+
+TEACHER_SYSTEM = "You are a knowledgeable assistant. Answer the user's request accurately, clearly and completely."
+
+REFEREE = """\
+Two AI assistants were given the same request. Compare how well each one responded.
+
+[Instruction]
+{instruction}
+
+[Assistant 1]
+{answer_1}
+[End of Assistant 1]
+
+[Assistant 2]
+{answer_2}
+[End of Assistant 2]
+
+Rate each response on a scale from 1 to 10, where 10 is best, taking into account how helpful, \
+relevant and accurate it is and how much useful detail it gives. Judge the content only: neither the \
+order of the responses nor their length should sway you.
+Reply with exactly two lines first:
+Assistant 1: <score>
+Assistant 2: <score>
+Then give a brief justification of the scores."""
+
+GENERATOR_HARD = """\
+You write new tasks for training an AI assistant. Below is an example task.
+
+[Seed instruction]
+{seed}
+[End of seed instruction]
+
+Write one new task that belongs to the same subject area and asks for the same kind of work as the \
+example (the same task type), but is a different request, not a rewording of it. It should be at \
+least as demanding as the example and answerable on its own. Reply with the new task text only, \
+without a title, numbering or commentary."""
+
+GENERATOR_EASY = """\
+You write new tasks for training an AI assistant. Below is an example task.
+
+[Seed instruction]
+{seed}
+[End of seed instruction]
+
+Write one new task from the same subject area that covers a rarer, less common topic or kind of \
+request than the example: something from the long tail of that area that an assistant seldom sees. \
+It should be answerable on its own. Reply with the new task text only, without a title, numbering \
+or commentary."""
+
+# The placeholders every template must keep.
+PLACEHOLDERS: dict[str, tuple[str, ...]] = {
+    "teacher_system": (),
+    "referee": ("instruction", "answer_1", "answer_2"),
+    "generator_hard": ("seed",),
+    "generator_easy": ("seed",),
+}
+
+# Marker lines of the shared formats; a generated instruction that repeats one is an echo of the prompt.
+PROMPT_MARKERS = (
+    "[Seed instruction]", "[End of seed instruction]", "[Instruction]", "[Assistant 1]", "[Assistant 2]",
+)
+
+
+@dataclass(frozen=True)
+class LionPrompts:
+    """The four prompt templates of one run."""
+
+    teacher_system: str = TEACHER_SYSTEM
+    referee: str = REFEREE
+    generator_hard: str = GENERATOR_HARD
+    generator_easy: str = GENERATOR_EASY
+
+    @classmethod
+    def from_config(cls, overrides: PromptOverrides) -> LionPrompts:
+        """The built-in prompts with the config's overrides; an override must keep its placeholders."""
+        chosen = {}
+        for key, required in PLACEHOLDERS.items():
+            text = getattr(overrides, key)
+            if text is None:
+                continue
+            found = _placeholders(text, f"lion.prompts.{key}")
+            missing = [p for p in required if p not in found]
+            unknown = sorted(found - set(required))
+            if missing:
+                raise UserError(f"lion.prompts.{key}: missing placeholder {{{missing[0]}}} "
+                                f"(needs {', '.join('{' + p + '}' for p in required)})")
+            if unknown:
+                raise UserError(f"lion.prompts.{key}: unknown placeholder {{{unknown[0]}}} "
+                                f"(write literal braces as {{{{ and }}}})")
+            chosen[key] = text
+        return cls(**chosen)
+
+    def teacher_messages(self, instruction: str) -> list[Message]:
+        messages = [{"role": "system", "content": self.teacher_system}] if self.teacher_system else []
+        return [*messages, {"role": "user", "content": instruction}]
+
+    def referee_messages(self, instruction: str, answer_1: str, answer_2: str) -> list[Message]:
+        text = self.referee.format(instruction=instruction, answer_1=answer_1, answer_2=answer_2)
+        return [{"role": "user", "content": text}]
+
+    def generator_messages(self, seed: str, mode: str) -> list[Message]:
+        template = self.generator_hard if mode == "hard" else self.generator_easy
+        return [{"role": "user", "content": template.format(seed=seed)}]
+
+
+def _placeholders(text: str, key: str) -> set[str]:
+    try:
+        return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as exc:
+        raise UserError(f"{key}: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
+
+
+def student_messages(instruction: str) -> list[Message]:
+    """How the student is asked: the instruction alone, as at training time."""
+    return [{"role": "user", "content": instruction}]

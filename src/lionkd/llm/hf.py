@@ -1,0 +1,264 @@
+"""A local transformers model behind the common interface: the student, or a white-box teacher.
+
+Requests with the same generation settings are batched, sorted by prompt length so little padding is
+wasted, left-padded (decoder-only) and decoded with the KV cache. temperature 0 is greedy, otherwise
+sampling with temperature/top_p (no top-k cut, as OpenAI-style APIs do); `num_beams > 1` is beam search
+returning the `n` best beams. Chat messages are rendered with `render_prompt`, exactly as the KD
+trainer renders them, so the student is asked in the form it was trained on; an encoder-decoder model
+reads the system and user turns joined by blank lines, as in training.
+
+Logprobs are the model's own distribution (log-softmax of the raw logits, before temperature or
+top_p), and token strings are surface strings (" the", not "Ġthe"), so they add up to the text.
+Generation runs in a worker thread, one batch at a time, so the event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import UserError
+from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
+from .templates import Template, has_chat_template, render_prompt
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU; bf16 on a GPU that has it, else fp16."""
+    if dtype != "auto":
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) from a local directory or hub id, seq2seq when the config says so."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    where = pick_device(device)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+        model = cls.from_pretrained(path, dtype=pick_dtype(dtype, where))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{path}: cannot load a model from here ({first})") from None
+    return model.to(where), tokenizer
+
+
+class HFBackend(Backend):
+    kind = "hf"
+
+    def __init__(
+        self,
+        model_path_or_model: str | Path | Any,
+        *,
+        tokenizer: Any = None,
+        template: Template = "chat",
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 16,
+    ) -> None:
+        if isinstance(model_path_or_model, (str, Path)):
+            name = str(model_path_or_model)
+            model, loaded_tokenizer = load_model(name, dtype, device)
+            tokenizer = tokenizer or loaded_tokenizer
+        else:
+            model = model_path_or_model
+            if tokenizer is None:
+                raise ValueError("HFBackend: pass the tokenizer along with an already-loaded model")
+            name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
+            if device != "auto":
+                model = model.to(pick_device(device))
+            if dtype != "auto":
+                model = model.to(DTYPES[dtype])
+        super().__init__(name)
+        self.model = name
+        self.net = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.batch_size = batch_size
+        self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+        self.eos_ids = _eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)
+        self._lock = threading.Lock()  # one generate at a time on this model
+        self._pieces: dict[int, str] = {}
+        self._anchor = (tokenizer.encode("a", add_special_tokens=False) or [0])[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    # ------------------------------------------------------------------ the batch
+    async def stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
+        prompts = [self.encode(r) for r in requests]
+        for batch in self._plan(requests, prompts):
+            results = await asyncio.to_thread(self._run, [requests[i] for i in batch], [prompts[i] for i in batch])
+            for i, result in zip(batch, results):
+                yield i, result
+
+    def encode(self, req: GenRequest) -> list[int]:
+        """The prompt's token ids, rendered and tokenized the way the KD trainer does it."""
+        tok = self.tokenizer
+        if self.encoder_decoder:
+            text = req.prompt if req.prompt is not None else "\n\n".join(
+                c for r, c in req.messages or () if r in ("system", "user"))
+            return tok(text, add_special_tokens=True)["input_ids"]
+        if req.prompt is not None:
+            ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
+        else:
+            text = render_prompt(tok, req.message_dicts(), self.template)
+            by_chat_template = self.template == "chat" and has_chat_template(tok)  # it writes its own BOS
+            ids = tok(text, add_special_tokens=not by_chat_template)["input_ids"]
+        if self.max_positions and len(ids) + req.max_tokens > self.max_positions:  # keep the end of the prompt
+            ids = ids[-max(1, self.max_positions - req.max_tokens):]
+        return ids
+
+    def _plan(self, requests: Sequence[GenRequest], prompts: list[list[int]]) -> list[list[int]]:
+        """Batches of request indices: same settings, similar lengths, at most ~batch_size rows each."""
+        by_settings: dict[tuple, list[int]] = defaultdict(list)
+        for i, r in enumerate(requests):
+            by_settings[(r.temperature, r.top_p, r.max_tokens, r.n, r.stop, r.seed, r.logprobs, r.num_beams)].append(i)
+        batches = []
+        for (*_, n, _stop, _seed, _lp, beams), indices in by_settings.items():
+            size = max(1, self.batch_size // max(1, beams, n if beams > 1 else 1))
+            indices.sort(key=lambda i: len(prompts[i]))
+            batches += [indices[s : s + size] for s in range(0, len(indices), size)]
+        return batches
+
+    # ------------------------------------------------------------------ one batch (worker thread)
+    @torch.inference_mode()
+    def _run(self, reqs: list[GenRequest], prompts: list[list[int]]) -> list[GenResult]:
+        req = reqs[0]  # every request in the batch has the same settings
+        greedy = req.temperature == 0 and req.num_beams == 1
+        beams = max(req.num_beams, req.n) if req.num_beams > 1 else 1
+        sampling = not greedy and beams == 1
+        rows = 1 if greedy else req.n  # greedy decoding gives n identical copies of one answer
+        inputs = self._pad(prompts)
+        config = copy.deepcopy(self.net.generation_config)
+        config.update(
+            max_new_tokens=req.max_tokens, min_new_tokens=0, do_sample=sampling,
+            temperature=req.temperature if sampling else 1.0, top_p=req.top_p if sampling else 1.0,
+            top_k=0 if sampling else None, num_beams=beams, num_return_sequences=rows, early_stopping=True if beams > 1 else False,
+            pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), stop_strings=list(req.stop) or None,
+            output_logits=req.logprobs is not None, return_dict_in_generate=True,
+        )
+        with self._lock:
+            if req.seed is not None:
+                torch.manual_seed(req.seed)
+            out = self.net.generate(**inputs, generation_config=config,
+                                    tokenizer=self.tokenizer if req.stop else None)
+        start = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
+        generated = out.sequences[:, start:].cpu()
+        logprobs = self._logprobs(out, generated, req.logprobs) if req.logprobs is not None else None
+        results = []
+        for b, prompt in enumerate(prompts):
+            choices = [self._choice(generated[b * rows + j], req, logprobs[b * rows + j] if logprobs else None)
+                       for j in range(rows)]
+            if greedy:
+                choices = [copy.deepcopy(choices[0]) for _ in range(req.n)]
+            results.append(GenResult(
+                choices=[c for c, _ in choices], prompt_tokens=len(prompt),
+                completion_tokens=sum(count for _, count in choices),
+            ))
+        return results
+
+    def _pad(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Left padding for decoder-only models (generation continues on the right), right for encoders."""
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            cols = slice(0, len(p)) if self.encoder_decoder else slice(width - len(p), width)
+            ids[i, cols] = torch.tensor(p, dtype=torch.long)
+            mask[i, cols] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _choice(
+        self, tokens: torch.Tensor, req: GenRequest, logprobs: list[TokenLogprob] | None
+    ) -> tuple[Choice, int]:
+        """The reply text cut at EOS or a stop string, its finish reason and its token count."""
+        ids = tokens.tolist()
+        end = len(ids)
+        if self.pad_id not in self.eos_ids:  # padding follows a sequence that finished early
+            while end and ids[end - 1] == self.pad_id:
+                end -= 1
+        eos_at = next((t for t in range(end) if ids[t] in self.eos_ids), None)
+        if eos_at is not None:
+            end, count, finish = eos_at, eos_at + 1, "stop"
+        else:
+            count, finish = end, "length" if end >= req.max_tokens else "stop"
+        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        if logprobs is not None:
+            logprobs = logprobs[:end]
+            if cut >= 0:  # keep the tokens that spell the kept text
+                kept, length = [], 0
+                for lp in logprobs:
+                    if length >= len(text):
+                        break
+                    kept.append(lp)
+                    length += len(lp.token)
+                logprobs = kept
+        return Choice(text, finish, logprobs), count
+
+    def _logprobs(self, out: Any, generated: torch.Tensor, top: int) -> list[list[TokenLogprob]]:
+        """Per returned sequence: each generated token's logprob and the top-k alternatives."""
+        steps = len(out.logits)
+        beam_rows = getattr(out, "beam_indices", None)
+        table: list[list[TokenLogprob]] = [[] for _ in range(generated.shape[0])]
+        for t in range(min(steps, generated.shape[1])):
+            rows = beam_rows[:, t].clamp(min=0) if beam_rows is not None else torch.arange(generated.shape[0])
+            lp = torch.log_softmax(out.logits[t].float(), dim=-1)[rows.to(out.logits[t].device)].cpu()
+            chosen = lp.gather(1, generated[:, t : t + 1]).squeeze(1).tolist()
+            alts = lp.topk(top, dim=-1) if top > 0 else None
+            for r, token in enumerate(generated[:, t].tolist()):
+                alternatives = []
+                if alts is not None:
+                    alternatives = [(self.piece(a), v) for a, v in zip(alts.indices[r].tolist(), alts.values[r].tolist())]
+                table[r].append(TokenLogprob(self.piece(token), chosen[r], alternatives))
+        return table
+
+    def piece(self, token_id: int) -> str:
+        """The text a token adds after other text (keeps the leading space SentencePiece drops at the start)."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            tok = self.tokenizer
+            if token_id in tok.all_special_ids:
+                text = tok.convert_ids_to_tokens(token_id)
+            else:
+                text = tok.decode([self._anchor, token_id])[len(tok.decode([self._anchor])):]
+            self._pieces[token_id] = text
+        return text
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = getattr(model.config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("HFBackend: the model and tokenizer define no EOS token")
+    return set(eos) if isinstance(eos, (list, tuple)) else {eos}

@@ -1,0 +1,440 @@
+"""`lionkd serve`: any `Backend` behind an OpenAI-compatible HTTP API.
+
+Routes: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with `n`, `stop`,
+`seed`, logprobs in OpenAI's formats (chat: `logprobs.content[]`; completions: the legacy lists),
+`usage`, and server-sent events when `stream` is true. Errors use OpenAI's error body: 400 for a bad
+body, 401 for a missing or wrong bearer key, 404 for an unknown model.
+
+Requests that arrive within a few milliseconds of each other are handed to the backend as one batch
+(`MicroBatcher`), one batch at a time per model: a local model then runs batched generation for
+concurrent clients instead of one request after another. A streamed reply is generated first and then
+sent in token-sized pieces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import UserError
+from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
+
+DEFAULT_MAX_TOKENS = 256
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+# --------------------------------------------------------------------------- request bodies
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=128)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: dict[str, Any] | None = None
+    num_beams: int = Field(1, ge=1, le=64)  # an extension for local models
+
+    def params(self) -> dict[str, Any]:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        return {
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "top_p": 1.0 if self.top_p is None else self.top_p,
+            "max_tokens": self.max_tokens or DEFAULT_MAX_TOKENS,
+            "n": self.n, "stop": tuple(stop), "seed": self.seed, "num_beams": self.num_beams,
+        }
+
+    @property
+    def include_usage(self) -> bool:
+        return bool((self.stream_options or {}).get("include_usage"))
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: keep the text ones
+            return "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+        return self.content or ""
+
+
+class ChatBody(_Body):
+    messages: list[_Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def request(self) -> GenRequest:
+        params = self.params()
+        params["max_tokens"] = self.max_completion_tokens or params["max_tokens"]
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return GenRequest.chat([{"role": m.role, "content": m.text()} for m in self.messages],
+                               logprobs=logprobs, **params)
+
+
+class CompletionBody(_Body):
+    prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=20)
+
+    def requests(self) -> list[GenRequest]:
+        prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
+        return [GenRequest(prompt=p, logprobs=self.logprobs, **self.params()) for p in prompts]
+
+
+async def _parse(request: Request, schema: type[BaseModel]) -> Any:
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise APIError(400, "the request body is not valid JSON") from None
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "body"
+        raise APIError(400, f"'{where}': {err['msg']}") from None
+
+
+# --------------------------------------------------------------------------- batching
+
+
+class MicroBatcher:
+    """Collects requests that arrive within `wait_s` (up to `max_batch`) into one backend call."""
+
+    def __init__(self, backend: Backend, max_batch: int = 16, wait_s: float = 0.005) -> None:
+        self.backend = backend
+        self.max_batch = max_batch
+        self.wait_s = wait_s
+        self._queue: asyncio.Queue[tuple[GenRequest, asyncio.Future[GenResult]]] | None = None
+        self._worker: asyncio.Task[None] | None = None
+
+    async def submit(self, requests: list[GenRequest]) -> list[GenResult]:
+        if self._queue is None or self._worker is None or self._worker.done():
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.create_task(self._run())
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in requests]
+        for req, fut in zip(requests, futures):
+            self._queue.put_nowait((req, fut))
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        queue, loop = self._queue, asyncio.get_running_loop()
+        while True:
+            batch = [await queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch:
+                if not queue.empty():
+                    batch.append(queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await self.backend.agenerate([req for req, _ in batch])
+            except Exception as exc:  # the clients get a 500, the worker lives on
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+
+# --------------------------------------------------------------------------- response bodies
+
+
+def _token_entry(token: str, logprob: float) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
+    return {"content": [
+        _token_entry(t.token, t.logprob) | {"top_logprobs": [_token_entry(a, b) for a, b in t.top]} for t in tokens
+    ], "refusal": None}
+
+
+def legacy_logprobs(tokens: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
+    offsets, at = [], start
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {
+        "tokens": [t.token for t in tokens],
+        "token_logprobs": [t.logprob for t in tokens],
+        "top_logprobs": [dict(t.top) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
+def _usage(results: list[GenResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _pieces(choice: Choice) -> Iterator[tuple[str, list[TokenLogprob] | None]]:
+    """The reply cut into stream pieces: one per token where the tokens spell the text, else words."""
+    tokens = choice.logprobs
+    if tokens and "".join(t.token for t in tokens) == choice.text:
+        for t in tokens:
+            yield t.token, [t]
+        return
+    words = re.findall(r"\s*\S+|\s+", choice.text)
+    for i, word in enumerate(words):
+        yield word, (tokens if i == 0 else None)
+    if not words and tokens:
+        yield "", tokens
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def create_app(
+    models: dict[str, Backend], api_key: str | None = None, *, max_batch: int | None = None,
+    batch_wait_s: float = 0.005,
+) -> FastAPI:
+    """An OpenAI-compatible app serving each backend under its name in `models`."""
+    app = FastAPI(title="lionkd", docs_url=None, redoc_url=None)
+    batchers = {
+        name: MicroBatcher(b, max_batch or int(getattr(b, "batch_size", 16)), batch_wait_s)
+        for name, b in models.items()
+    }
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.middleware("http")
+    async def _check_key(request: Request, call_next: Any) -> Any:
+        if api_key is not None:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                return APIError(401, "invalid or missing API key", code="invalid_api_key").response()
+        return await call_next(request)
+
+    def batcher(model: str) -> MicroBatcher:
+        if model not in batchers:
+            raise APIError(404, f"the model '{model}' does not exist (served: {', '.join(models)})",
+                           code="model_not_found")
+        return batchers[model]
+
+    async def run(model: str, requests: list[GenRequest]) -> list[GenResult]:
+        try:
+            results = await batcher(model).submit(requests)
+        except APIError:
+            raise
+        except Exception as exc:
+            raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
+        failed = next((r for r in results if not r.ok), None)
+        if failed is not None:
+            raise APIError(500, f"generation failed: {failed.error}", "server_error")
+        return results
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "lionkd"} for name in models
+        ]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Any:
+        body: ChatBody = await _parse(request, ChatBody)
+        (result,) = await run(body.model, [body.request()])
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.stream:
+            return StreamingResponse(_chat_events(head, result, body.include_usage), media_type="text/event-stream")
+        return head | {
+            "object": "chat.completion",
+            "choices": [
+                {"index": i, "message": {"role": "assistant", "content": c.text},
+                 "logprobs": chat_logprobs(c.logprobs) if body.logprobs and c.logprobs is not None else None,
+                 "finish_reason": c.finish_reason}
+                for i, c in enumerate(result.choices)
+            ],
+            "usage": _usage([result]),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        body: CompletionBody = await _parse(request, CompletionBody)
+        results = await run(body.model, body.requests())
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        choices = [c for r in results for c in r.choices]
+        if body.stream:
+            return StreamingResponse(_completion_events(head, choices, results, body.include_usage),
+                                     media_type="text/event-stream")
+        return head | {
+            "object": "text_completion",
+            "choices": [
+                {"index": i, "text": c.text, "finish_reason": c.finish_reason,
+                 "logprobs": legacy_logprobs(c.logprobs) if body.logprobs is not None and c.logprobs else None}
+                for i, c in enumerate(choices)
+            ],
+            "usage": _usage(results),
+        }
+
+    return app
+
+
+async def _chat_events(head: dict[str, Any], result: GenResult, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse(head | {"object": "chat.completion.chunk", "choices": choices} | extra)
+
+    for i, c in enumerate(result.choices):
+        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None}])
+        for piece, tokens in _pieces(c):
+            yield chunk([{"index": i, "delta": {"content": piece},
+                          "logprobs": chat_logprobs(tokens) if tokens else None, "finish_reason": None}])
+        yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": c.finish_reason}])
+    if include_usage:
+        yield chunk([], usage=_usage([result]))
+    yield _sse("[DONE]")
+
+
+async def _completion_events(
+    head: dict[str, Any], choices: list[Choice], results: list[GenResult], include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(items: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse(head | {"object": "text_completion", "choices": items} | extra)
+
+    for i, c in enumerate(choices):
+        at = 0
+        for piece, tokens in _pieces(c):
+            yield chunk([{"index": i, "text": piece, "finish_reason": None,
+                          "logprobs": legacy_logprobs(tokens, at) if tokens else None}])
+            at += len(piece)
+        yield chunk([{"index": i, "text": "", "finish_reason": c.finish_reason, "logprobs": None}])
+    if include_usage:
+        yield chunk([], usage=_usage(results))
+    yield _sse("[DONE]")
+
+
+# --------------------------------------------------------------------------- running it
+
+
+class ServerThread:
+    """Run an app with uvicorn in a background thread (tests, the demo); port 0 picks a free port.
+
+    with ServerThread(create_app({"student": backend})) as server:
+        OpenAIBackend("student", base_url=server.base_url)
+    """
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, log_level: str = "warning") -> None:
+        self.host = host
+        config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                                timeout_graceful_shutdown=1, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, name="lionkd-server", daemon=True)
+        self.port = port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:  # uvicorn sets `started` once its sockets listen
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server on {self.host}:{self.port} did not start")
+            time.sleep(0.01)
+        sock: socket.socket = self.server.servers[0].sockets[0]
+        self.port = sock.getsockname()[1]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+def serve(
+    model_dir: str | None = None,
+    *,
+    sandbox: bool = False,
+    name: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    api_key_env: str | None = None,
+    template: str = "chat",
+    dtype: str = "auto",
+    device: str = "auto",
+    batch_size: int = 16,
+) -> None:
+    """Serve a local model directory and/or the sandbox world until interrupted (`lionkd serve`)."""
+    models = build_models(model_dir, sandbox=sandbox, name=name, template=template, dtype=dtype, device=device,
+                          batch_size=batch_size)
+    api_key = None
+    if api_key_env:
+        api_key = os.environ.get(api_key_env)
+        if not api_key:
+            raise UserError(f"--api-key-env: the environment variable ${api_key_env} is not set")
+    auth = "bearer key required" if api_key else "no key required"
+    print(f"serving {', '.join(models)} at http://{host}:{port}/v1 ({auth}); Ctrl-C stops", flush=True)
+    uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")
+
+
+def build_models(
+    model_dir: str | None, *, sandbox: bool = False, name: str | None = None, template: str = "chat",
+    dtype: str = "auto", device: str = "auto", batch_size: int = 16,
+) -> dict[str, Backend]:
+    if model_dir is None and not sandbox:
+        raise UserError("serve: give a MODEL_DIR, or --sandbox for the offline sandbox world")
+    models: dict[str, Backend] = {}
+    if sandbox:
+        from lionkd.sandbox.backend import MODELS, SandboxBackend
+
+        models.update({m: SandboxBackend(m) for m in MODELS})
+    if model_dir is not None:
+        from .factory import resolve_model_path
+        from .hf import HFBackend
+
+        path = resolve_model_path(model_dir)
+        served = name or (model_dir.split(":", 1)[1] if model_dir.startswith("sandbox:") else Path(path).name)
+        models[served] = HFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
+                                   batch_size=batch_size)
+    return models

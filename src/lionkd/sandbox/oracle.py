@@ -1,0 +1,144 @@
+"""What the sandbox teacher, referee and generator say, as plain functions of a prompt and a RNG.
+
+They read the prompt formats of the shared contract (the instruction is the last user message; the
+referee's `[Instruction]` / `[Assistant 1]` / `[Assistant 2]` blocks; the generator's
+`[Seed instruction]` block) and answer from the exact task world. Every random choice comes from
+the `rng` passed in, so the backend makes them deterministic by seeding it from the request.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+
+from . import world
+from .world import Instance
+
+GENERIC_REPLY = "I am not sure what you are asking. Could you rephrase it as one of the tasks I know?"
+
+_REFEREE_BLOCKS = re.compile(
+    r"\[Instruction\]\s*\n(?P<instruction>.*?)\n\s*\[Assistant 1\]\s*\n(?P<a1>.*?)\n?\[End of Assistant 1\]"
+    r".*?\[Assistant 2\]\s*\n(?P<a2>.*?)\n?\[End of Assistant 2\]",
+    re.S,
+)
+_SEED_BLOCK = re.compile(r"\[Seed instruction\]\s*\n(?P<seed>.*?)\n?\s*\[End of seed instruction\]", re.S)
+
+# Score lines in several surface forms a tolerant parser must read; {e} is the explanation.
+_REFEREE_FORMATS = (
+    "Assistant 1: {s1}\nAssistant 2: {s2}\n{e}",
+    "**Assistant 1:** {s1}/10\n**Assistant 2:** {s2}/10\n\n{e}",
+    "Assistant 2: {s2}\nAssistant 1: {s1}\n{e}",
+    "Assistant 1: {s1} out of 10\nAssistant 2: {s2} out of 10\n{e}",
+)
+# Replies a parser cannot read: no scores, scores in words, one score missing.
+_MALFORMED_FORMATS = (
+    "Both answers address the question; each has its strengths and weaknesses.",
+    "Assistant 1: good\nAssistant 2: poor\n{e}",
+    "Assistant 1: {s1}\n{e}",
+)
+
+
+# ---- teacher ---------------------------------------------------------------------------------
+
+
+def teacher_reply(instruction: str, rng: random.Random, error_rate: float = 0.0) -> str:
+    """The exact answer; with probability `error_rate` a plausible wrong one instead."""
+    inst = world.parse(instruction)
+    if inst is None:
+        return GENERIC_REPLY
+    if rng.random() < error_rate:
+        return world.corrupt(inst, rng)
+    return inst.answer
+
+
+# ---- referee ---------------------------------------------------------------------------------
+
+
+def parse_referee_prompt(text: str) -> tuple[str, str, str] | None:
+    """(instruction, answer 1, answer 2) from the referee blocks, or None."""
+    m = _REFEREE_BLOCKS.search(text)
+    if not m:
+        return None
+    return m["instruction"].strip(), m["a1"].strip(), m["a2"].strip()
+
+
+def points(inst: Instance | None, answer_text: str) -> int:
+    """Partial credit on the referee's 1-10 scale."""
+    if inst is None:  # not a sandbox task: the referee can only tell empty from non-empty
+        return 5 if answer_text.strip() else 1
+    return 1 + round(9 * world.score(inst, answer_text))
+
+
+def _explain(p1: float, p2: float) -> str:
+    if p1 == p2 == 10:
+        return "Both assistants give the correct answer."
+    if p1 == 10:
+        return "The first answer is correct and the second is not."
+    if p2 == 10:
+        return "The second answer is correct and the first is not."
+    if p1 == p2:
+        return "Neither answer is correct, and they are equally far from it."
+    closer = "first" if p1 > p2 else "second"
+    return f"Neither answer is correct, but the {closer} one is closer."
+
+
+def _fmt(score: float) -> str:
+    return str(int(score)) if float(score).is_integer() else f"{score:.1f}"
+
+
+def referee_reply(
+    prompt: str, rng: random.Random, position_bias: float = 0.0, malformed_rate: float = 0.0
+) -> str:
+    """Two score lines (surface form varies), then a one-sentence explanation."""
+    blocks = parse_referee_prompt(prompt)
+    if blocks is None:
+        return "I could not find an instruction and two answers to compare."
+    instruction, a1, a2 = blocks
+    inst = world.parse(instruction)
+    p1, p2 = points(inst, a1), points(inst, a2)
+    e = _explain(p1, p2)
+    s1 = min(10.0, max(1.0, p1 + position_bias))
+    if rng.random() < malformed_rate:
+        return rng.choice(_MALFORMED_FORMATS).format(s1=_fmt(s1), s2=_fmt(p2), e=e)
+    return rng.choice(_REFEREE_FORMATS).format(s1=_fmt(s1), s2=_fmt(p2), e=e)
+
+
+# ---- generator -------------------------------------------------------------------------------
+
+
+def parse_generator_seed(text: str) -> str | None:
+    m = _SEED_BLOCK.search(text)
+    return m["seed"].strip() if m else None
+
+
+def wants_rare(prompt: str) -> bool:
+    """Does the prompt ask for a rarer instruction? (The seed itself may hold made-up words like "rare".)"""
+    return re.search(r"rare", _SEED_BLOCK.sub(" ", prompt), re.I) is not None
+
+
+def _same_type(seed: Instance, rng: random.Random) -> Instance:
+    levels = [lv for lv in seed.spec.levels if lv >= seed.level]
+    return world.sample(rng, task=seed.task, level=rng.choice(levels))
+
+
+def _rarer(seed: Instance, rng: random.Random) -> Instance:
+    """A harder level of the same type, or a less common type of the same domain."""
+    if seed.level < seed.spec.levels[-1] and rng.random() < 0.25:
+        return world.sample(rng, task=seed.task, level=rng.choice([lv for lv in seed.spec.levels if lv > seed.level]))
+    others = [t for t in world.DOMAINS[seed.domain] if t != seed.task] or [seed.task]
+    task = rng.choices(others, [1.0 / world.TASKS[t].weight for t in others])[0]
+    return world.sample(rng, task=task)
+
+
+def generator_reply(prompt: str, rng: random.Random) -> str:
+    """A new instruction from the seed: same type at the same or a higher level, or rarer (see `_rarer`)."""
+    seed_text = parse_generator_seed(prompt)
+    seed = world.parse(seed_text) if seed_text else None
+    if seed is None:
+        return world.sample(rng).instruction
+    make = _rarer if wants_rare(prompt) else _same_type
+    for _ in range(20):
+        new = make(seed, rng)
+        if new.instruction != seed.instruction:
+            return new.instruction
+    return new.instruction

@@ -1,0 +1,229 @@
+"""The KD trainer: exact loss normalisation across accumulation and processes, objectives, models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5ForConditionalGeneration,
+    TrainerCallback,
+)
+
+from lionkd.config import KDConfig, LoraConfig, TrainConfig
+from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.trainer import build_trainer, train_student
+
+WORDS = (
+    "the a cat dog bird sat on mat ran to park what did do answer question is red blue green "
+    "one two three four five six seven big small happy sad fast slow tree house car"
+).split()
+
+
+def tiny_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
+    pad = "</s>" if pad_is_eos else "<pad>"
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad, unk_token="<unk>"
+    )
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def tiny_t5(seed: int = 0, d_model: int = 32) -> T5ForConditionalGeneration:
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=64, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
+    )
+    return T5ForConditionalGeneration(cfg)
+
+
+def examples(n: int = 8) -> list[TrainExample]:
+    """Prompts and targets of different lengths, so micro-batches hold different token counts."""
+    out = []
+    for i in range(n):
+        prompt = " ".join(WORDS[i : i + 2 + i % 3])
+        target = " ".join(WORDS[(3 * i) % 20 : (3 * i) % 20 + 1 + (i * 5) % 7])
+        out.append(TrainExample(prompt=prompt, target=target))
+    return out
+
+
+class GradRecorder(TrainerCallback):
+    def __init__(self) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+        self.grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def first_step_grads(batch_size: int, grad_accum: int, objective: str, out_dir: Path) -> dict[str, torch.Tensor]:
+    settings = TrainConfig(
+        max_steps=1, batch_size=batch_size, grad_accum=grad_accum, learning_rate=1e-3, max_length=32, seed=0,
+        warmup_ratio=0.0,
+    )
+    teacher = tiny_llama(seed=1) if objective != "ce" else None
+    trainer = build_trainer(
+        tiny_llama(), examples(8), out_dir, settings=settings, teacher=teacher, objective=objective,
+        tokenizer=tiny_tokenizer(), template="alpaca", progress=False,
+    )
+    trainer.args.max_grad_norm = 1e9  # compare raw gradients
+    recorder = GradRecorder()
+    trainer.add_callback(recorder)
+    trainer.train()
+    return recorder.grads[0]
+
+
+def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("objective", ["ce", "logits"])
+def test_accumulation_matches_one_big_batch(tmp_path: Path, objective: str) -> None:
+    big = first_step_grads(8, 1, objective, tmp_path / "big")
+    split = first_step_grads(4, 2, objective, tmp_path / "split")
+    assert_same_grads(big, split)
+    # the split must not be trivially equal: per-micro-batch means would differ here
+    tok = tiny_tokenizer()
+    counts = [sum(len(encode_example(tok, e, template="alpaca")["target"]) for e in part)
+              for part in (examples(8)[:4], examples(8)[4:])]
+    assert counts[0] != counts[1]
+
+
+def _ddp_main(out: str) -> None:
+    """Run under torchrun with 2 processes: batch 4 per process, one step."""
+    assert os.environ.get("WORLD_SIZE") == "2"
+    grads = first_step_grads(4, 1, "logits", Path(out) / "ddp")
+    if os.environ["RANK"] == "0":
+        torch.save(grads, Path(out) / "ddp_grads.pt")
+
+
+def test_two_processes_match_one(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
+    # torchrun sets up the same gloo process group on CPU that `accelerate launch` does on a cluster
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(port)]
+    proc = subprocess.run(
+        [*launcher, __file__, str(tmp_path)], env=env, capture_output=True, text=True, timeout=90
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = torch.load(tmp_path / "ddp_grads.pt")
+    single = first_step_grads(8, 1, "logits", tmp_path / "single")
+    assert_same_grads(single, ddp)
+
+
+def test_ce_finetune_reduces_loss_and_saves(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
+    settings = TrainConfig(epochs=15, learning_rate=3e-2, batch_size=4, max_length=32, logging_steps=1)
+    metrics = train_student(tiny_llama(), data, tmp_path / "m", settings=settings, tokenizer=tok,
+                            template="alpaca", progress=False)
+    assert metrics["steps"] == 30 and metrics["tokens_per_s"] > 0
+    assert metrics["final_logged_loss"] < 0.2 and metrics["loss"] > 5 * metrics["final_logged_loss"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    reloaded = PreTrainedTokenizerFast.from_pretrained(tmp_path / "m")
+    prompt = encode_example(reloaded, data[0], template="alpaca")["prompt"]
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False, pad_token_id=0)
+    assert reloaded.decode(out[0, len(prompt):], skip_special_tokens=True) == "the cat sat on the mat"
+    # a finished run is not trained again
+    assert train_student("unused", data, tmp_path / "m", settings=settings) == json.loads(
+        (tmp_path / "m" / "train_metrics.json").read_text())
+
+
+def test_logits_kd_moves_student_towards_teacher(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(seed=3)
+    settings = TrainConfig(epochs=8, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    for divergence in ("forward_kl", "jsd"):
+        kd = KDConfig(divergence=divergence)
+        metrics = train_student(tiny_llama(), examples(8), tmp_path / divergence, settings=settings,
+                                teacher=teacher, kd=kd, tokenizer=tok, template="alpaca", progress=False)
+        assert metrics["objective"] == {"logits": 1.0}
+        assert metrics["last_losses"]["logits"] < 0.5 * metrics["loss"]
+
+
+def test_weighted_objectives_with_attention_and_noisy(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    teacher = tiny_llama(seed=3, hidden=64)  # wider teacher: relations still comparable
+    teacher.config.attention_dropout = 0.1
+    settings = TrainConfig(max_steps=3, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    weights = {"logits": 0.5, "attention": 0.5, "noisy": 0.2, "ce": 0.0}
+    metrics = train_student(tiny_llama(), examples(8), tmp_path / "w", settings=settings, teacher=teacher,
+                            objective=weights, tokenizer=tok, template="alpaca", progress=False)
+    assert set(metrics["last_losses"]) == {"logits", "attention", "noisy"}
+    assert all(v > 0 for v in metrics["last_losses"].values())
+
+
+def test_encoder_decoder_t5(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    data = [TrainExample(prompt="what did the dog do", target="the dog ran to the park")] * 8
+    settings = TrainConfig(epochs=10, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    metrics = train_student(tiny_t5(), data, tmp_path / "t5", settings=settings, teacher=tiny_t5(seed=5, d_model=64),
+                            objective={"ce": 1.0, "logits": 0.5, "attention": 0.5}, tokenizer=tok, progress=False)
+    assert metrics["last_losses"]["ce"] < 1.0
+    model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5")
+    src = tok("what did the dog do")["input_ids"]
+    out = model.generate(torch.tensor([src]), max_new_tokens=8, do_sample=False)
+    assert tok.decode(out[0], skip_special_tokens=True) == "the dog ran to the park"
+
+
+def test_lora_trains_adapters_and_saves_merged(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    base = tiny_llama()
+    before = {n: p.clone() for n, p in base.named_parameters()}
+    data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
+    settings = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=4, max_length=32)
+    lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
+    train_student(base, data, tmp_path / "lora", settings=settings, tokenizer=tok, lora=lora, template="alpaca",
+                  progress=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
+    after = dict(merged.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+def test_eos_is_learned_when_pad_equals_eos() -> None:
+    tok = tiny_tokenizer(pad_is_eos=True)
+    assert tok.pad_token_id == tok.eos_token_id
+    feats = [encode_example(tok, e, template="alpaca") for e in examples(3)]
+    batch = Collator(pad_token_id=tok.pad_token_id)(feats)
+    for i, f in enumerate(feats):
+        last = len(f["prompt"]) + len(f["target"]) - 1  # the EOS position
+        assert batch["input_ids"][i, last] == tok.eos_token_id
+        assert batch["target_mask"][i, last - 1] == 1  # the position predicting EOS is trained
+        assert batch["target_ids"][i, last - 1] == tok.eos_token_id
+        assert batch["target_mask"][i, last:].sum() == 0  # padding after it is not
+        assert batch["target_mask"][i, : len(f["prompt"]) - 1].sum() == 0  # prompt is not
+
+
+if __name__ == "__main__":
+    _ddp_main(sys.argv[1])

@@ -1,0 +1,149 @@
+"""HFBackend on tiny models built from a config: batching, decoding modes, stops, logprobs, seq2seq."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+
+import pytest
+import torch
+from llm_fakes import tiny_model, tiny_model_dir, tiny_tokenizer
+
+from lionkd.llm.base import GenRequest
+from lionkd.llm.hf import HFBackend
+from lionkd.llm.templates import render_prompt
+
+PROMPTS = ["add 12 and 30", "the quick brown fox jumps over", "sort", "what is the capital of france today"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama(tok):
+    return tiny_model(tok)
+
+
+def greedy(prompt: str, **params) -> GenRequest:
+    return GenRequest(prompt=prompt, temperature=0, **({"max_tokens": 8} | params))
+
+
+def one_by_one(model, tok, prompt: str, max_new_tokens: int) -> str:
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    new = out[0, ids["input_ids"].shape[1] :]
+    eos = (new == tok.eos_token_id).nonzero()
+    return tok.decode(new[: eos[0, 0]] if len(eos) else new, skip_special_tokens=True)
+
+
+def test_batched_greedy_equals_one_request_at_a_time(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok, batch_size=4)
+    results = backend.generate([greedy(p) for p in PROMPTS])
+    assert [r.text for r in results] == [one_by_one(llama, tok, p, 8) for p in PROMPTS]
+    for p, r in zip(PROMPTS, results):
+        assert r.prompt_tokens == len(tok(p)["input_ids"])
+        if r.choices[0].finish_reason == "length":
+            assert r.completion_tokens == 8
+        else:  # the random model happened to say EOS
+            assert r.choices[0].finish_reason == "stop" and r.completion_tokens < 9
+
+
+def test_finish_reason_stop_at_eos_and_at_stop_strings(llama, tok):
+    base = HFBackend(llama, tokenizer=tok).generate([greedy("sort the list", max_tokens=12)])[0]
+    text = base.text
+    assert len(text) >= 4
+    # EOS: make the model's first greedy token the end-of-sequence token
+    first = tok(text, add_special_tokens=False)["input_ids"][0]
+    stopped_model = copy.deepcopy(llama)
+    stopped_model.generation_config.eos_token_id = first
+    at_eos = HFBackend(stopped_model, tokenizer=tok).generate([greedy("sort the list", max_tokens=12)])[0]
+    assert at_eos.text == "" and at_eos.choices[0].finish_reason == "stop" and at_eos.completion_tokens == 1
+    # a stop string is cut off, as the OpenAI API does
+    stop = text[2:4]
+    cut = HFBackend(llama, tokenizer=tok).generate([greedy("sort the list", max_tokens=12, stop=(stop,))])[0]
+    assert cut.text == text[: text.find(stop)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_logprobs_are_the_models_distribution(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok)
+    result = backend.generate([greedy("add 12 and 30", max_tokens=6, logprobs=3)])[0]
+    tokens = result.choices[0].logprobs
+    assert len(tokens) == 6 and "".join(t.token for t in tokens) == result.text
+    for t in tokens:
+        assert len(t.top) == 3 and t.top[0][1] >= t.top[1][1] >= t.top[2][1]
+        assert t.logprob == pytest.approx(t.top[0][1])  # greedy picks the best token
+    # the same numbers from one forward pass over prompt + answer
+    prompt = tok("add 12 and 30")["input_ids"]
+    answer = tok(result.text, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = llama(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
+    expected = [logits[len(prompt) - 1 + i, a].item() for i, a in enumerate(answer)]
+    if len(answer) == len(tokens):  # byte-level pieces can merge differently when re-tokenized
+        assert [t.logprob for t in tokens] == pytest.approx(expected, abs=1e-4)
+
+
+def test_sampling_is_seeded_and_returns_n(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok)
+    req = GenRequest(prompt="the quick", temperature=1.0, top_p=0.95, max_tokens=8, n=3, seed=7)
+    first, again = backend.generate([req])[0], backend.generate([req])[0]
+    other = backend.generate([GenRequest(prompt="the quick", temperature=1.0, max_tokens=8, n=3, seed=8)])[0]
+    assert len(first.choices) == 3 and [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert [c.text for c in first.choices] != [c.text for c in other.choices]
+    assert first.completion_tokens == sum(1 for _ in range(3)) * 8 or first.completion_tokens <= 24
+
+
+def test_beam_search_returns_n_best_beams(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok)
+    result = backend.generate([greedy("sort the list", num_beams=4, n=2, max_tokens=6, logprobs=0)])[0]
+    assert len(result.choices) == 2 and result.choices[0].text != result.choices[1].text
+    for c in result.choices:
+        assert c.logprobs is not None and all(t.logprob <= 0 for t in c.logprobs)
+    greedy_n = backend.generate([greedy("sort the list", n=3)])[0]
+    assert len({c.text for c in greedy_n.choices}) == 1 and len(greedy_n.choices) == 3
+
+
+def test_chat_messages_use_the_chat_template_or_alpaca(llama, tok):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add 12 and 30"}]
+    for template in ("chat", "alpaca"):
+        backend = HFBackend(llama, tokenizer=tok, template=template)
+        result = backend.generate([GenRequest.chat(messages, temperature=0, max_tokens=4)])[0]
+        rendered = render_prompt(tok, messages, template)
+        assert rendered.startswith("<|system|>") == (template == "chat")
+        assert result.prompt_tokens == len(tok(rendered, add_special_tokens=template == "alpaca")["input_ids"])
+
+
+def test_encoder_decoder(tok):
+    t5 = tiny_model(tok, encoder_decoder=True)
+    backend = HFBackend(t5, tokenizer=tok, batch_size=4)
+    batched = backend.generate([greedy(p, max_tokens=5, logprobs=1) for p in PROMPTS[:3]])
+    alone = [backend.generate([greedy(p, max_tokens=5, logprobs=1)])[0] for p in PROMPTS[:3]]
+    assert [r.text for r in batched] == [r.text for r in alone]
+    assert all(len(r.choices[0].logprobs) == r.completion_tokens for r in batched if r.choices[0].finish_reason == "length")
+
+
+def test_loads_a_directory_in_fp32_on_cpu(tmp_path):
+    path = tiny_model_dir(tmp_path / "student")
+    backend = HFBackend(str(path))
+    assert backend.net.dtype == torch.float32 and backend.device.type == "cpu"
+    assert backend.model == str(path) and backend.kind == "hf"
+    assert backend.generate([greedy("add", max_tokens=2)])[0].ok
+
+
+def test_the_event_loop_stays_responsive(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok)
+
+    async def main() -> tuple[int, float]:
+        ticks = 0
+        start = time.monotonic()
+        task = asyncio.create_task(backend.agenerate([greedy(p, max_tokens=24) for p in PROMPTS]))
+        while not task.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        await task
+        return ticks, time.monotonic() - start
+
+    ticks, elapsed = asyncio.run(main())
+    assert ticks >= 3 and ticks >= elapsed / 0.01 / 4  # the loop kept ticking while the model worked
