@@ -40,3 +40,8 @@ def test_status_and_export(tmp_path):
 def test_status_of_missing_run_is_user_error(tmp_path):
     result = run_cli("status", str(tmp_path / "nope"))
     assert result.returncode == 2 and "not a run directory" in result.stderr
+
+
+def test_usage_error_exits_2():
+    result = run_cli("status", "a", "b")
+    assert result.returncode == 2 and "unexpected extra argument" in result.stderr

@@ -27,10 +27,7 @@ from lionkd.config import KDConfig, LoraConfig, TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
 from lionkd.kd.trainer import build_trainer, train_student
 
-WORDS = (
-    "the a cat dog bird sat on mat ran to park what did do answer question is red blue green "
-    "one two three four five six seven big small happy sad fast slow tree house car"
-).split()
+WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
 
 
 def tiny_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:

@@ -9,12 +9,11 @@ import sys
 import textwrap
 import time
 
-from llm_fakes import FakeOpenAI
-
 from lionkd.llm.base import GenRequest
 from lionkd.llm.cache import CachedLLM, call_key
 from lionkd.llm.openai_backend import OpenAIBackend
 from lionkd.store import Store
+from llm_fakes import FakeOpenAI
 
 
 def ask(content: str, **params) -> GenRequest:

@@ -6,7 +6,6 @@ import socket
 import time
 
 import pytest
-from llm_fakes import FakeOpenAI
 
 from lionkd.errors import UserError
 from lionkd.llm.base import GenRequest
@@ -14,6 +13,7 @@ from lionkd.llm.cache import CachedLLM
 from lionkd.llm.openai_backend import OpenAIBackend, _retry_after
 from lionkd.llm.ratelimit import TokenBucket
 from lionkd.store import Store
+from llm_fakes import FakeOpenAI
 
 SECRET = "sk-test-secret-0123456789"
 
@@ -41,7 +41,7 @@ def test_mixed_faults_end_as_successes_or_recorded_failures(tmp_path):
         results = llm.generate([ask(c) for c in contents], iteration=0)
 
         assert len(results) == 40 and all(r is not None for r in results)
-        for c, r in zip(contents, results):
+        for c, r in zip(contents, results, strict=True):
             if c in ("q22", "q23", "q24"):
                 assert not r.ok and not r.choices
             else:

@@ -8,11 +8,11 @@ import time
 
 import pytest
 import torch
-from llm_fakes import tiny_model, tiny_model_dir, tiny_tokenizer
 
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.templates import render_prompt
+from llm_fakes import tiny_model, tiny_model_dir, tiny_tokenizer
 
 PROMPTS = ["add 12 and 30", "the quick brown fox jumps over", "sort", "what is the capital of france today"]
 
@@ -43,7 +43,7 @@ def test_batched_greedy_equals_one_request_at_a_time(llama, tok):
     backend = HFBackend(llama, tokenizer=tok, batch_size=4)
     results = backend.generate([greedy(p) for p in PROMPTS])
     assert [r.text for r in results] == [one_by_one(llama, tok, p, 8) for p in PROMPTS]
-    for p, r in zip(PROMPTS, results):
+    for p, r in zip(PROMPTS, results, strict=True):
         assert r.prompt_tokens == len(tok(p)["input_ids"])
         if r.choices[0].finish_reason == "length":
             assert r.completion_tokens == 8
@@ -75,14 +75,15 @@ def test_logprobs_are_the_models_distribution(llama, tok):
     for t in tokens:
         assert len(t.top) == 3 and t.top[0][1] >= t.top[1][1] >= t.top[2][1]
         assert t.logprob == pytest.approx(t.top[0][1])  # greedy picks the best token
-    # the same numbers from one forward pass over prompt + answer
-    prompt = tok("add 12 and 30")["input_ids"]
-    answer = tok(result.text, add_special_tokens=False)["input_ids"]
+    # the same numbers from one forward pass over the prompt and the greedy answer
+    prompt = tok("add 12 and 30", return_tensors="pt")
+    full = llama.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+    n = prompt["input_ids"].shape[1]
     with torch.no_grad():
-        logits = llama(torch.tensor([prompt + answer])).logits[0].log_softmax(-1)
-    expected = [logits[len(prompt) - 1 + i, a].item() for i, a in enumerate(answer)]
-    if len(answer) == len(tokens):  # byte-level pieces can merge differently when re-tokenized
-        assert [t.logprob for t in tokens] == pytest.approx(expected, abs=1e-4)
+        logits = llama(full).logits[0].log_softmax(-1)
+    expected = [logits[n - 1 + i, a].item() for i, a in enumerate(full[0, n:].tolist())]
+    assert [t.logprob for t in tokens] == pytest.approx(expected, abs=1e-4)
+    assert [t.token for t in tokens] == [backend.piece(a) for a in full[0, n:].tolist()]
 
 
 def test_sampling_is_seeded_and_returns_n(llama, tok):
@@ -92,7 +93,7 @@ def test_sampling_is_seeded_and_returns_n(llama, tok):
     other = backend.generate([GenRequest(prompt="the quick", temperature=1.0, max_tokens=8, n=3, seed=8)])[0]
     assert len(first.choices) == 3 and [c.text for c in first.choices] == [c.text for c in again.choices]
     assert [c.text for c in first.choices] != [c.text for c in other.choices]
-    assert first.completion_tokens == sum(1 for _ in range(3)) * 8 or first.completion_tokens <= 24
+    assert 3 <= first.completion_tokens <= 24
 
 
 def test_beam_search_returns_n_best_beams(llama, tok):

@@ -263,6 +263,29 @@ def report(
     console.print(f"wrote {html_path} and {md_path}")
 
 
+# --------------------------------------------------------------------------- serving models
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[str | None, typer.Argument(help="A model directory (or sandbox:base-student).")] = None,
+    sandbox: Annotated[bool, typer.Option("--sandbox", help="Serve the sandbox teacher, referee and generator.")] = False,
+    name: Annotated[str | None, typer.Option(help="Model name clients ask for (default: the folder name).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option(help="Require this env variable's value as bearer key.")] = None,
+    template: Annotated[str, typer.Option(help="chat | alpaca")] = "chat",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Largest generation batch.")] = 16,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, logprobs)."""
+    from .llm.server import serve as run_server
+
+    run_server(model_dir, sandbox=sandbox, name=name, host=host, port=port, api_key_env=api_key_env,
+               template=template, dtype=dtype, device=device, batch_size=batch_size)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -281,12 +304,12 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except (typer.Abort, EOFError):
         sys.exit(1)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors (typer's own click) know how to show themselves and carry exit code 2.
+        show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
+        if callable(show) and isinstance(code, int):
+            show()
+            sys.exit(code)
         if _debug:
             raise
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

@@ -31,6 +31,7 @@ from ..errors import UserError
 from ..kd.data import TrainExample
 from ..llm.base import Backend, GenRequest
 from ..llm.cache import CachedLLM
+from ..llm.factory import make_backend, open_llm, request_defaults, resolve_model_path
 from ..llm.templates import Template
 from ..store import Store
 from . import metrics
@@ -134,8 +135,6 @@ def read_examples(s: EvalSettings) -> list[Example]:
 
 def _local_path(model: str) -> Path | None:
     if model.startswith("sandbox:"):
-        from ..llm.factory import resolve_model_path
-
         return Path(resolve_model_path(model))
     path = Path(model)
     return path if path.is_dir() else None
@@ -144,8 +143,6 @@ def _local_path(model: str) -> Path | None:
 def open_model(s: EvalSettings) -> Backend:
     """The model under evaluation: an endpoint when a base URL is given, else a local folder."""
     if s.remote:
-        from ..llm.factory import make_backend
-
         endpoint = EndpointConfig(backend="openai", model=s.model, base_url=s.base_url, api_key_env=s.api_key_env)
         return make_backend(endpoint)
     path = _local_path(s.model)
@@ -169,11 +166,6 @@ def referee_endpoint(s: EvalSettings, cfg: RunConfig | None) -> EndpointConfig:
     if cfg is not None:
         return cfg.referee
     raise UserError("--judge needs a referee: --referee-model (with --referee-base-url) or --config RUN_CONFIG")
-
-
-def endpoint_params(endpoint: EndpointConfig) -> dict[str, Any]:
-    return {"temperature": endpoint.temperature, "top_p": endpoint.top_p, "max_tokens": endpoint.max_tokens,
-            "seed": endpoint.seed}
 
 
 async def _answers(llm: CachedLLM, requests: list[GenRequest], stage: str, progress: Progress | None
@@ -294,16 +286,13 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
         path = _local_path(s.teacher)
         if path is None:
             raise UserError(f"--teacher: {s.teacher}: no such model folder")
-        backend: Backend = HFBackend(str(path), template=s.template, dtype=s.dtype, device=s.device,
-                                     batch_size=s.batch_size)
+        backend = HFBackend(str(path), template=s.template, dtype=s.dtype, device=s.device, batch_size=s.batch_size)
         params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
+        llm = CachedLLM(backend, store, role="teacher")
     elif cfg is not None:
-        from ..llm.factory import make_backend
-
-        backend, params = make_backend(cfg.teacher), endpoint_params(cfg.teacher)
+        llm, params = open_llm(cfg.teacher, store, "teacher"), request_defaults(cfg.teacher)
     else:
         raise UserError("--reference teacher needs a teacher: --teacher PATH or --config RUN_CONFIG")
-    llm = CachedLLM(backend, store, role="teacher")
     requests = [GenRequest.chat(prompts.teacher_messages(ex.input), **params) for ex in examples]
     texts, failed = asyncio.run(_answers(llm, requests, "teacher answers", progress))
     if failed:
@@ -320,9 +309,7 @@ def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[
     if not chosen:
         raise UserError("--judge: no reference answers (the data has no target column; try --reference teacher)")
     endpoint = referee_endpoint(s, cfg)
-    from ..llm.factory import make_backend
-
-    referee = CachedLLM(make_backend(endpoint), store, role="referee")
+    referee = open_llm(endpoint, store, "referee")
     prompt = (LionPrompts.from_config(cfg.lion.prompts) if cfg is not None else LionPrompts()).referee
     retries = cfg.lion.referee_retries if cfg is not None else 2
     items = [JudgeItem(examples[i].input, predictions[i], references[i] or "", examples[i].category) for i in chosen]
@@ -334,7 +321,7 @@ def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[
             progress("judge", done[0], len(items))
 
     try:
-        scores, verdicts = asyncio.run(judge_answers(referee, items, prompt=prompt, params=endpoint_params(endpoint),
+        scores, verdicts = asyncio.run(judge_answers(referee, items, prompt=prompt, params=request_defaults(endpoint),
                                                      retries=retries, on_verdict=seen))
     except RefereeCallError as exc:
         raise UserError(f"referee: {exc}; finished calls are cached, run the same command again to retry") from None

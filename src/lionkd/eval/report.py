@@ -126,8 +126,9 @@ def eval_tables(results: dict[str, Any]) -> list[Table]:
     tables: list[Table] = []
     task = results.get("task_metrics") or {}
     if task.get("overall"):
-        names = list(task["overall"])
-        rows = [["all", results.get("examples"), *(task["overall"].get(n) for n in names)]]
+        names = [n for n in task["overall"] if n != "examples"]
+        overall = task["overall"]
+        rows = [["all", overall.get("examples", results.get("examples")), *(overall.get(n) for n in names)]]
         for category, values in sorted((task.get("per_category") or {}).items()):
             rows.append([category, values.get("examples"), *(values.get(n) for n in names)])
         tables.append(Table("Task metrics", ["category", "examples", *names], rows,

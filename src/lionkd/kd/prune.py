@@ -135,6 +135,9 @@ def prune_layers(
         if encoder_keep is not None:
             encoder_kept = _keep_layers(model, ENCODER_STACKS, encoder_keep)
         if hasattr(config, "num_decoder_layers"):  # T5 family
+            if len(kept) > (len(encoder_kept) if encoder_kept is not None else config.num_layers):
+                # transformers sizes T5's generation cache by the encoder depth
+                raise UserError("prune: a T5 decoder cannot keep more layers than the encoder")
             config.num_decoder_layers = len(kept)
             if encoder_kept is not None:
                 config.num_layers = len(encoder_kept)

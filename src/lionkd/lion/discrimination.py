@@ -8,7 +8,6 @@ be read on (after retries) is left out of both sets and counted, never scored.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +15,10 @@ from typing import Any
 from rich.progress import Progress
 
 from ..config import RunConfig
+from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, Response
 from ..store import Store
-from .imitation import CallsFailed, collect_answers, request_params, student_dir
+from .imitation import CallsFailed, collect_answers, run_async, student_dir
 from .prompts import LionPrompts, student_messages
 from .referee import PairVerdict, RefereeCallError, stream_judgements
 
@@ -73,7 +73,7 @@ async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction]
     items = [(ins.prompt, teacher[ins.id].text, student[ins.id].text) for ins in todo]
     try:
         async for i, verdict in stream_judgements(referee, items, prompt=prompts.referee,
-                                                  params=request_params(cfg.referee),
+                                                  params=request_defaults(cfg.referee),
                                                   retries=cfg.lion.referee_retries, iteration=iteration):
             store.add_judgement(judgement_from(todo[i].id, iteration, verdict))
             progress.advance(task)
@@ -89,21 +89,21 @@ def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, promp
 
     cache_ids = store.pool(iteration, "cache")
     instructions = store.instructions(cache_ids)
-    teacher_answers = asyncio.run(collect_answers(
+    teacher_answers = run_async(collect_answers(
         teacher, store, instructions, role="teacher", messages=lambda ins: prompts.teacher_messages(ins.prompt),
-        params=request_params(cfg.teacher), iteration=iteration, progress=progress,
+        params=request_defaults(cfg.teacher), iteration=iteration, progress=progress,
         label=f"iteration {iteration}: teacher answers the cache pool",
-    ))
+    ), teacher)
     student = CachedLLM(open_student(cfg, iteration), store, role="student")
     gen = cfg.student.generation
-    student_answers = asyncio.run(collect_answers(
+    student_answers = run_async(collect_answers(
         student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt),
         params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_new_tokens,
                 "seed": cfg.seed},
         iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",
-    ))
-    del student
-    asyncio.run(_judge(referee, store, instructions, teacher_answers, student_answers, prompts=prompts, cfg=cfg,
-                       iteration=iteration, progress=progress))
+    ), student)
+    del student  # free the model before the referee's turn
+    run_async(_judge(referee, store, instructions, teacher_answers, student_answers, prompts=prompts, cfg=cfg,
+                     iteration=iteration, progress=progress), referee)
     judgements = store.judgements(iteration)
     return split_hard_easy(cache_ids, judgements, cfg.lion.tau), judgements

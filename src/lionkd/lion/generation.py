@@ -9,7 +9,6 @@ resumed run keeps exactly the instructions an uninterrupted one keeps.
 
 from __future__ import annotations
 
-import asyncio
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -20,9 +19,10 @@ from rich.progress import Progress
 
 from ..config import RunConfig
 from ..llm.base import GenRequest, GenResult
+from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, content_id
 from ..store import Store
-from .imitation import CallsFailed, request_params
+from .imitation import CallsFailed, run_async
 from .novelty import NoveltyFilter, rouge_tokens
 from .prompts import PROMPT_MARKERS, LionPrompts
 
@@ -161,7 +161,7 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
     if lion.seed_weighting == "learnable":
         for mode, ids in (("hard", hard), ("easy", easy)):
             weights[mode] = learnable_weights([by_id[i] for i in ids], cache, judgements, lion.tau)
-    params = request_params(cfg.generator)
+    params = request_defaults(cfg.generator)
     out = GenerationOutcome()
     for round_ in range(lion.generation_rounds):
         need = lion.new_per_iteration - len(out.new)
@@ -181,8 +181,8 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
                             **(params | {"seed": slot_seed(cfg.seed, cfg.generator.seed, iteration, round_, slot)}))
             for slot, (i, mode) in enumerate(seeds)
         ]
-        results = asyncio.run(_ask(generator, requests, iteration, progress,
-                                   f"iteration {iteration}: generator round {round_ + 1}"))
+        results = run_async(_ask(generator, requests, iteration, progress,
+                                 f"iteration {iteration}: generator round {round_ + 1}"), generator)
         candidates = []
         for (seed_id, mode), result in zip(seeds, results, strict=True):
             text = clean_instruction(result.text)

@@ -10,28 +10,38 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.progress import Progress
 
-from ..config import EndpointConfig, RunConfig
+from ..config import RunConfig
 from ..errors import UserError
 from ..llm.base import GenRequest, Message
+from ..llm.factory import request_defaults
 from ..records import Instruction, Response
 from ..store import Store
 from .prompts import LionPrompts, student_messages
+
+T = TypeVar("T")
 
 
 class CallsFailed(UserError):
     """Some model calls failed after the backend's own retries; finished work is saved, a rerun retries."""
 
 
-def request_params(endpoint: EndpointConfig) -> dict[str, Any]:
-    """The generation settings of a role's requests (part of every cache key)."""
-    return {"temperature": endpoint.temperature, "top_p": endpoint.top_p, "max_tokens": endpoint.max_tokens,
-            "seed": endpoint.seed}
+def run_async(coro: Coroutine[Any, Any, T], *llms: Any) -> T:
+    """Run one stage's calls in a fresh event loop, and close the models' connections inside that loop."""
+
+    async def main() -> T:
+        try:
+            return await coro
+        finally:
+            for llm in llms:
+                await llm.aclose()
+
+    return asyncio.run(main())
 
 
 async def collect_answers(
@@ -112,11 +122,11 @@ def answer_train_pool(cfg: RunConfig, store: Store, teacher: Any, prompts: LionP
                       progress: Progress) -> tuple[list[Instruction], dict[str, Response]]:
     """The teacher's answer to every Train Pool instruction of `iteration`."""
     instructions = store.instructions(store.pool(iteration, "train"))
-    answers = asyncio.run(collect_answers(
+    answers = run_async(collect_answers(
         teacher, store, instructions, role="teacher", messages=lambda ins: prompts.teacher_messages(ins.prompt),
-        params=request_params(cfg.teacher), iteration=iteration, progress=progress,
+        params=request_defaults(cfg.teacher), iteration=iteration, progress=progress,
         label=f"iteration {iteration}: teacher answers the train pool",
-    ))
+    ), teacher)
     return instructions, answers
 
 

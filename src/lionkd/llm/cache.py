@@ -100,7 +100,13 @@ class CachedLLM:
         return out  # type: ignore[return-value]
 
     def generate(self, requests: Sequence[GenRequest], *, iteration: int | None = None) -> list[GenResult]:
-        return asyncio.run(self.agenerate(requests, iteration=iteration))
+        async def run() -> list[GenResult]:
+            try:
+                return await self.agenerate(requests, iteration=iteration)
+            finally:
+                await self.backend.aclose()  # connections belong to this event loop, which ends here
+
+        return asyncio.run(run())
 
     async def aclose(self) -> None:
         await self.backend.aclose()
@@ -125,7 +131,7 @@ class CachedLLM:
         share, extra = divmod(result.completion_tokens, count) if count else (0, 0)
         request = asked.to_dict()
         del request["n"]
-        for j, (k, choice) in enumerate(zip(g.missing, result.choices)):
+        for j, (k, choice) in enumerate(zip(g.missing, result.choices, strict=False)):
             completion = share + (extra if j == 0 else 0)
             sample = {"choice": dataclasses.asdict(choice), "prompt_tokens": result.prompt_tokens,
                       "completion_tokens": completion}

@@ -113,7 +113,7 @@ class HFBackend(Backend):
         prompts = [self.encode(r) for r in requests]
         for batch in self._plan(requests, prompts):
             results = await asyncio.to_thread(self._run, [requests[i] for i in batch], [prompts[i] for i in batch])
-            for i, result in zip(batch, results):
+            for i, result in zip(batch, results, strict=True):
                 yield i, result
 
     def encode(self, req: GenRequest) -> list[int]:
@@ -158,7 +158,7 @@ class HFBackend(Backend):
         config.update(
             max_new_tokens=req.max_tokens, min_new_tokens=0, do_sample=sampling,
             temperature=req.temperature if sampling else 1.0, top_p=req.top_p if sampling else 1.0,
-            top_k=0 if sampling else None, num_beams=beams, num_return_sequences=rows, early_stopping=True if beams > 1 else False,
+            top_k=0 if sampling else None, num_beams=beams, num_return_sequences=rows, early_stopping=beams > 1,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), stop_strings=list(req.stop) or None,
             output_logits=req.logprobs is not None, return_dict_in_generate=True,
         )
@@ -236,7 +236,7 @@ class HFBackend(Backend):
             for r, token in enumerate(generated[:, t].tolist()):
                 alternatives = []
                 if alts is not None:
-                    alternatives = [(self.piece(a), v) for a, v in zip(alts.indices[r].tolist(), alts.values[r].tolist())]
+                    alternatives = [(self.piece(a), v) for a, v in zip(alts.indices[r].tolist(), alts.values[r].tolist(), strict=True)]
                 table[r].append(TokenLogprob(self.piece(token), chosen[r], alternatives))
         return table
 

@@ -116,10 +116,19 @@ class OpenAIBackend(Backend):
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
+    def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
+        async def run() -> list[GenResult]:
+            try:
+                return await self.agenerate(requests)
+            finally:
+                await self.aclose()  # the connections belong to this event loop, which ends here
+
+        return asyncio.run(run())
+
     async def aclose(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
             await self._client.close()
-        self._client = None
+        self._client, self._loop = None, None
 
     def _bind_loop(self) -> None:
         """An HTTP client belongs to one event loop; `generate()` makes a new loop each call."""
@@ -255,7 +264,7 @@ def parse_completion(resp: Any) -> GenResult:
             logprobs = [
                 TokenLogprob(tok, float(val), sorted(((k, float(v)) for k, v in (top or {}).items()),
                                                      key=lambda kv: -kv[1]))
-                for tok, val, top in zip(lp.tokens, lp.token_logprobs, tops)
+                for tok, val, top in zip(lp.tokens, lp.token_logprobs, tops, strict=False)
             ]
         if not isinstance(c.text, str):
             raise MalformedResponse("choice text is not text")

@@ -147,7 +147,7 @@ class MicroBatcher:
             self._worker = asyncio.create_task(self._run())
         loop = asyncio.get_running_loop()
         futures = [loop.create_future() for _ in requests]
-        for req, fut in zip(requests, futures):
+        for req, fut in zip(requests, futures, strict=True):
             self._queue.put_nowait((req, fut))
         return list(await asyncio.gather(*futures))
 
@@ -175,7 +175,7 @@ class MicroBatcher:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for (_, fut), res in zip(batch, results):
+            for (_, fut), res in zip(batch, results, strict=True):
                 if not fut.done():
                     fut.set_result(res)
 
@@ -424,6 +424,10 @@ def build_models(
 ) -> dict[str, Backend]:
     if model_dir is None and not sandbox:
         raise UserError("serve: give a MODEL_DIR, or --sandbox for the offline sandbox world")
+    if template not in ("chat", "alpaca"):
+        raise UserError(f"--template: '{template}' is not one of chat, alpaca")
+    if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise UserError(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
     models: dict[str, Backend] = {}
     if sandbox:
         from lionkd.sandbox.backend import MODELS, SandboxBackend
@@ -434,6 +438,8 @@ def build_models(
         from .hf import HFBackend
 
         path = resolve_model_path(model_dir)
+        if path.startswith(("/", ".", "~")) and not Path(path).is_dir():
+            raise UserError(f"MODEL_DIR: no such directory: {path}")
         served = name or (model_dir.split(":", 1)[1] if model_dir.startswith("sandbox:") else Path(path).name)
         models[served] = HFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
                                    batch_size=batch_size)

@@ -1,0 +1,167 @@
+"""One word-level KD training step: lionkd's KDTrainer vs TRL's GKD trainer (off-policy, forward KL).
+
+Same student and teacher (Llama, hidden 256, 2 layers, 32,000-token vocabulary), same batch (4
+sequences of 64 prompt + 192 target tokens), same optimiser. TRL's GKD runs with lmbda = 0 (no
+student generations) and beta = 0, which in TRL's `generalized_jsd_loss` is KL(teacher || student),
+i.e. forward KL, temperature 1. Each trainer runs in its own subprocess; throughput counts all
+tokens of the batches over the steps after the first (warm-up); peak memory is the growth of peak
+RSS over the RSS once the models exist. Prints a table and writes benchmarks/results/kd_step.json.
+
+    python benchmarks/kd_step.py [--steps 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "kd_step.json"
+VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET = 32000, 256, 2, 4, 64, 192
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def setup(tmp: Path):  # noqa: ANN201
+    import random
+
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(VOCAB - len(specials))])}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+
+    def llama(seed: int) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
+                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+        return LlamaForCausalLM(cfg)
+
+    rng = random.Random(0)
+    texts = [(" ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(PROMPT - 1)),
+              " ".join(f"w{rng.randrange(VOCAB - 4)}" for _ in range(TARGET - 1))) for _ in range(BATCH * 8)]
+    return tok, llama(0), llama(1), texts
+
+
+class StepTimer:
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def callback(self):  # noqa: ANN201
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Cb(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                timer.times.append(time.perf_counter())
+
+        return _Cb()
+
+
+def run_lionkd(steps: int, tmp: Path) -> dict:
+    from lionkd.config import TrainConfig
+    from lionkd.kd.data import TrainExample
+    from lionkd.kd.trainer import build_trainer
+
+    tok, student, teacher, texts = setup(tmp)
+    examples = [TrainExample(prompt=p, target=t) for p, t in texts]
+    settings = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, max_length=PROMPT + TARGET,
+                           warmup_ratio=0.0, save_steps=10_000, logging_steps=10_000)
+    trainer = build_trainer(student, examples, tmp / "lionkd", settings=settings, teacher=teacher, objective="logits",
+                            tokenizer=tok, template="raw", progress=False)
+    return measure(trainer)
+
+
+def run_trl(steps: int, tmp: Path) -> dict:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok, student, teacher, texts = setup(tmp)
+    rows = []
+    for p, t in texts:
+        prompt = tok(p)["input_ids"]
+        target = tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        rows.append({"input_ids": prompt + target, "labels": [-100] * len(prompt) + target})
+
+    def collate(batch: list[dict]) -> dict:
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+    args = GKDConfig(output_dir=str(tmp / "trl"), max_steps=steps, per_device_train_batch_size=BATCH,
+                     learning_rate=1e-4, lmbda=0.0, beta=0.0, temperature=1.0, max_length=PROMPT + TARGET,
+                     report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True,
+                     disable_tqdm=True, bf16=False)
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
+                         processing_class=tok)
+    return measure(trainer)
+
+
+def measure(trainer) -> dict:  # noqa: ANN001
+    timer = StepTimer()
+    trainer.add_callback(timer.callback())
+    base = rss_mb()
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed = len(timer.times) - 1
+    seconds = timer.times[-1] - timer.times[0]
+    tokens = timed * BATCH * (PROMPT + TARGET)
+    return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / timed, "peak_extra_mb": peak - base}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--worker", choices=["lionkd", "trl"])
+    parser.add_argument("--tmp", default="/tmp/lionkd-bench-kd-step")
+    args = parser.parse_args()
+    if args.worker:
+        run = run_lionkd if args.worker == "lionkd" else run_trl
+        print(json.dumps({"trainer": args.worker, **run(args.steps, Path(args.tmp))}))
+        return
+    rows = []
+    for name in ("trl", "lionkd"):
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--tmp", args.tmp]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    trl, ours = rows
+    ratio = {"throughput": ours["tokens_per_s"] / trl["tokens_per_s"],
+             "memory": ours["peak_extra_mb"] / trl["peak_extra_mb"]}
+    print(f"KD training step: Llama h{HIDDEN} x{LAYERS}, vocab {VOCAB}, batch {BATCH} x {PROMPT + TARGET} tokens")
+    print(f"{'trainer':<10}{'tokens/s':>12}{'s/step':>10}{'peak extra MiB':>16}")
+    for r in rows:
+        print(f"{r['trainer']:<10}{r['tokens_per_s']:>12.0f}{r['seconds_per_step']:>10.3f}{r['peak_extra_mb']:>16.0f}")
+    print(f"lionkd / TRL GKD: throughput x{ratio['throughput']:.2f}, peak memory x{ratio['memory']:.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"steps": args.steps, "rows": rows, "ratio": ratio}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""From an endpoint in the config to a ready backend (and the call cache in front of it).
+
+Heavy libraries (torch models, vLLM, the sandbox) are imported only for the backend that needs them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..config import EndpointConfig
+from ..errors import UserError
+from ..store import Store
+from .base import Backend
+from .cache import CachedLLM
+
+SANDBOX_PREFIX = "sandbox:"
+
+
+def resolve_model_path(name: str) -> str:
+    """A model name as a loader takes it: "sandbox:base-student" becomes the shipped directory."""
+    if not name.startswith(SANDBOX_PREFIX):
+        return str(Path(name).expanduser()) if name.startswith(("~", ".", "/")) else name
+    what = name[len(SANDBOX_PREFIX):]
+    if what != "base-student":
+        raise UserError(f"model '{name}': unknown sandbox model (known: sandbox:base-student)")
+    from ..sandbox.student import base_student_dir
+
+    path = base_student_dir()
+    if not (path / "config.json").is_file():
+        raise UserError(f"model '{name}': the sandbox base student is missing at {path}; build it with "
+                        f"`python -m lionkd.sandbox.student --out {path}`")
+    return str(path)
+
+
+def make_backend(endpoint: EndpointConfig) -> Backend:
+    """The backend an endpoint names; the API key is read from the environment now and kept in memory only."""
+    if endpoint.backend == "openai":
+        from .openai_backend import OpenAIBackend
+
+        key = endpoint.api_key()
+        if key is None and endpoint.base_url is None and endpoint.api_key_env:
+            raise UserError(f"api_key_env: the environment variable ${endpoint.api_key_env} is not set "
+                            "(needed for the OpenAI API; set base_url for a local server)")
+        return OpenAIBackend(
+            endpoint.model, base_url=endpoint.base_url, api_key=key, concurrency=endpoint.concurrency,
+            requests_per_minute=endpoint.requests_per_minute, tokens_per_minute=endpoint.tokens_per_minute,
+            max_retries=endpoint.max_retries, timeout_s=endpoint.timeout_s,
+        )
+    if endpoint.backend == "hf":
+        from .hf import HFBackend
+
+        return HFBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, device=endpoint.device,
+                         batch_size=endpoint.batch_size)
+    if endpoint.backend == "vllm":
+        from .vllm_backend import VLLMBackend
+
+        return VLLMBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype)
+    if endpoint.backend == "sandbox":
+        from ..sandbox.backend import SandboxBackend
+
+        opts = endpoint.sandbox
+        try:
+            return SandboxBackend(endpoint.model, error_rate=opts.error_rate, position_bias=opts.position_bias,
+                                  malformed_rate=opts.malformed_rate)
+        except ValueError as exc:
+            raise UserError(f"model: {exc}") from None
+    raise UserError(f"backend: unknown backend '{endpoint.backend}'")
+
+
+def open_llm(endpoint: EndpointConfig, store: Store | None, role: str) -> CachedLLM:
+    """The endpoint's backend behind the run's call cache, its calls booked to `role`."""
+    try:
+        backend = make_backend(endpoint)
+    except UserError as exc:
+        raise UserError(f"{role}.{exc}" if str(exc).startswith(("model", "api_key_env", "backend"))
+                        else f"{role}: {exc}") from None
+    return CachedLLM(backend, store, role=role)
+
+
+def request_defaults(endpoint: EndpointConfig) -> dict[str, Any]:
+    """The endpoint's sampling settings as `GenRequest` keyword arguments."""
+    return {
+        "temperature": endpoint.temperature, "top_p": endpoint.top_p, "max_tokens": endpoint.max_tokens,
+        "seed": endpoint.seed, "logprobs": endpoint.logprobs,
+    }

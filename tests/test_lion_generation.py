@@ -1,0 +1,92 @@
+"""Seeds, filters and the dry-run plan of the Lion loop (no models involved)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from lionkd.config import Price, RunConfig
+from lionkd.lion.discrimination import split_hard_easy
+from lionkd.lion.generation import (
+    clean_instruction,
+    draw_seeds,
+    learnable_weights,
+    reject_reason,
+    seed_counts,
+    slot_seed,
+)
+from lionkd.lion.loop import plan_run, plan_table
+from lionkd.records import Instruction, Judgement
+
+
+def _judgement(iid: str, teacher: float, student: float, error: str | None = None) -> Judgement:
+    scores = None if error else (teacher, teacher), (student, student)
+    return Judgement(iid, 1, "t", "s", scores[0] if scores else None, scores[1] if scores else None, error=error)
+
+
+def test_split_hard_easy_is_inclusive_and_excludes_unreadable() -> None:
+    js = {"a": _judgement("a", 9, 8), "b": _judgement("b", 9, 7.5), "c": _judgement("c", 6, 8),
+          "d": _judgement("d", 0, 0, error="unparseable referee reply")}
+    split = split_hard_easy(["a", "b", "c", "d", "e"], js, tau=1.0)
+    assert split.hard == ["a", "b"] and split.easy == ["c"] and split.excluded == ["d", "e"]
+
+
+def test_seed_counts_and_draws_are_reproducible() -> None:
+    assert seed_counts(10, 0.5, True, True) == (5, 5)
+    assert seed_counts(7, 0.75, True, True) == (5, 2)
+    assert seed_counts(10, 0.5, False, True) == (0, 10)
+    assert seed_counts(10, 0.5, True, False) == (10, 0)
+    assert seed_counts(10, 0.5, False, False) == (0, 0)
+    ids = [f"i{k}" for k in range(5)]
+    a = draw_seeds(ids, 12, random.Random("0-1-generation-0"))
+    assert a == draw_seeds(ids, 12, random.Random("0-1-generation-0"))
+    assert sorted(a[:5]) == ids and sorted(a[5:10]) == ids  # every seed once before any repeats
+    assert draw_seeds(ids, 12, random.Random("0-1-generation-1")) != a
+    assert slot_seed(0, None, 1, 0, 3) == slot_seed(0, None, 1, 0, 3) != slot_seed(0, None, 1, 0, 4)
+
+
+def test_learnable_weights_favour_partly_learned_groups() -> None:
+    judged, js = [], {}
+    for task, wins in (("mastered", 10), ("hopeless", 0), ("halfway", 5)):
+        for k in range(10):
+            ins = Instruction(text=f"{task} {k}", task=task)
+            judged.append(ins)
+            js[ins.id] = _judgement(ins.id, 9, 9 if k < wins else 2)
+    seeds = [Instruction(text=f"{t} seed", task=t) for t in ("mastered", "hopeless", "halfway")]
+    w = learnable_weights(seeds, judged, js, tau=1.0)
+    assert w[2] > w[0] and w[2] > w[1] and abs(w[0] - w[1]) < 1e-12
+    draws = random.Random(0).choices(range(3), weights=w, k=3000)
+    assert draws.count(2) > 1.5 * draws.count(0)
+
+
+def test_filters() -> None:
+    assert clean_instruction('  "Sort these numbers: 3, 1, 2."  ') == "Sort these numbers: 3, 1, 2."
+    assert reject_reason("Sort these numbers: 3, 1, 2.", "stop", 4) is None
+    assert reject_reason("Sort these numbers please", "length", 4) == "cut_off"
+    assert reject_reason("", "stop", 4) == "empty"
+    assert reject_reason("Sort them.", "stop", 4) == "too_short"
+    assert reject_reason("- Sort these numbers: 3, 1, 2.", "stop", 4) == "starts_with_punctuation"
+    assert reject_reason("Here it is [Seed instruction] sort the list", "stop", 4) == "prompt_echo"
+    assert reject_reason("Écris un poème sur la mer", "stop", 4) is None
+
+
+def test_dry_run_plan(tmp_path: Path) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join('{"instruction": "Write a short poem about the sea number %d."}' % k
+                               for k in range(100)), encoding="utf-8")
+    cfg = RunConfig.model_validate({
+        "run_dir": str(tmp_path / "run"), "lion": {"seed_pool": str(seeds), "iterations": 2, "new_per_iteration": 10,
+                                                   "referee_retries": 1, "generation_rounds": 2},
+        "teacher": {"max_tokens": 100, "price": Price(input=1.0, output=2.0).model_dump()},
+        "referee": {"max_tokens": 50},
+    })
+    rows = {(r.iteration, r.role): r for r in plan_run(cfg)}
+    assert rows[1, "teacher"].calls == 100 and rows[2, "teacher"].calls == 10 and rows[3, "teacher"].calls == 10
+    assert rows[1, "referee"].calls == 2 * 100 * 2 and rows[2, "referee"].calls == 2 * 110 * 2
+    assert rows[2, "generator"].calls == 20 and (3, "referee") not in rows
+    t = rows[1, "teacher"]
+    assert t.completion_tokens == 100 * 100
+    assert t.cost == (t.prompt_tokens * 1.0 + t.completion_tokens * 2.0) / 1e6
+    assert rows[1, "referee"].cost is None
+    assert plan_table(plan_run(cfg)).row_count == len(rows) + 4
+    assert not (tmp_path / "run").exists()  # a dry run spends and writes nothing

@@ -1,0 +1,141 @@
+"""`lionkd serve`'s app on real HTTP: lionkd's client and the raw openai SDK against a tiny local model."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import openai
+import pytest
+
+from lionkd.errors import UserError
+from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
+from lionkd.llm.hf import HFBackend
+from lionkd.llm.openai_backend import OpenAIBackend
+from lionkd.llm.server import ServerThread, build_models, create_app
+from llm_fakes import tiny_model_dir
+
+MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "add 12 and 30"}]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory):
+    return HFBackend(str(tiny_model_dir(tmp_path_factory.mktemp("student"))), batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def server(student):
+    with ServerThread(create_app({"student": student})) as running:
+        yield running
+
+
+def client(server, **kw) -> OpenAIBackend:
+    return OpenAIBackend("student", base_url=server.base_url, max_retries=0, **kw)
+
+
+def test_chat_and_completions_through_lionkds_client(server, student):
+    chat = GenRequest.chat(MESSAGES, temperature=0, max_tokens=6, logprobs=2)
+    plain = GenRequest(prompt="the quick brown", temperature=0, max_tokens=5, logprobs=1)
+    over_http = client(server).generate([chat, plain])
+    direct = student.generate([chat, plain])
+    for remote, local in zip(over_http, direct, strict=True):
+        assert remote.ok, remote.error
+        assert remote.text == local.text
+        assert remote.choices[0].finish_reason == local.choices[0].finish_reason
+        assert (remote.prompt_tokens, remote.completion_tokens) == (local.prompt_tokens, local.completion_tokens)
+        assert [t.token for t in remote.choices[0].logprobs] == [t.token for t in local.choices[0].logprobs]
+        assert [t.logprob for t in remote.choices[0].logprobs] == pytest.approx(
+            [t.logprob for t in local.choices[0].logprobs])
+        remote_top, local_top = remote.choices[0].logprobs[0].top, local.choices[0].logprobs[0].top
+        assert [a for a, _ in remote_top] == [a for a, _ in local_top]
+        assert [b for _, b in remote_top] == pytest.approx([b for _, b in local_top])
+
+
+def test_sampling_n_and_seed(server):
+    req = GenRequest.chat(MESSAGES, temperature=1.0, max_tokens=6, n=3, seed=3)
+    first, again = client(server).generate([req, req])
+    assert len(first.choices) == 3 and [c.text for c in first.choices] == [c.text for c in again.choices]
+
+
+def test_streaming_with_the_raw_sdk(server):
+    sdk = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+    whole = sdk.chat.completions.create(model="student", messages=MESSAGES, temperature=0, max_tokens=6,
+                                        logprobs=True, top_logprobs=2)
+    chunks = list(sdk.chat.completions.create(
+        model="student", messages=MESSAGES, temperature=0, max_tokens=6, logprobs=True, top_logprobs=2,
+        stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in whole.choices[0].logprobs.content]
+    assert all(len(t.top_logprobs) == 2 and t.bytes == list(t.token.encode()) for t in streamed)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    legacy = sdk.completions.create(model="student", prompt="the quick", temperature=0, max_tokens=4, logprobs=2)
+    lp = legacy.choices[0].logprobs
+    assert "".join(lp.tokens) == legacy.choices[0].text and len(lp.top_logprobs[0]) == 2
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"model": "student", "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{server.base_url}/chat/completions", json=body) as resp:
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in resp.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+
+
+def test_models_errors_and_status_codes(server):
+    url = server.base_url
+    assert httpx.get(f"{url}/models").json()["data"][0]["id"] == "student"
+    missing = httpx.post(f"{url}/chat/completions", json={"model": "nope", "messages": MESSAGES})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    not_json = httpx.post(f"{url}/chat/completions", content=b"{oops", headers={"content-type": "application/json"})
+    assert not_json.status_code == 400 and "JSON" in not_json.json()["error"]["message"]
+    no_messages = httpx.post(f"{url}/chat/completions", json={"model": "student"})
+    assert no_messages.status_code == 400 and "messages" in no_messages.json()["error"]["message"]
+    bad_n = httpx.post(f"{url}/completions", json={"model": "student", "prompt": "x", "n": 0})
+    assert bad_n.status_code == 400
+    with pytest.raises(UserError, match="404"):  # lionkd's client fails fast on an unknown model
+        OpenAIBackend("nope", base_url=url).generate([GenRequest(prompt="x")])
+
+
+class Recorder(Backend):
+    """A fake model that remembers its batches and takes 50 ms per batch."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        super().__init__("recorder")
+        self.batches: list[int] = []
+
+    async def stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
+        self.batches.append(len(requests))
+        await asyncio.sleep(0.05)
+        for i, r in enumerate(requests):
+            yield i, GenResult([Choice(f"echo {r.prompt}")], 1, 1)
+
+
+def test_bearer_key_and_micro_batching():
+    recorder = Recorder()
+    with ServerThread(create_app({"fake": recorder}, api_key="s3cret")) as srv:
+        assert httpx.get(f"{srv.base_url}/models").status_code == 401
+        wrong = httpx.get(f"{srv.base_url}/models", headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(UserError, match="401"):
+            OpenAIBackend("fake", base_url=srv.base_url, api_key="nope").generate([GenRequest(prompt="x")])
+        results = OpenAIBackend("fake", base_url=srv.base_url, api_key="s3cret", concurrency=16).generate(
+            [GenRequest(prompt=f"p{i}") for i in range(16)])
+        assert [r.text for r in results] == [f"echo p{i}" for i in range(16)]
+        assert sum(recorder.batches) == 16 and len(recorder.batches) < 16 and max(recorder.batches) > 1
+
+
+def test_sandbox_models_are_served():
+    with ServerThread(create_app(build_models(None, sandbox=True))) as srv:
+        names = {m["id"] for m in httpx.get(f"{srv.base_url}/models").json()["data"]}
+        assert names == {"teacher", "referee", "generator"}
+        reply = OpenAIBackend("teacher", base_url=srv.base_url).generate(
+            [GenRequest.chat([{"role": "user", "content": "What is 2 + 3?"}], temperature=0)])[0]
+        assert reply.ok and reply.text
+    with pytest.raises(UserError, match="MODEL_DIR"):
+        build_models(None)
