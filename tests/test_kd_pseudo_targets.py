@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_kd_trainer import examples, tiny_llama, tiny_t5, tiny_tokenizer
 
 from lionkd.config import TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
@@ -21,6 +20,7 @@ from lionkd.kd.pseudo_targets import (
     records_to_dataset,
 )
 from lionkd.kd.trainer import train_student
+from test_kd_trainer import examples, tiny_llama, tiny_t5, tiny_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llama", "t5"])

@@ -72,7 +72,7 @@ def test_filters() -> None:
 
 def test_dry_run_plan(tmp_path: Path) -> None:
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text("\n".join('{"instruction": "Write a short poem about the sea number %d."}' % k
+    seeds.write_text("\n".join(f'{{"instruction": "Write a short poem about the sea number {k}."}}'
                                for k in range(100)), encoding="utf-8")
     cfg = RunConfig.model_validate({
         "run_dir": str(tmp_path / "run"), "lion": {"seed_pool": str(seeds), "iterations": 2, "new_per_iteration": 10,

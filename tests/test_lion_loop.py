@@ -24,9 +24,9 @@ import torch
 import yaml
 
 from lionkd.config import load_config
+from lionkd.lion.loop import run_lion
 from lionkd.llm.base import GenRequest, GenResult
 from lionkd.llm.server import ServerThread, create_app
-from lionkd.lion.loop import run_lion
 from lionkd.sandbox import world
 from lionkd.sandbox.backend import SandboxBackend
 from lionkd.store import STORE_NAME, Store
@@ -174,6 +174,7 @@ def _completed_calls(store_path: Path) -> set[tuple]:
     return out
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_the_same_store(tmp_path: Path, student_dir: Path,
                                               world_server: tuple[str, list]) -> None:
     base_url, log = world_server
@@ -188,11 +189,11 @@ def test_killed_runs_resume_to_the_same_store(tmp_path: Path, student_dir: Path,
     store_path = crashed / "run" / STORE_NAME
     command = [sys.executable, "-m", "lionkd", "run", str(config), "--no-progress", "--no-report"]
     rng = random.Random(0)
-    kill_at = sorted(rng.randrange(5, total) for _ in range(3))
+    kill_at = sorted(rng.randrange(5, total) for _ in range(2))
     completed: set[tuple] = set()
     log.clear()
     kills = 0
-    for attempt in range(10):
+    for _attempt in range(10):
         sent_before = len(log)
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
         target = kill_at[kills] if kills < len(kill_at) else None
@@ -209,7 +210,6 @@ def test_killed_runs_resume_to_the_same_store(tmp_path: Path, student_dir: Path,
             break
         assert proc.returncode == -signal.SIGKILL, output
     assert kills >= 2, "the run finished before it could be interrupted"
-    assert attempt >= kills
     assert snapshot(crashed / "run") == expected
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and "already finished" in rerun.stdout + rerun.stderr
+    sent = len(log)
+    assert run_lion(load_config(config), progress=False, report=False).already_finished and len(log) == sent

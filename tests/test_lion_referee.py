@@ -12,10 +12,10 @@ import pytest
 
 from lionkd.config import PromptOverrides
 from lionkd.errors import UserError
-from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
-from lionkd.llm.cache import CachedLLM
 from lionkd.lion.prompts import LionPrompts
 from lionkd.lion.referee import judge_pairs, parse_scores, summarise
+from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
+from lionkd.llm.cache import CachedLLM
 from lionkd.store import Store
 
 CORPUS = Path(__file__).parent / "data" / "referee_replies.jsonl"

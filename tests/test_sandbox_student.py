@@ -7,6 +7,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lionkd.sandbox import student, world
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from a second thread, and lose a lot on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return student.train_tokenizer(world.corpus(n_per_phrasing=5), vocab_size=400)

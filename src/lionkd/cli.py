@@ -167,6 +167,8 @@ def run(
         console.print(plan_table(plan_run(cfg)))
         return
     summary = run_lion(cfg, progress=progress, report=report)
+    if summary.already_finished:
+        console.print(f"{summary.run_dir}: the run is already finished; final student: {summary.final_student}")
     if summary.report_path:
         console.print(f"report: {summary.report_path}")
 

@@ -76,7 +76,6 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True) -> R
     with Store.open_run(run_dir) as store:
         save_config(cfg, run_dir)
         if store.stage_done(last, "imitation"):
-            console.print(f"{run_dir}: the run is already finished ({cfg.lion.iterations} iterations)")
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
                               already_finished=True)
         setup(cfg, store)

@@ -225,9 +225,19 @@ def evaluate_student(
 
 
 def prepare_base_student(
-    out_dir: str | Path, steps: int = 3000, seed: int = 0, size: str = "tiny", log_every: int = 0
+    out_dir: str | Path,
+    steps: int = 3000,
+    seed: int = 0,
+    size: str = "tiny",
+    threads: int = 1,
+    log_every: int = 0,
 ) -> dict[str, Any]:
-    """Train a fresh tokenizer and student on the world and save them; returns a summary."""
+    """Train a fresh tokenizer and student on the world and save them; returns a summary.
+
+    One thread by default: a model this small gains little from a second one, and on a busy machine
+    two threads that wait on each other run many times slower.
+    """
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     started = time.time()
     tokenizer = train_tokenizer(world.corpus(seed=seed))
@@ -253,9 +263,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--eval-per-task", type=int, default=100, help="test items per task (0: skip)")
     args = parser.parse_args(argv)
-    summary = prepare_base_student(args.out, steps=args.steps, seed=args.seed, size=args.size, log_every=200)
+    summary = prepare_base_student(
+        args.out, steps=args.steps, seed=args.seed, size=args.size, threads=args.threads, log_every=200
+    )
     print(json.dumps(summary, indent=2))
     if args.eval_per_task:
         from transformers import AutoModelForCausalLM, AutoTokenizer
