@@ -6,8 +6,11 @@ exactly 32 new tokens each (end-of-sequence and padding are suppressed, so no an
 both sides produce the same number of tokens). HFBackend sorts by length and runs batches of 16 with
 left padding and the KV cache; the naive loop calls `generate` once per prompt, on the first 16
 prompts (its rate does not depend on how many it runs; this keeps the benchmark short), and so does
-HFBackend with batch size 1, to separate the gain of batching from per-call overhead. The answers are
-compared: batching must not change greedy answers.
+HFBackend with batch size 1, to separate the gain of batching from per-call overhead. The naive loop
+runs in a worker thread, as HFBackend's batches do (on a loaded machine torch's CPU threading is much
+slower in the main thread, which would flatter the backend). The answers are
+compared: batching must not change greedy answers. Each side runs twice, interleaved; the faster run
+counts.
 
     python -m benchmarks.hf_generate          (or: python benchmarks/hf_generate.py)
 """
@@ -18,7 +21,9 @@ import json
 import os
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -32,6 +37,7 @@ PROMPTS = 64
 BATCH = 16
 NEW_TOKENS = 32
 NAIVE_PROMPTS = 16
+ROUNDS = 2
 RESULTS = Path(__file__).parent / "results" / "hf_generate.json"
 
 
@@ -63,6 +69,12 @@ def naive(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: 
     return time.perf_counter() - start, outputs
 
 
+def in_worker_thread(fn: Any, *args: Any) -> Any:
+    """Run where HFBackend runs its batches: torch's CPU threading differs between the main and other threads."""
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(fn, *args).result()
+
+
 def through_backend(backend: HFBackend, prompts: list[str]) -> tuple[float, list[str], int]:
     requests = [GenRequest(prompt=p, temperature=0, max_tokens=NEW_TOKENS) for p in prompts]
     start = time.perf_counter()
@@ -76,10 +88,18 @@ def main() -> dict:
     model, tokenizer, prompts = build()
     backend = HFBackend(model, tokenizer=tokenizer, batch_size=BATCH)
     backend.generate([GenRequest(prompt=prompts[0], temperature=0, max_tokens=2)])  # warm-up, both sides share it
-    naive_s, naive_ids = naive(model, tokenizer, prompts[:NAIVE_PROMPTS])
-    single_s, _, single_tokens = through_backend(HFBackend(model, tokenizer=tokenizer, batch_size=1),
-                                                 prompts[:NAIVE_PROMPTS])
-    batch_s, texts, batch_tokens = through_backend(backend, prompts)
+    single = HFBackend(model, tokenizer=tokenizer, batch_size=1)
+    best: dict[str, tuple] = {}
+    for _ in range(ROUNDS):  # interleaved rounds, best of each: other load on the machine hits all sides alike
+        for name, run in (("naive", lambda: in_worker_thread(naive, model, tokenizer, prompts[:NAIVE_PROMPTS])),
+                          ("single", lambda: through_backend(single, prompts[:NAIVE_PROMPTS])),
+                          ("batch", lambda: through_backend(backend, prompts))):
+            measured = run()
+            if name not in best or measured[0] < best[name][0]:
+                best[name] = measured
+    naive_s, naive_ids = best["naive"]
+    single_s, _, single_tokens = best["single"]
+    batch_s, texts, batch_tokens = best["batch"]
     tokens = NAIVE_PROMPTS * NEW_TOKENS
     same = sum(t == tokenizer.decode(ids, skip_special_tokens=True) for t, ids in zip(texts, naive_ids, strict=False))
     rows = [

@@ -90,3 +90,27 @@ def test_dry_run_plan(tmp_path: Path) -> None:
     assert rows[1, "referee"].cost is None
     assert plan_table(plan_run(cfg)).row_count == len(rows) + 4
     assert not (tmp_path / "run").exists()  # a dry run spends and writes nothing
+
+
+def test_cli_dry_run_and_config_errors(tmp_path: Path, cli) -> None:
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name three rivers of Europe."}\n', encoding="utf-8")
+    good = tmp_path / "good.yaml"
+    good.write_text("lion: {seed_pool: seeds.jsonl, iterations: 1, new_per_iteration: 5}\n"
+                    "teacher: {price: {input: 0.15, output: 0.6}}\n", encoding="utf-8")
+    result = cli("run", str(good), "--dry-run", env={"OPENAI_API_KEY": ""})
+    assert result.returncode == 0, result.stderr
+    assert "Dry run" in result.stdout and "teacher" in result.stdout and "referee" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lion: {seed_pool: seeds.jsonl, prompts: {referee: 'Judge {instruction} {answer_1}'}}\n",
+                   encoding="utf-8")
+    result = cli("run", str(bad), "--dry-run")
+    assert result.returncode == 2
+    assert "lion.prompts.referee: missing placeholder {answer_2}" in result.stderr
+
+    no_seeds = tmp_path / "no_seeds.yaml"
+    no_seeds.write_text("lion: {iterations: 1}\n", encoding="utf-8")
+    result = cli("run", str(no_seeds), "--dry-run")
+    assert result.returncode == 2 and "lion.seed_pool" in result.stderr

@@ -13,7 +13,7 @@ import pytest
 from lionkd.config import PromptOverrides
 from lionkd.errors import UserError
 from lionkd.lion.prompts import LionPrompts
-from lionkd.lion.referee import judge_pairs, parse_scores, summarise
+from lionkd.lion.referee import RefereeCallError, judge_pairs, parse_scores, stream_judgements, summarise
 from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
 from lionkd.llm.cache import CachedLLM
 from lionkd.store import Store
@@ -94,6 +94,9 @@ class ScriptedReferee(Backend):
     async def stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
         for i, req in enumerate(requests):
             self.sent[(req.messages, req.seed)] += 1
+            if "boom" in req.messages[-1][1]:
+                yield i, GenResult(error="HTTP 500 after 6 attempts")
+                continue
             yield i, GenResult(choices=[Choice(self.reply(req))], prompt_tokens=10, completion_tokens=5)
 
 
@@ -127,4 +130,23 @@ def test_judge_pairs_both_orders_retries_and_exclusion(tmp_path: Path) -> None:
     again = asyncio.run(judge_pairs(llm, items, params={"temperature": 0.2, "max_tokens": 64}, retries=2))
     assert [v.ok for v in again] == [True, True, False]
     assert max(backend.sent.values()) == 1 and sum(backend.sent.values()) == 9
+    store.close()
+
+
+def test_failed_calls_are_not_verdicts(tmp_path: Path) -> None:
+    import asyncio
+
+    backend = ScriptedReferee({})
+    store = Store.open_run(tmp_path)
+    llm = CachedLLM(backend, store, role="referee")
+    got = {}
+
+    async def judge() -> None:
+        async for i, verdict in stream_judgements(llm, [("q1", "a8", "a6"), ("q2", "boom", "a3")], retries=2):
+            got[i] = verdict
+
+    with pytest.raises(RefereeCallError, match="2 referee call"):
+        asyncio.run(judge())
+    assert list(got) == [0] and got[0].ok  # the good item was delivered; the failed one is not a verdict
+    assert sum(backend.sent.values()) == 4  # a failed call is not re-asked with another seed
     store.close()

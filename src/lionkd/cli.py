@@ -173,6 +173,37 @@ def run(
         console.print(f"report: {summary.report_path}")
 
 
+# --------------------------------------------------------------------------- task-specific KD
+
+
+@app.command()
+def distill(
+    config: Path,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+) -> None:
+    """Run (or resume) task-specific KD: teacher PTs, KD training, final fine-tuning, evaluation."""
+    from .config import load_config
+    from .kd.pipeline import distill as run_distill
+
+    summary = run_distill(load_config(config), progress=progress)
+    console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def prune(
+    model_dir: Path,
+    out_dir: Path,
+    keep: Annotated[str, typer.Option(help="Decoder layers to keep: first_last, even:N, all or 0,2,-1.")] = "first_last",
+    encoder_keep: Annotated[str | None, typer.Option(help="Encoder layers to keep (encoder-decoder; default all).")] = None,
+) -> None:
+    """Save a copy of a model with only some of its layers (a student to distil into)."""
+    from .kd.prune import prune_layers
+
+    info = prune_layers(model_dir, out_dir, keep, encoder_keep=encoder_keep)
+    encoder = f"; encoder layers kept: {info['encoder_kept']}" if info["encoder_kept"] is not None else ""
+    console.print(f"layers kept: {info['kept']}{encoder}; saved to {out_dir}", markup=False, highlight=False)
+
+
 # --------------------------------------------------------------------------- evaluation and reports
 
 

@@ -177,6 +177,7 @@ class DataConfig(Strict):
     split: str = "train"
     input_column: str = "input"
     target_column: str = "target"
+    limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
 
 class KDConfig(Strict):
@@ -208,6 +209,12 @@ class KDConfig(Strict):
     joint_alpha: float = Field(0.0, ge=0, le=1, description="Joint-Teaching share of student samples (paper 0.5)")
     joint_refresh_every: int = Field(1, ge=1, description="optimiser steps a student sample is reused")
     prune_keep: str = Field("first_last", description="'first_last', 'even:N' or a list like '0,2,-1'")
+    prune_encoder_keep: str | None = Field(None, description="encoder-decoder: encoder layers to keep (null: all)")
+    teacher_train: TrainConfig | None = Field(None, description="teacher fine-tuning settings (null: student.train)")
+    eval_holdout: float = Field(0.1, ge=0, lt=1, description="share of labeled rows held out when eval is null")
+    eval_num_beams: int = Field(4, ge=1)
+    eval_max_new_tokens: int = Field(128, ge=1)
+    eval_teacher: bool = Field(True, description="evaluate the teacher too (the gap the student closes)")
 
 
 # --------------------------------------------------------------------------- the whole run

@@ -183,9 +183,7 @@ def kd_loss(
     vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
 
     def row_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = s[:, :vocab].float() / temperature
-        t = t[:, :vocab].float() / temperature
-        return divergence_rows(s.log_softmax(-1), t.log_softmax(-1), divergence, beta=beta, alpha=alpha)
+        return _dense_rows(s, t, vocab, temperature, divergence, beta, alpha)
 
     total = _ChunkedRowLoss.apply(
         _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(vocab, chunk_size),
@@ -219,31 +217,58 @@ def sparse_kd_loss(
     - "renorm": renormalise the teacher over its top-k (its tail counts as zero) and take
       KL(teacher || student) against the student's full distribution. Forward KL only.
     """
-    if tail == "renorm" and divergence != "forward_kl":
-        raise ValueError("sparse top-k with tail='renorm' supports divergence='forward_kl' only")
-    if tail not in ("rest", "renorm"):
-        raise ValueError(f"unknown top-k tail rule {tail!r}; choose 'rest' or 'renorm'")
-    if teacher_ids.max() >= student_logits.shape[-1]:
-        raise ValueError("teacher top-k ids exceed the student's vocabulary")
+    _check_topk(teacher_ids, student_logits.shape[-1], divergence, tail)
 
     def row_loss(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
-        s_logp = (s.float() / temperature).log_softmax(-1)
-        s_top = s_logp.gather(-1, ids.long())
-        t_logp = t_logp.float()
-        if tail == "renorm":
-            t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)
-            return (t_logp.exp() * (t_logp - s_top)).sum(-1)
-        s_rest = _log1mexp(s_top.logsumexp(-1, keepdim=True))
-        t_rest = _log1mexp(t_logp.logsumexp(-1, keepdim=True))
-        return divergence_rows(
-            torch.cat([s_top, s_rest], -1), torch.cat([t_logp, t_rest], -1), divergence, beta=beta, alpha=alpha
-        )
+        return _sparse_rows(s, ids, t_logp, temperature, divergence, beta, alpha, tail)
 
     total = _ChunkedRowLoss.apply(
         _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(student_logits.shape[-1], chunk_size),
         _flat(teacher_ids), _flat(teacher_logprobs).detach(),
     )
     return _normalise(total * temperature**2, mask, num_items)
+
+
+def _dense_rows(
+    s: torch.Tensor, t: torch.Tensor, vocab: int, temperature: float, divergence: Divergence, beta: float, alpha: float
+) -> torch.Tensor:
+    """Per-row divergence of student and teacher logits rows over their first `vocab` columns."""
+    s = s[:, :vocab].float() / temperature
+    t = t[:, :vocab].float() / temperature
+    return divergence_rows(s.log_softmax(-1), t.log_softmax(-1), divergence, beta=beta, alpha=alpha)
+
+
+def _check_topk(teacher_ids: torch.Tensor, student_vocab: int, divergence: Divergence, tail: TopkTail) -> None:
+    if tail == "renorm" and divergence != "forward_kl":
+        raise ValueError("sparse top-k with tail='renorm' supports divergence='forward_kl' only")
+    if tail not in ("rest", "renorm"):
+        raise ValueError(f"unknown top-k tail rule {tail!r}; choose 'rest' or 'renorm'")
+    if teacher_ids.numel() and teacher_ids.max() >= student_vocab:
+        raise ValueError("teacher top-k ids exceed the student's vocabulary")
+
+
+def _sparse_rows(
+    s: torch.Tensor,
+    ids: torch.Tensor,
+    t_logp: torch.Tensor,
+    temperature: float,
+    divergence: Divergence,
+    beta: float,
+    alpha: float,
+    tail: TopkTail,
+) -> torch.Tensor:
+    """Per-row divergence of student logits rows against the teacher's top-k (see `sparse_kd_loss`)."""
+    s_logp = (s.float() / temperature).log_softmax(-1)
+    s_top = s_logp.gather(-1, ids.long())
+    t_logp = t_logp.float()
+    if tail == "renorm":
+        t_logp = t_logp - t_logp.logsumexp(-1, keepdim=True)
+        return (t_logp.exp() * (t_logp - s_top)).sum(-1)
+    s_rest = _log1mexp(s_top.logsumexp(-1, keepdim=True))
+    t_rest = _log1mexp(t_logp.logsumexp(-1, keepdim=True))
+    return divergence_rows(
+        torch.cat([s_top, s_rest], -1), torch.cat([t_logp, t_rest], -1), divergence, beta=beta, alpha=alpha
+    )
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -304,3 +329,149 @@ def relation_kl_loss(
     per_row = (lp.exp() * (lp - lq)).sum(-1).mean(1)  # [B, T]
     total = (per_row * row_mask.float()).sum()
     return _normalise(total, row_mask, num_items)
+
+
+# --------------------------------------------------------------------------- fused output layer + loss
+#
+# The logits of a language model are `hidden @ W.T (+ b)` with W [V, H]. At a 32K-150K vocabulary the
+# [positions, V] logits (and their gradient, and every float32 intermediate of a loss on them) dwarf
+# everything else a training step holds. The fused losses below take the hidden states instead, and
+# for one chunk of target positions at a time compute the logits, the loss and its gradient with
+# respect to those logits, and fold that gradient straight into grad(hidden) = g @ W and
+# grad(W) = g.T @ hidden. Only those two gradients (the size of the inputs) outlive the chunk; the
+# backward pass just scales them. Positions with a zero mask are never projected at all.
+
+FUSED_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per [chunk, V] intermediate
+
+# (student logits [C, V] float32, flat positions [C]) -> (loss per row [C], its gradient [C, V' <= V])
+HeadTerm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class LinearHead:
+    """Hidden states [..., H] and the linear output layer (weight [V, H], bias [V]) that scores them."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    @property
+    def vocab(self) -> int:
+        return self.weight.shape[0]
+
+    def logits(self, positions: torch.Tensor) -> torch.Tensor:
+        """Float32 logits [C, V] of the flattened positions."""
+        flat = self.hidden.reshape(-1, self.hidden.shape[-1])
+        return _project(flat.index_select(0, positions), self.weight, self.bias)
+
+
+def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    z = hidden.to(weight.dtype) @ weight.T
+    if bias is not None:
+        z = z + bias.to(z.dtype)
+    return z.float()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """sum over chunks of `evaluate(logits of the chunk)`, with gradients built in the forward pass.
+
+    `evaluate(z, start, end)` returns (total, parts, grad_z) for rows start:end: the weighted loss,
+    its unweighted parts (for logging) and d total / d z.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, evaluate, chunk):  # type: ignore[override]
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        parts = None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start : start + chunk]
+            z = _project(h, weight, bias)
+            loss, part, g = evaluate(z, start, start + h.shape[0])
+            del z
+            total += loss
+            parts = part if parts is None else parts + part
+            g = g.to(weight.dtype)
+            if grad_h is not None:
+                grad_h[start : start + h.shape[0]] = g @ weight
+            if grad_w is not None:
+                grad_w += g.T @ h.to(weight.dtype)
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        if parts is None:
+            parts = evaluate(None, 0, 0)[1]
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.mark_non_differentiable(parts)
+        return total, parts
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_parts):  # type: ignore[override]
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype = ctx.needs_input_grad[1]
+        del w_dtype
+
+        def scaled(g: torch.Tensor | None, like_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+            if g is None:
+                return None
+            g = g * grad_total
+            return g if like_dtype is None else g.to(like_dtype)
+
+        return scaled(grad_h), scaled(grad_w, ctx.weight_dtype), scaled(grad_b, ctx.bias_dtype), None, None
+
+
+def fused_head_loss(
+    student: LinearHead,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    terms: Mapping[str, tuple[float, HeadTerm]],
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sum_k weight_k * loss_k over `terms` ({name: (weight, term)}), each loss as its logits-based twin.
+
+    `mask` [...] has the leading shape of `student.hidden` [..., H]; every loss is the mask-weighted
+    sum over positions divided by `num_items`, as in the rest of this module. Returns the weighted
+    total (differentiable w.r.t. the hidden states, weight and bias) and each loss alone (detached).
+    The student's logits are computed once per chunk and shared by all terms.
+    """
+    width = student.hidden.shape[-1]
+    flat_mask = mask.reshape(-1)
+    positions = flat_mask.nonzero().squeeze(-1)
+    hidden = student.hidden.reshape(-1, width).index_select(0, positions)
+    row_weights = flat_mask.index_select(0, positions).float()
+    if num_items is None:
+        num_items = positions.numel() or 1
+    inv_items = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device)
+    names = list(terms)
+    term_weights = torch.tensor([terms[k][0] for k in names], dtype=torch.float32, device=hidden.device)
+
+    def evaluate(z: torch.Tensor | None, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if z is None:
+            return inv_items * 0, torch.zeros(len(names), device=hidden.device), torch.empty(0)
+        pos, w = positions[start:end], row_weights[start:end]
+        sums, grad = [], None
+        for name in names:
+            term_weight, term = terms[name]
+            loss, g = term(z, pos)
+            sums.append((loss * w).sum())
+            scale = (w * (term_weight * inv_items)).unsqueeze(-1)
+            if grad is None and g.shape[-1] == z.shape[-1]:
+                grad = g.mul_(scale)
+            else:
+                grad = torch.zeros_like(z) if grad is None else grad
+                grad[:, : g.shape[-1]].addcmul_(g, scale)
+        part = torch.stack(sums) * inv_items if sums else torch.zeros(0, device=z.device)
+        grad = torch.zeros_like(z) if grad is None else grad
+        return (part * term_weights).sum(), part, grad
+
+    fn = _FusedHeadLoss
+    chunk = chunk_size or max(1, FUSED_CHUNK_ELEMENTS // max(student.vocab, 1))
+    total, parts = _apply_fused(fn, hidden, student.weight, student.bias, evaluate, chunk)
+    return total, {name: parts[i] for i, name in enumerate(names)}
+
+
+def _apply_fused(fn, hidden, weight, bias, evaluate, chunk):  # noqa: ANN001, ANN202
+    return fn.apply(hidden, weight, bias, evaluate, chunk)

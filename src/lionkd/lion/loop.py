@@ -100,10 +100,11 @@ def setup(cfg: RunConfig, store: Store) -> None:
     if store.stage_done(0, "setup"):
         return
     seeds = load_seed_pool(cfg)
-    seen: set[str] = set()
-    unique = [ins for ins in seeds if not (ins.id in seen or seen.add(ins.id))]  # first occurrence wins
-    store.add_instructions(unique)
-    ids = [ins.id for ins in unique]
+    unique: dict[str, Instruction] = {}
+    for ins in seeds:
+        unique.setdefault(ins.id, ins)  # a repeated instruction: the first one wins
+    store.add_instructions(unique.values())
+    ids = list(unique)
     store.set_pool(1, "train", ids)
     store.set_pool(1, "cache", ids)
     store.finish_stage(0, "setup", {"seeds": len(ids), "duplicates_dropped": len(seeds) - len(ids)})
@@ -327,14 +328,13 @@ def plan_table(rows: list[PlanRow]) -> Table:
     for r in rows:
         table.add_row(str(r.iteration), r.role, f"{r.calls:,}", f"{r.prompt_tokens:,}", f"{r.completion_tokens:,}",
                       f"{r.cost:.2f}" if r.cost is not None else "-")
-    totals: dict[str, list[int | float]] = {}
-    for r in rows:
-        t = totals.setdefault(r.role, [0, 0, 0, 0.0])
-        t[0], t[1], t[2] = t[0] + r.calls, t[1] + r.prompt_tokens, t[2] + r.completion_tokens
-        t[3] += r.cost or 0.0
-    for role, (calls, prompt, completion, cost) in totals.items():
-        table.add_row("total", role, f"{calls:,}", f"{prompt:,}", f"{completion:,}", f"{cost:.2f}")
-    grand = sum(r.cost or 0.0 for r in rows)
-    table.caption = (f"total max cost: ${grand:.2f}; prompt tokens estimated at ~4 characters per token; "
+    for role in dict.fromkeys(r.role for r in rows):
+        mine = [r for r in rows if r.role == role]
+        costs = [r.cost for r in mine if r.cost is not None]
+        table.add_row("total", role, f"{sum(r.calls for r in mine):,}", f"{sum(r.prompt_tokens for r in mine):,}",
+                      f"{sum(r.completion_tokens for r in mine):,}", f"{sum(costs):.2f}" if costs else "-")
+    costs = [r.cost for r in rows if r.cost is not None]
+    total = f"${sum(costs):.2f}" if costs else "- (no prices configured)"
+    table.caption = (f"total max cost: {total}; prompt tokens estimated at ~4 characters per token; "
                      f"iteration {rows[-1].iteration} is the final imitation")
     return table

@@ -218,12 +218,10 @@ def _has_call_error(v: PairVerdict) -> bool:
 
 def _settle(v: PairVerdict, order: int, result: GenResult, last: bool, call_errors: list[str]) -> bool:
     """Record one reply into the verdict; False when it should be asked again."""
-    if not result.ok:
-        if last:
-            v.error = _CALL_ERROR + str(result.error)
-            call_errors.append(str(result.error))
-            return True
-        return False
+    if not result.ok:  # the backend already retried; asking again with another seed would change the run
+        v.error = _CALL_ERROR + str(result.error)
+        call_errors.append(str(result.error))
+        return True
     text = result.text
     if order == 0:
         v.raw_a_first = text

@@ -276,8 +276,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         model = AutoModelForCausalLM.from_pretrained(args.out)
         tokenizer = AutoTokenizer.from_pretrained(args.out)
         started = time.time()
-        report = evaluate_student(model, tokenizer, world.test_set(args.eval_per_task, seed=args.seed))
+        report = evaluate_student(model, tokenizer, world.test_set(args.eval_per_task, seed=0))
         report["eval_seconds"] = round(time.time() - started, 1)
+        summary["test_accuracy"] = report
+        (Path(args.out) / "lionkd_base.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(json.dumps(report, indent=2))
 
 

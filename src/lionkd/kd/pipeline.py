@@ -1,0 +1,544 @@
+"""`lionkd distill`: task-specific KD with pseudo-targets, as one resumable pipeline.
+
+Stages, in order, each recorded in the run store (iteration 0) and skipped by a rerun once done:
+
+  data              read labeled, unlabeled and evaluation rows (a held-out slice when kd.eval is null)
+  teacher_finetune  cross-entropy fine-tuning of the teacher on the labeled data (kd.teacher_finetune)
+  student_init      the starting student: pretrained, pruned from the teacher, or a fresh config
+  pseudo_targets    K teacher outputs per labeled and unlabeled input, stored with their provenance;
+                    committed batch by batch, so an interrupted stage generates only what is missing
+  kd_train          word-level KD on gold targets plus PT number e mod K in epoch e, with optional
+                    Joint-Teaching and cached teacher top-k (checkpoints let it resume)
+  final_ce          a short cross-entropy fine-tuning on the labeled data (kd.final_ce_epochs)
+  eval_student, eval_teacher
+                    beam-search answers on the evaluation rows, scored by BLEU, ROUGE, exact match
+                    and target perplexity; eval.json / eval.md are written from the stored results
+
+Layout of the run directory: run.sqlite, config.yaml, teacher/ (when fine-tuned), student-init/,
+student-kd/, student/, predictions-*.jsonl, eval.json, eval.md.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..config import DataConfig, RunConfig, TrainConfig, masked_dump
+from ..data import load_table, write_jsonl
+from ..errors import UserError
+from ..records import PseudoTarget, content_id
+from ..store import Store
+from .data import TrainExample, prompt_ids
+from .joint_teaching import JointTeaching
+from .pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
+
+ITERATION = 0  # a distill run has one iteration in the store
+EVAL_METRICS = ("bleu", "rouge", "exact_match")
+SUMMARY_METRICS = ("bleu", "rouge_mean", "exact_match", "perplexity")
+
+
+@dataclass
+class TaskData:
+    """The examples of one run. Unlabeled inputs (and PT inputs) carry an empty target."""
+
+    labeled: list[TrainExample]
+    unlabeled: list[TrainExample]
+    eval: list[TrainExample]
+    eval_source: str  # "kd.eval" or "held out from kd.labeled"
+
+    @property
+    def fingerprint(self) -> str:
+        return content_id(*(e.id for e in self.labeled), "|", *(e.id for e in self.unlabeled), "|",
+                          *(e.id for e in self.eval))
+
+    def pt_inputs(self) -> list[TrainExample]:
+        """Every distinct input of labeled and unlabeled rows, without its target."""
+        seen: dict[str, TrainExample] = {}
+        for e in (*self.labeled, *self.unlabeled):
+            x = as_input(e)
+            seen.setdefault(x.id, x)
+        return list(seen.values())
+
+
+@dataclass
+class DistillSummary:
+    run_dir: Path
+    teacher: str
+    student: Path
+    eval_path: Path | None
+    student_metrics: dict[str, Any] = field(default_factory=dict)
+    teacher_metrics: dict[str, Any] | None = None
+    ran: list[str] = field(default_factory=list)  # stages this invocation ran
+    skipped: list[str] = field(default_factory=list)  # stages found done and skipped
+
+    def line(self) -> str:
+        """One line: the student's (and teacher's) key metrics and where things are."""
+        def fmt(metrics: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {metrics[k]:.2f}" for k in SUMMARY_METRICS if isinstance(metrics.get(k), float))
+
+        parts = [f"student: {fmt(self.student_metrics) or 'not evaluated'}"]
+        if self.teacher_metrics:
+            parts.append(f"teacher: {fmt(self.teacher_metrics)}")
+        parts.append(f"model: {self.student}")
+        if self.eval_path is not None:
+            parts.append(f"eval: {self.eval_path}")
+        return "distilled | " + " | ".join(parts)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def as_input(example: TrainExample) -> TrainExample:
+    return TrainExample(target="", messages=example.messages, prompt=example.prompt, source="input")
+
+
+def _messages(text: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": text}]
+
+
+def read_examples(data: DataConfig, key: str, *, need_target: bool) -> list[TrainExample]:
+    """Rows of `data` as examples; errors name the config key (`kd.labeled`, ...)."""
+    if not data.path:
+        raise UserError(f"{key}.path: lionkd distill needs a data file or dataset name here")
+    columns = {"input": data.input_column}
+    if need_target:
+        columns["target"] = data.target_column
+    try:
+        rows = load_table(data.path, data.split, columns)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
+    rows = rows[: data.limit] if data.limit else rows
+    if not rows:
+        raise UserError(f"{key}: {data.path}: no rows")
+    out = []
+    for number, row in enumerate(rows, start=1):
+        text = row["input"]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{key}: {data.path}: row {number}: column '{data.input_column}' is empty or not text")
+        target = row.get("target") if need_target else ""
+        if need_target and (target is None or not str(target).strip()):
+            raise UserError(f"{key}: {data.path}: row {number}: column '{data.target_column}' is empty")
+        out.append(TrainExample(target=str(target).strip(), messages=_messages(text.strip())))
+    return out
+
+
+def load_task_data(cfg: RunConfig) -> TaskData:
+    kd = cfg.kd
+    labeled = read_examples(kd.labeled, "kd.labeled", need_target=True)
+    unlabeled = read_examples(kd.unlabeled, "kd.unlabeled", need_target=False) if kd.unlabeled else []
+    if kd.eval is not None:
+        return TaskData(labeled, unlabeled, read_examples(kd.eval, "kd.eval", need_target=True), "kd.eval")
+    held = round(kd.eval_holdout * len(labeled))
+    if held == 0 or held >= len(labeled):
+        return TaskData(labeled, unlabeled, [], "none")
+    order = list(range(len(labeled)))
+    random.Random(f"{cfg.seed}-holdout").shuffle(order)
+    chosen = set(order[:held])
+    train = [e for i, e in enumerate(labeled) if i not in chosen]
+    return TaskData(train, unlabeled, [e for i, e in enumerate(labeled) if i in chosen], "held out from kd.labeled")
+
+
+# --------------------------------------------------------------------------- checks and paths
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Mistakes found before any work, each a one-line error naming its key."""
+    from .trainer import resolve_objective
+
+    if cfg.teacher.backend != "hf":
+        raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf), not "
+                        f"'{cfg.teacher.backend}'; a black-box teacher goes through `lionkd run`")
+    if not cfg.kd.labeled.path:
+        raise UserError("kd.labeled.path: lionkd distill needs labeled data (a file or dataset name)")
+    resolve_objective(cfg.kd.objective, has_teacher=True)
+    model_path(cfg.teacher.model, "teacher.model")
+    if cfg.kd.student_init in ("pretrained", "config"):
+        model_path(cfg.student.model, "student.model")
+
+
+def model_path(name: str, key: str) -> str:
+    from ..llm.factory import resolve_model_path
+
+    path = resolve_model_path(name)
+    if not Path(path).exists():
+        raise UserError(f"{key}: model not found: {path} (lionkd distill needs a local model folder)")
+    return path
+
+
+def teacher_path(cfg: RunConfig) -> str:
+    if cfg.kd.teacher_finetune:
+        return str(cfg.run_dir / "teacher")
+    return model_path(cfg.teacher.model, "teacher.model")
+
+
+def teacher_name(cfg: RunConfig) -> str:
+    """The teacher as recorded in PT provenance (stable when the run folder moves)."""
+    return cfg.teacher.model + (" (fine-tuned)" if cfg.kd.teacher_finetune else "")
+
+
+def student_init_path(cfg: RunConfig) -> str:
+    if cfg.kd.student_init == "pretrained":
+        return model_path(cfg.student.model, "student.model")
+    return str(cfg.run_dir / "student-init")
+
+
+def final_student_path(cfg: RunConfig) -> Path:
+    return cfg.run_dir / ("student" if cfg.kd.final_ce_epochs > 0 else "student-kd")
+
+
+# --------------------------------------------------------------------------- the stages
+
+
+class Stages:
+    """Runs each stage once: a stage found in the store is skipped and its recorded detail returned."""
+
+    def __init__(self, store: Store, say: Callable[[str], None]) -> None:
+        self.store = store
+        self.say = say
+        self.ran: list[str] = []
+        self.skipped: list[str] = []
+
+    def detail(self, name: str) -> dict[str, Any] | None:
+        for s in self.store.stages():
+            if s["iteration"] == ITERATION and s["stage"] == name:
+                return s["detail"]
+        return None
+
+    def run(self, name: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        done = self.detail(name)
+        if done is not None:
+            self.skipped.append(name)
+            self.say(f"{name}: done earlier, skipped")
+            return done
+        self.say(f"{name}: running")
+        detail = work()
+        self.store.finish_stage(ITERATION, name, detail)
+        self.ran.append(name)
+        return detail
+
+
+def finetune_teacher(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
+    from .trainer import train_student
+
+    settings = cfg.kd.teacher_train or cfg.student.train
+    metrics = train_student(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
+                            settings=settings, objective="ce", template=cfg.student.template, progress=progress)
+    return {"path": str(cfg.run_dir / "teacher"), "examples": len(data.labeled), "loss": metrics.get("loss"),
+            "steps": metrics.get("steps")}
+
+
+def init_student(cfg: RunConfig) -> dict[str, Any]:
+    """The starting student: a pretrained folder, the teacher with layers dropped, or a fresh model."""
+    kd = cfg.kd
+    if kd.student_init == "pretrained":
+        return {"init": "pretrained", "path": student_init_path(cfg)}
+    out = cfg.run_dir / "student-init"
+    if kd.student_init == "pruned":
+        from .prune import prune_layers
+
+        info = prune_layers(teacher_path(cfg), out, kd.prune_keep, encoder_keep=kd.prune_encoder_keep)
+        return {"init": "pruned", "path": str(out), "kept": info["kept"], "encoder_kept": info["encoder_kept"]}
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    source = model_path(cfg.student.model, "student.model")
+    config = AutoConfig.from_pretrained(source)
+    cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    torch.manual_seed(cfg.seed)
+    model = cls.from_config(config)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(source).save_pretrained(out)
+    return {"init": "config", "path": str(out), "from": cfg.student.model,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def check_vocabularies(cfg: RunConfig) -> None:
+    """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
+    from .trainer import check_same_vocab, load_tokenizer
+
+    if set(cfg.kd.objective) <= {"ce"}:
+        return
+    check_same_vocab(load_tokenizer(student_init_path(cfg)), load_tokenizer(teacher_path(cfg)))
+
+
+def pt_settings(cfg: RunConfig) -> PTSettings:
+    settings = PTSettings.from_config(cfg.kd)
+    return replace(settings, batch_size=cfg.teacher.batch_size, seed=cfg.seed)
+
+
+def _matching(store: Store, cfg: RunConfig) -> dict[str, list[PseudoTarget]]:
+    """Stored PTs of this run's teacher and method, by input id, ordered by k."""
+    settings = pt_settings(cfg)
+    name = teacher_name(cfg)
+    by_input: dict[str, list[PseudoTarget]] = {}
+    for p in store.pseudo_targets():
+        if p.method == settings.method and p.teacher == name and p.index < settings.k:
+            by_input.setdefault(p.input_id, []).append(p)
+    return by_input
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Any]:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
+    with bars:
+        yield bars
+
+
+def generate_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample], progress: bool) -> dict[str, Any]:
+    """K PTs per input, generated by the teacher and committed batch by batch; stored batches are reused.
+
+    Batches are cut from the full input list and seeded by their position, so a resumed stage makes
+    the same batches and the same samples as an uninterrupted one.
+    """
+    from ..llm.hf import load_model
+
+    settings = pt_settings(cfg)
+    name = teacher_name(cfg)
+    have = _matching(store, cfg)
+    done = {i for i, ps in have.items() if len(ps) >= settings.k}
+    generated = reused = unfinished = 0
+    model = tokenizer = None
+    with progress_bars(progress) as bars:
+        task = bars.add_task(f"pseudo-targets ({settings.method}, K={settings.k})", total=len(inputs))
+        for start in range(0, len(inputs), settings.batch_size):
+            chunk = list(inputs[start : start + settings.batch_size])
+            if all(x.id in done for x in chunk):
+                reused += len(chunk) * settings.k
+                bars.advance(task, len(chunk))
+                continue
+            if model is None:
+                model, tokenizer = load_model(teacher_path(cfg), cfg.teacher.dtype, cfg.teacher.device)
+            records = generate_pseudo_targets(model, tokenizer, chunk, replace(settings, seed=settings.seed + start),
+                                              template=cfg.student.template, teacher_name=name)
+            store.add_pseudo_targets(
+                PseudoTarget(id=r["id"], input_id=r["input_id"], index=r["k"], text=r["target"], method=r["method"],
+                             teacher=r["teacher"], params=r["params"])
+                for r in records
+            )
+            generated += len(records)
+            unfinished += sum(not r["finished"] for r in records)
+            bars.advance(task, len(chunk))
+    return {"method": settings.method, "k": settings.k, "inputs": len(inputs), "teacher": name,
+            "params": settings.generation_params() | {"max_new_tokens": settings.max_new_tokens},
+            "generated": generated, "reused": reused, "unfinished": unfinished}
+
+
+def pt_records(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample]) -> list[dict[str, Any]]:
+    """The stored PTs of `inputs` as records `pt_schedule` takes."""
+    if cfg.kd.pt_method == "none":
+        return []
+    have = _matching(store, cfg)
+    records = []
+    for x in inputs:
+        for p in have.get(x.id, []):
+            records.append({"input_id": x.id, "k": p.index, "target": p.text, "prompt": x.prompt,
+                            "messages": x.messages})
+    return records
+
+
+def with_teacher_topk(cfg: RunConfig, schedule: list[list[TrainExample]]) -> list[list[TrainExample]]:
+    """Every example with the teacher's top-k cached (one teacher forward per distinct example)."""
+    from ..llm.hf import load_model
+
+    model, tokenizer = load_model(teacher_path(cfg), cfg.teacher.dtype, cfg.teacher.device)
+    distinct = list({e.id: e for epoch in schedule for e in epoch}.values())
+    cached = cache_teacher_topk(model, tokenizer, distinct, cfg.kd.teacher_topk, template=cfg.student.template,
+                                max_length=cfg.student.train.max_length, temperature=cfg.kd.temperature,
+                                batch_size=cfg.teacher.batch_size)
+    by_id = {e.id: e for e in cached}
+    return [[by_id[e.id] for e in epoch] for epoch in schedule]
+
+
+def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> dict[str, Any]:
+    from .trainer import train_student
+
+    kd = cfg.kd
+    records = pt_records(cfg, store, data.pt_inputs())
+    schedule = pt_schedule(data.labeled, records)
+    if kd.teacher_topk > 0 and "logits" in kd.objective:
+        schedule = with_teacher_topk(cfg, schedule)
+    joint = None
+    if kd.joint_alpha > 0:
+        joint = JointTeaching(alpha=kd.joint_alpha, refresh_every=kd.joint_refresh_every,
+                              max_new_tokens=kd.pt_max_new_tokens, top_p=kd.pt_top_p, seed=cfg.seed)
+    # with every target's top-k cached, only Joint-Teaching samples and other objectives need the live teacher
+    live_teacher = kd.teacher_topk == 0 or joint is not None or bool(set(kd.objective) - {"ce", "logits"})
+    metrics = train_student(
+        student_init_path(cfg), schedule, cfg.run_dir / "student-kd", settings=cfg.student.train,
+        teacher=teacher_path(cfg) if live_teacher else None, objective=kd.objective, kd=kd,
+        template=cfg.student.template, lora=cfg.student.lora, joint=joint, progress=progress,
+    )
+    sources = Counter(e.source for epoch in schedule for e in epoch)
+    return {"path": str(cfg.run_dir / "student-kd"), "epoch_lists": len(schedule), "examples_per_epoch":
+            len(schedule[0]), "gold": sources.get("gold", 0) // len(schedule), "pseudo_targets": len(records),
+            "loss": metrics.get("loss"), "steps": metrics.get("steps"), "objective": metrics.get("objective"),
+            "joint_alpha": kd.joint_alpha, "teacher_topk": kd.teacher_topk,
+            "student_samples": metrics.get("student_samples")}
+
+
+def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
+    from .trainer import train_student
+
+    settings: TrainConfig = cfg.student.train.model_copy(update={"epochs": cfg.kd.final_ce_epochs, "max_steps": -1})
+    metrics = train_student(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,
+                            objective="ce", template=cfg.student.template, lora=cfg.student.lora, progress=progress)
+    return {"path": str(cfg.run_dir / "student"), "epochs": cfg.kd.final_ce_epochs, "loss": metrics.get("loss"),
+            "steps": metrics.get("steps")}
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_model(cfg: RunConfig, path: str, examples: Sequence[TrainExample], *, dtype: str = "auto",
+                   device: str = "auto", bars: Any = None, label: str = "eval") -> tuple[dict[str, Any], list[str]]:
+    """Beam-search answers to `examples` and their task metrics and target perplexity."""
+    from ..eval.metrics import target_perplexity, text_metrics
+    from ..llm.hf import load_model
+    from .data import is_encoder_decoder
+    from .generation import generate_token_ids
+
+    kd = cfg.kd
+    model, tokenizer = load_model(path, dtype, device)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    encdec = is_encoder_decoder(model)
+    batch = max(1, cfg.student.generation.batch_size)
+    task = bars.add_task(label, total=len(examples)) if bars is not None else None
+    predictions: list[str] = []
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        prompts = [prompt_ids(tokenizer, e, cfg.student.template, encdec) for e in chunk]
+        outputs = generate_token_ids(model, tokenizer, prompts, max_new_tokens=kd.eval_max_new_tokens,
+                                     do_sample=False, num_beams=kd.eval_num_beams, batch_size=batch)
+        predictions += [tokenizer.decode(o[0], skip_special_tokens=True).strip() for o in outputs]
+        if task is not None:
+            bars.advance(task, len(chunk))
+    references = [e.target for e in examples]
+    metrics: dict[str, Any] = {"examples": len(examples), **text_metrics(predictions, references, EVAL_METRICS)}
+    metrics["perplexity"] = target_perplexity(model, tokenizer, examples, template=cfg.student.template,
+                                              batch_size=batch, max_length=cfg.student.train.max_length)
+    return metrics, predictions
+
+
+def eval_stage(cfg: RunConfig, who: str, path: str, data: TaskData, progress: bool) -> dict[str, Any]:
+    endpoint = cfg.teacher if who == "teacher" else None
+    with progress_bars(progress) as bars:
+        metrics, predictions = evaluate_model(
+            cfg, path, data.eval, dtype=endpoint.dtype if endpoint else "auto",
+            device=endpoint.device if endpoint else "auto", bars=bars, label=f"evaluate {who}",
+        )
+    write_jsonl(cfg.run_dir / f"predictions-{who}.jsonl", (
+        {"input": e.source_text(), "target": e.target, "prediction": p}
+        for e, p in zip(data.eval, predictions, strict=True)
+    ))
+    return {"model": path, "metrics": metrics}
+
+
+def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher: dict[str, Any] | None) -> Path:
+    """eval.json in the `lionkd eval` layout (the student's task metrics) with the teacher's beside them."""
+    import json
+
+    from ..eval.report import eval_markdown
+
+    results: dict[str, Any] = {
+        "model": student["model"],
+        "data": cfg.kd.eval.path if cfg.kd.eval else cfg.kd.labeled.path,
+        "eval_source": data.eval_source,
+        "examples": len(data.eval),
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "settings": {"template": cfg.student.template, "num_beams": cfg.kd.eval_num_beams,
+                     "max_new_tokens": cfg.kd.eval_max_new_tokens},
+        "task_metrics": {"overall": student["metrics"]},
+    }
+    if teacher is not None:
+        results["teacher"] = {"model": teacher["model"], **teacher["metrics"]}
+        gap = {}
+        for name in ("bleu", "rouge_mean", "exact_match"):
+            s, t = student["metrics"].get(name), teacher["metrics"].get(name)
+            if isinstance(s, (int, float)) and isinstance(t, (int, float)) and t:
+                gap[name] = 100 * s / t
+        results["student_over_teacher_pct"] = gap
+    path = cfg.run_dir / "eval.json"
+    path.write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
+    (cfg.run_dir / "eval.md").write_text(eval_markdown(results, f"Evaluation of {student['model']}"),
+                                         encoding="utf-8")
+    return path
+
+
+def _store_metrics(store: Store, detail: dict[str, Any], who: str) -> None:
+    values = {f"{who}_{k}": v for k, v in detail["metrics"].items() if k != "examples"}
+    store.put_metrics(ITERATION, values)
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def save_config(cfg: RunConfig) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(masked_dump(cfg), sort_keys=False, allow_unicode=True)
+    (cfg.run_dir / "config.yaml").write_text(text, encoding="utf-8")
+
+
+def distill(cfg: RunConfig, *, progress: bool = True) -> DistillSummary:
+    """Run (or resume) the whole task-specific KD pipeline of `cfg`; see the module docstring."""
+    from rich.console import Console
+
+    check_config(cfg)
+    console = Console(stderr=True, quiet=not progress)
+    data = load_task_data(cfg)
+    save_config(cfg)
+    with Store.open_run(cfg.run_dir) as store:
+        stages = Stages(store, lambda text: console.print(text, markup=False, highlight=False))
+        recorded = stages.detail("data")
+        if recorded is not None and recorded.get("fingerprint") != data.fingerprint:
+            raise UserError(f"kd: the data differ from those this run started with ({cfg.run_dir}); "
+                            "use a new run_dir")
+        stages.run("data", lambda: {"labeled": len(data.labeled), "unlabeled": len(data.unlabeled),
+                                    "eval": len(data.eval), "eval_source": data.eval_source,
+                                    "fingerprint": data.fingerprint})
+        if cfg.kd.teacher_finetune:
+            stages.run("teacher_finetune", lambda: finetune_teacher(cfg, data, progress))
+        stages.run("student_init", lambda: init_student(cfg))
+        check_vocabularies(cfg)
+        if cfg.kd.pt_method != "none":
+            inputs = data.pt_inputs()
+            detail = stages.run("pseudo_targets", lambda: generate_pts(cfg, store, inputs, progress))
+            store.put_metrics(ITERATION, {"pseudo_targets": detail["inputs"] * detail["k"]})
+        detail = stages.run("kd_train", lambda: kd_train(cfg, store, data, progress))
+        store.put_metrics(ITERATION, {"kd_train_loss": detail.get("loss"), "kd_train_steps": detail.get("steps")})
+        if cfg.kd.final_ce_epochs > 0:
+            stages.run("final_ce", lambda: final_ce(cfg, data, progress))
+        student_dir = final_student_path(cfg)
+        summary = DistillSummary(cfg.run_dir, teacher_path(cfg), student_dir, None)
+        if data.eval:
+            student = stages.run("eval_student", lambda: eval_stage(cfg, "student", str(student_dir), data, progress))
+            _store_metrics(store, student, "student")
+            teacher = None
+            if cfg.kd.eval_teacher:
+                teacher = stages.run("eval_teacher", lambda: eval_stage(cfg, "teacher", teacher_path(cfg), data,
+                                                                        progress))
+                _store_metrics(store, teacher, "teacher")
+            summary.eval_path = write_eval(cfg, data, student, teacher)
+            summary.student_metrics = student["metrics"]
+            summary.teacher_metrics = teacher["metrics"] if teacher else None
+        summary.ran, summary.skipped = stages.ran, stages.skipped
+    return summary
