@@ -6,9 +6,9 @@ exactly 32 new tokens each (end-of-sequence and padding are suppressed, so no an
 both sides produce the same number of tokens). HFBackend sorts by length and runs batches of 16 with
 left padding and the KV cache; the naive loop calls `generate` once per prompt, on the first 16
 prompts (its rate does not depend on how many it runs; this keeps the benchmark short), and so does
-HFBackend with batch size 1, to separate the gain of batching from per-call overhead. The naive loop
-runs in a worker thread, as HFBackend's batches do (on a loaded machine torch's CPU threading is much
-slower in the main thread, which would flatter the backend). The answers are
+HFBackend with batch size 1, to separate the gain of batching from per-call overhead. torch uses one
+CPU thread (`--threads N` to change): on a shared machine several threads spin-wait on each other and
+the timings scatter by several times between runs, and between the main and worker threads. The answers are
 compared: batching must not change greedy answers. Each side runs twice, interleaved; the faster run
 counts.
 
@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -69,12 +68,6 @@ def naive(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: 
     return time.perf_counter() - start, outputs
 
 
-def in_worker_thread(fn: Any, *args: Any) -> Any:
-    """Run where HFBackend runs its batches: torch's CPU threading differs between the main and other threads."""
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(fn, *args).result()
-
-
 def through_backend(backend: HFBackend, prompts: list[str]) -> tuple[float, list[str], int]:
     requests = [GenRequest(prompt=p, temperature=0, max_tokens=NEW_TOKENS) for p in prompts]
     start = time.perf_counter()
@@ -83,7 +76,8 @@ def through_backend(backend: HFBackend, prompts: list[str]) -> tuple[float, list
     return elapsed, [r.text for r in results], sum(r.completion_tokens for r in results)
 
 
-def main() -> dict:
+def main(threads: int = 1) -> dict:
+    torch.set_num_threads(threads)
     load = os.getloadavg()[0]
     model, tokenizer, prompts = build()
     backend = HFBackend(model, tokenizer=tokenizer, batch_size=BATCH)
@@ -91,7 +85,7 @@ def main() -> dict:
     single = HFBackend(model, tokenizer=tokenizer, batch_size=1)
     best: dict[str, tuple] = {}
     for _ in range(ROUNDS):  # interleaved rounds, best of each: other load on the machine hits all sides alike
-        for name, run in (("naive", lambda: in_worker_thread(naive, model, tokenizer, prompts[:NAIVE_PROMPTS])),
+        for name, run in (("naive", lambda: naive(model, tokenizer, prompts[:NAIVE_PROMPTS])),
                           ("single", lambda: through_backend(single, prompts[:NAIVE_PROMPTS])),
                           ("batch", lambda: through_backend(backend, prompts))):
             measured = run()
@@ -131,4 +125,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    main(int(sys.argv[sys.argv.index("--threads") + 1]) if "--threads" in sys.argv else 1)

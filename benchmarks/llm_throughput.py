@@ -88,7 +88,6 @@ def run_lionkd(url: str, concurrency: int, server_pid: int) -> dict:
         cpu0, srv0, t0 = time.process_time(), _cpu_seconds(server_pid), time.perf_counter()
         results = await backend.agenerate(_requests(f"c{concurrency}", REQUESTS))
         wall = time.perf_counter() - t0
-        await backend.aclose()
         failed = sum(not r.ok for r in results)
         return wall, time.process_time() - cpu0, _cpu_seconds(server_pid) - srv0, failed
 
@@ -97,7 +96,8 @@ def run_lionkd(url: str, concurrency: int, server_pid: int) -> dict:
     ideal = concurrency / DELAY_S
     return {"concurrency": concurrency, "seconds": round(wall, 3), "rps": round(rps, 1), "ideal_rps": ideal,
             "pct_of_ideal": round(100 * rps / ideal, 1), "client_cpu_pct": round(100 * client_cpu / wall, 1),
-            "server_cpu_pct": round(100 * server_cpu / wall, 1), "failed": failed}
+            "server_cpu_pct": round(100 * server_cpu / wall, 1), "client_cpu_ms_per_request":
+            round(1000 * client_cpu / REQUESTS, 2), "failed": failed}
 
 
 def run_sequential_sdk(url: str) -> float:
@@ -139,12 +139,17 @@ def main() -> dict:
     print(f"\nlionkd OpenAIBackend vs an endpoint with {DELAY_S * 1000:.0f} ms latency, {REQUESTS} requests "
           f"({os.cpu_count()} CPU cores shared by client and server; load average {load:.1f})")
     print(f"plain sequential SDK loop: {sequential:.1f} req/s (ideal {1 / DELAY_S:.0f})\n")
-    head = f"{'concurrency':>11} {'req/s':>8} {'ideal':>7} {'% ideal':>8} {'x sequential':>13} {'client CPU':>11} {'server CPU':>11}"
+    head = (f"{'concurrency':>11} {'req/s':>8} {'ideal':>7} {'% ideal':>8} {'x sequential':>13} {'client CPU':>11} "
+            f"{'server CPU':>11} {'client ms/req':>14}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['concurrency']:>11} {r['rps']:>8.1f} {r['ideal_rps']:>7.0f} {r['pct_of_ideal']:>7.1f}% "
-              f"{r['vs_sequential_sdk']:>12.1f}x {r['client_cpu_pct']:>10.0f}% {r['server_cpu_pct']:>10.0f}%")
+              f"{r['vs_sequential_sdk']:>12.1f}x {r['client_cpu_pct']:>10.0f}% {r['server_cpu_pct']:>10.0f}% "
+              f"{r['client_cpu_ms_per_request']:>14.2f}")
+    per_request = max(r["client_cpu_ms_per_request"] for r in rows)
+    print(f"\nclient CPU per request up to {per_request:.1f} ms: one fully free core caps this client at about "
+          f"{1000 / per_request:.0f} req/s")
     result = {"delay_s": DELAY_S, "requests": REQUESTS, "cpu_count": os.cpu_count(), "load_average": load,
               "sequential_sdk_rps": round(sequential, 1), "rows": rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

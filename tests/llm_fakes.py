@@ -17,9 +17,16 @@ happens; None or a missing entry means a normal reply. Faults:
     "malformed"  200 with a body that is not JSON
     "wrong"      200 with JSON that is not a completion
 
-A normal reply to sample j of content c is `reply(c, j)` ("reply j: c" by default) after `delay_s`,
-with usage (words as tokens) and word-level logprobs when asked. `hold_after=k` holds every reply
-after the k-th until `release()` (to crash a client mid-batch at a known point).
+A normal reply to sample j of content c is `reply(c, j)` ("reply j: c" by default) after `delay_s`
+seconds (a number, or a function of the content), with usage (words as tokens) and word-level
+logprobs when asked. `hold_after=k` holds every reply after the k-th until `release()` (to crash a
+client mid-batch at a known point). Counters: `hits` (per content), `total`, `answered`, `faults`,
+`arrivals` (times), `max_in_flight`, `bodies` (the JSON sent), `auth` (Authorization headers).
+
+Also here: `tiny_tokenizer`, `tiny_model` and `tiny_model_dir` build a byte-level BPE tokenizer with a
+chat template and a tiny Llama or T5 (hidden 32, 2 layers) for tests of local models.
+
+Import it as `from llm_fakes import FakeOpenAI` (pytest puts tests/ on the path).
 """
 
 from __future__ import annotations
@@ -49,7 +56,7 @@ class FakeOpenAI:
         self,
         plan: Plan | None = None,
         *,
-        delay_s: float = 0.0,
+        delay_s: float | Callable[[str], float] = 0.0,
         stall_s: float = 3.0,
         retry_after: str = "0.01",
         reply: Callable[[str, int], str] = default_reply,
@@ -124,8 +131,9 @@ class FakeOpenAI:
             if fault is not None:
                 self.faults[fault] += 1
                 return await self._faulty(fault)
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            delay = self.delay_s(content) if callable(self.delay_s) else self.delay_s
+            if delay:
+                await asyncio.sleep(delay)
             with self._lock:
                 self.answered += 1
                 held = self.hold_after is not None and self.answered > self.hold_after

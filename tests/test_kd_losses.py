@@ -7,7 +7,20 @@ import os
 import pytest
 import torch
 
-from lionkd.kd.losses import DIVERGENCES, ce_loss, kd_loss, relation_kl_loss, sparse_kd_loss
+from lionkd.kd.losses import (
+    DIVERGENCES,
+    LinearHead,
+    ce_loss,
+    ce_term,
+    fused_ce_loss,
+    fused_head_loss,
+    fused_kd_loss,
+    kd_loss,
+    kd_term,
+    relation_kl_loss,
+    sparse_kd_loss,
+    sparse_kd_term,
+)
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -190,3 +203,116 @@ def test_relation_kl_zero_for_same_states_and_width_free() -> None:
     assert loss > 0
     loss.backward()
     assert torch.isfinite(x.grad).all()
+
+
+# --------------------------------------------------------------------------- fused output layer + loss
+
+
+def head(rows: int, width: int, seed: int, bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    weight = logits(rows, width, seed=seed, scale=0.5)
+    return weight, (logits(rows, seed=seed + 1) if bias else None)
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return hidden @ weight.T + (bias if bias is not None else 0)
+
+
+def leaves(*tensors: torch.Tensor | None) -> list[torch.Tensor]:
+    return [t.requires_grad_(True) for t in tensors if t is not None]
+
+
+def ragged_mask() -> torch.Tensor:
+    """Prompt and padding zeros, an example weight of 2, 9 target positions (not a multiple of 4)."""
+    return torch.tensor([[0, 1, 1, 2, 2, 0, 0], [0, 0, 1, 1, 1, 1, 1]], dtype=torch.float)
+
+
+@pytest.mark.parametrize("divergence", [*DIVERGENCES, "jsd_0", "jsd_1"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_kd_equals_logits_kd_in_value_and_gradients(divergence: str, bias: bool) -> None:
+    beta = {"jsd_0": 0.0, "jsd_1": 1.0}.get(divergence, 0.3)
+    divergence = "jsd" if divergence.startswith("jsd") else divergence
+    vocab = 13  # the student pads its head to 16 rows, the teacher to 14
+    s_hidden, t_hidden = logits(2, 7, 8, seed=3), logits(2, 7, 12, seed=4)
+    s_weight, s_bias = head(16, 8, seed=5, bias=bias)
+    t_weight, t_bias = head(14, 12, seed=7, bias=bias)
+    mask = ragged_mask()
+    options = {"divergence": divergence, "temperature": 2.0, "beta": beta, "alpha": 0.2, "vocab_size": vocab}
+    params = leaves(s_hidden, s_weight, s_bias)
+    ref = kd_loss(project(s_hidden, s_weight, s_bias), project(t_hidden, t_weight, t_bias), mask, 20, **options)
+    ref_grads = torch.autograd.grad(ref, params)
+    for chunk in (1, 4, None):
+        fused = fused_kd_loss(s_hidden, s_weight, t_hidden, t_weight, mask, 20, student_bias=s_bias,
+                              teacher_bias=t_bias, chunk_size=chunk, **options)
+        torch.testing.assert_close(fused, ref)
+        grads = torch.autograd.grad(fused * 3.0, params)
+        for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, 3.0 * want)
+        # padding rows of the student's head get no gradient from KD
+        assert grads[1][vocab:].abs().max() == 0
+
+
+def test_fused_ce_equals_logits_ce() -> None:
+    hidden, (weight, bias) = logits(2, 7, 8, seed=3), head(11, 8, seed=5, bias=True)
+    targets = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = ragged_mask()
+    params = leaves(hidden, weight, bias)
+    ref = ce_loss(project(hidden, weight, bias), targets, mask)
+    fused = fused_ce_loss(hidden, weight, targets, mask, bias=bias, chunk_size=2)
+    torch.testing.assert_close(fused, ref)
+    for got, want in zip(torch.autograd.grad(fused, params), torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_terms_share_one_pass_and_report_parts() -> None:
+    """CE + dense KD (teacher as logits) + sparse top-k KD in one pass equal the weighted logits losses."""
+    hidden, (weight, _) = logits(2, 7, 8, seed=3), head(10, 8, seed=5, bias=False)
+    t_logits = logits(2, 7, 10, seed=9)
+    targets = torch.randint(0, 10, (2, 7), generator=torch.Generator().manual_seed(0))
+    ids, lps = topk_of(t_logits / 1.5, 3)
+    mask = ragged_mask()
+    params = leaves(hidden, weight)
+    s_logits = project(hidden, weight, None)
+    refs = {
+        "ce": ce_loss(s_logits, targets, mask, 12),
+        "kd": kd_loss(s_logits, t_logits, mask, 12, divergence="reverse_kl", temperature=1.5),
+        "topk": sparse_kd_loss(s_logits, ids, lps, mask, 12, divergence="jsd", temperature=1.5),
+    }
+    weights = {"ce": 0.3, "kd": 1.0, "topk": 0.5}
+    terms = {
+        "ce": (0.3, ce_term(targets)),
+        "kd": (1.0, kd_term(t_logits, divergence="reverse_kl", temperature=1.5)),
+        "topk": (0.5, sparse_kd_term(ids, lps, divergence="jsd", temperature=1.5)),
+    }
+    total, parts = fused_head_loss(LinearHead(hidden, weight), mask, 12, terms=terms, chunk_size=4)
+    ref_total = sum(weights[k] * v for k, v in refs.items())
+    torch.testing.assert_close(total, ref_total)
+    for name, value in parts.items():
+        torch.testing.assert_close(value, refs[name].detach())
+        assert not value.requires_grad
+    for got, want in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref_total, params), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_fused_kd_edge_cases() -> None:
+    hidden, (weight, _) = logits(2, 7, 8, seed=3), head(10, 8, seed=5, bias=False)
+    t_hidden, (t_weight, _) = logits(2, 7, 8, seed=4), head(10, 8, seed=6, bias=False)
+    # identical sides give zero; masked positions may hold nan and are never projected
+    mask = ragged_mask()
+    poisoned = hidden.clone()
+    poisoned[0, 0] = float("nan")
+    assert fused_kd_loss(poisoned, weight, poisoned, weight, mask).abs() < 1e-6
+    # tokens the teacher rules out (-inf logits) give finite values, equal to the logits path
+    t_bias = torch.zeros(10)
+    t_bias[3] = float("-inf")
+    for divergence in ("forward_kl", "jsd", "tv"):  # (reverse KL is infinite there, as it should be)
+        ref = kd_loss(project(hidden, weight, None), project(t_hidden, t_weight, t_bias), mask, divergence=divergence)
+        fused = fused_kd_loss(hidden, weight, t_hidden, t_weight, mask, teacher_bias=t_bias, divergence=divergence)
+        assert torch.isfinite(fused)
+        torch.testing.assert_close(fused, ref)
+    # an empty mask gives zero and zero gradients
+    h = hidden.clone().requires_grad_(True)
+    empty = fused_kd_loss(h, weight, t_hidden, t_weight, torch.zeros(2, 7))
+    empty.backward()
+    assert empty == 0 and h.grad.abs().max() == 0
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        fused_kd_loss(hidden, weight, t_hidden, t_weight[:9], mask)

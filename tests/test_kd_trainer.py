@@ -25,7 +25,7 @@ from transformers import (
 
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
-from lionkd.kd.trainer import build_trainer, train_student
+from lionkd.kd.trainer import build_trainer, plain_linear_head, train_student
 
 WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
 
@@ -206,6 +206,70 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path: Path) -> None:
     after = dict(merged.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed and all(("q_proj" in n or "v_proj" in n) for n in changed)
+
+
+class HeadWidths:
+    """The number of positions each output layer scores (0 when the fused path skips it)."""
+
+    def __init__(self, *models: torch.nn.Module) -> None:
+        self.widths: list[int] = []
+        for m in models:
+            m.get_output_embeddings().register_forward_hook(lambda _m, _i, out: self.widths.append(out.shape[-2]))
+
+
+def one_step_fused_vs_logits(student_fn, teacher_fn, objective, kd: KDConfig, tmp_path: Path):  # noqa: ANN001, ANN201
+    results = {}
+    for fuse in (True, False):
+        settings = TrainConfig(max_steps=1, batch_size=8, learning_rate=1e-3, max_length=32, seed=0, warmup_ratio=0.0)
+        student, teacher = student_fn(), teacher_fn()
+        widths = HeadWidths(student, teacher)
+        trainer = build_trainer(student, examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,
+                                objective=objective, kd=kd, tokenizer=tiny_tokenizer(), template="alpaca",
+                                progress=False)
+        trainer.fuse_head = fuse
+        trainer.args.max_grad_norm = 1e9
+        recorder = GradRecorder()
+        trainer.add_callback(recorder)
+        trainer.train()
+        results[fuse] = (recorder.grads[0], trainer.last_parts, widths.widths)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("objective", "kd"),
+    [("logits", KDConfig()), ({"ce": 0.3, "logits": 1.0}, KDConfig(divergence="reverse_kl", temperature=2.0)),
+     ({"logits": 1.0}, KDConfig(divergence="jsd", jsd_beta=0.3, temperature=0.7))],
+)
+def test_fused_head_step_equals_logits_step(tmp_path: Path, objective, kd: KDConfig) -> None:  # noqa: ANN001
+    results = one_step_fused_vs_logits(tiny_llama, lambda: tiny_llama(seed=1, hidden=48), objective, kd, tmp_path)
+    (fused, fused_parts, fused_widths), (plain, plain_parts, plain_widths) = results[True], results[False]
+    assert_same_grads(fused, plain)
+    assert fused_parts.keys() == plain_parts.keys()
+    for name in plain_parts:
+        assert fused_parts[name] == pytest.approx(plain_parts[name], rel=1e-5)
+    # the fused step never scores a position with the output layers; the logits step does
+    assert fused_widths == [0, 0] and min(plain_widths) > 0
+
+
+def test_fused_head_step_equals_logits_step_t5(tmp_path: Path) -> None:
+    """T5 with tied embeddings scales its decoder output before lm_head: the fused path must too."""
+    assert tiny_t5().config.tie_word_embeddings
+    results = one_step_fused_vs_logits(tiny_t5, lambda: tiny_t5(seed=5, d_model=64), {"ce": 1.0, "logits": 0.5},
+                                       KDConfig(), tmp_path)
+    assert_same_grads(results[True][0], results[False][0])
+    assert results[True][2] == [0, 0]
+
+
+def test_plain_linear_head_detection() -> None:
+    model = tiny_llama()
+    assert plain_linear_head(model) is model.lm_head
+
+    class ScaledHead(torch.nn.Linear):  # post-processed logits: the fused path would be wrong
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x) * 0.5
+
+    model.lm_head = ScaledHead(32, 64, bias=False)
+    assert plain_linear_head(model) is None
 
 
 def test_eos_is_learned_when_pad_equals_eos() -> None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Sequence
 
 import httpx
@@ -139,3 +144,30 @@ def test_sandbox_models_are_served():
         assert reply.ok and reply.text
     with pytest.raises(UserError, match="MODEL_DIR"):
         build_models(None)
+
+
+def test_lionkd_serve_command():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"LIONKD_SERVE_KEY": "k-123"}
+    cmd = [sys.executable, "-m", "lionkd", "serve", "--sandbox", "--port", str(port), "--api-key-env", "LIONKD_SERVE_KEY"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                reply = httpx.get(f"{url}/models", headers={"authorization": "Bearer k-123"}, timeout=1)
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None, proc.stdout.read()
+                assert time.monotonic() < deadline, "lionkd serve did not start"
+                time.sleep(0.1)
+        assert {m["id"] for m in reply.json()["data"]} == {"teacher", "referee", "generator"}
+        assert httpx.get(f"{url}/models").status_code == 401
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    missing = subprocess.run([sys.executable, "-m", "lionkd", "serve"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "MODEL_DIR" in missing.stderr

@@ -53,7 +53,9 @@ def test_teacher_is_exact_on_every_task(name):
     rng = random.Random(name)
     items = [world.sample(rng, task=name) for _ in range(40)]
     requests = [
-        GenRequest.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": x.instruction}])
+        GenRequest.chat(
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": x.instruction}]
+        )
         for x in items
     ]
     for inst, result in zip(items, teacher.generate(requests), strict=True):
@@ -154,7 +156,9 @@ def test_usage_limits_stop_and_stream():
     assert result.completion_tokens == 8
     assert all(c.logprobs is None and c.finish_reason == "stop" for c in result.choices)
 
-    (cut,) = teacher.generate([GenRequest.chat([{"role": "user", "content": "Repeat bako 4 times."}], max_tokens=2)])
+    (cut,) = teacher.generate(
+        [GenRequest.chat([{"role": "user", "content": "Repeat bako 4 times."}], max_tokens=2)]
+    )
     assert (cut.text, cut.choices[0].finish_reason) == ("bako bako", "length")
     (stopped,) = teacher.generate([GenRequest(prompt="Sort 3, 1, 2 in ascending order.", stop=(", 3",))])
     assert stopped.text == "1, 2"

@@ -27,7 +27,11 @@ def test_tokenizer_splits_digits_and_has_specials_and_chat_template(tokenizer):
     assert {"3", "7", "5"} <= set(pieces)
     assert not any(p.isdigit() and len(p) > 1 for p in pieces)
     assert tokenizer.decode(ids) == "Add 375 and 5."
-    assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {"<|bos|>", "<|eos|>", "<|pad|>"}
+    assert {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token} == {
+        "<|bos|>",
+        "<|eos|>",
+        "<|pad|>",
+    }
     prompt = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Add 3 and 4."}], tokenize=False, add_generation_prompt=True
     )
@@ -45,7 +49,9 @@ def test_student_trains_saves_reloads_and_generates(tokenizer, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == tokenizer.chat_template
     assert student.prompt_text(tok, "Add 3 and 4.") == student.prompt_text(tokenizer, "Add 3 and 4.")
-    batch = student.encode_examples(tok, [("Add 3 and 4.", "7"), ("Sort 3, 1, 2 in ascending order.", "1, 2, 3")])
+    batch = student.encode_examples(
+        tok, [("Add 3 and 4.", "7"), ("Sort 3, 1, 2 in ascending order.", "1, 2, 3")]
+    )
     with torch.no_grad():
         assert torch.allclose(model(**batch).logits, again(**batch).logits, atol=1e-5)
 
@@ -81,7 +87,9 @@ def test_shipped_base_student_loads_and_beats_chance():
     path = student.base_student_dir()
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    items = [x for x in world.test_set(per_task=30, seed=0) if x.task in ("boolean", "compare", "count_letters")]
+    items = [
+        x for x in world.test_set(per_task=30, seed=0) if x.task in ("boolean", "compare", "count_letters")
+    ]
     report = student.evaluate_student(model, tok, items)
     assert report["by_task"]["boolean"] > 0.7  # chance is 0.5
     assert report["by_task"]["compare"] > 0.6  # chance is 0.5

@@ -111,3 +111,14 @@ def test_corpus_covers_every_phrasing():
     for spec in TASKS.values():
         for phrasing in spec.phrasings:
             assert phrasing.split("{")[0].strip() in text
+
+
+def test_instructions_pass_the_generation_filters():
+    # Lion drops generated instructions of <= 3 words, starting with punctuation, or naming "instruction".
+    rng = random.Random(5)
+    for name, spec in TASKS.items():
+        for phrasing in range(len(spec.phrasings)):
+            text = sample(rng, task=name, level=1, phrasing=phrasing).instruction
+            assert len(text.split()) > 3, text
+            assert text[0].isalpha() and text.isascii()
+            assert "instruction" not in text.lower()

@@ -319,6 +319,26 @@ def serve(
                template=template, dtype=dtype, device=device, batch_size=batch_size)
 
 
+@app.command()
+def demo(
+    run_dir: Annotated[Path, typer.Option(help="Where the run goes (resumes if it exists).")] = Path("runs/demo"),
+    iterations: Annotated[int, typer.Option(help="Lion iterations.")] = 3,
+    seeds: Annotated[int, typer.Option(help="Seed instructions drawn from the world.")] = 1000,
+    new: Annotated[int, typer.Option("--new", help="New instructions per iteration.")] = 600,
+    epochs: Annotated[float, typer.Option(help="Training epochs per imitation stage.")] = 2.0,
+    test_per_task: Annotated[int, typer.Option(help="Held-out test items per task type.")] = 100,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """A whole Lion run on the offline sandbox world, served over HTTP on 127.0.0.1 (no API key)."""
+    from .lion.demo import DemoSettings, results_table, run_demo
+
+    summary, scores = run_demo(DemoSettings(run_dir, iterations, seeds, new, epochs, test_per_task, seed, progress))
+    console.print(results_table(summary, scores))
+    console.print(f"run directory: {summary.run_dir}")
+    console.print(f"report: {summary.report_path}")
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -20,7 +20,8 @@ implementation never exist at once.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -341,7 +342,7 @@ def relation_kl_loss(
 # grad(W) = g.T @ hidden. Only those two gradients (the size of the inputs) outlive the chunk; the
 # backward pass just scales them. Positions with a zero mask are never projected at all.
 
-FUSED_CHUNK_ELEMENTS = 1 << 22  # ~16 MiB of float32 per [chunk, V] intermediate
+FUSED_CHUNK_ELEMENTS = 1 << 23  # ~32 MiB of float32 per [chunk, V] intermediate (256 rows at 32K)
 
 # (student logits [C, V] float32, flat positions [C]) -> (loss per row [C], its gradient [C, V' <= V])
 HeadTerm = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -373,53 +374,47 @@ def _project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 class _FusedHeadLoss(torch.autograd.Function):
-    """sum over chunks of `evaluate(logits of the chunk)`, with gradients built in the forward pass.
+    """The sum over row chunks of `evaluate(logits of the chunk)`; gradients are built in forward.
 
     `evaluate(z, start, end)` returns (total, parts, grad_z) for rows start:end: the weighted loss,
     its unweighted parts (for logging) and d total / d z.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, evaluate, chunk):  # type: ignore[override]
+    def forward(ctx, hidden, weight, bias, evaluate, chunk, parts_if_empty):  # type: ignore[override]
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        # float32 accumulators: a low-precision weight still sums its gradient over all chunks exactly
         grad_h = torch.zeros_like(hidden) if want_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_b else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        parts = None
+        total, parts = torch.zeros((), dtype=torch.float32, device=hidden.device), parts_if_empty
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start : start + chunk]
-            z = _project(h, weight, bias)
-            loss, part, g = evaluate(z, start, start + h.shape[0])
-            del z
+            loss, part, g = evaluate(_project(h, weight, bias), start, start + h.shape[0])
             total += loss
-            parts = part if parts is None else parts + part
+            parts = parts + part
             g = g.to(weight.dtype)
             if grad_h is not None:
                 grad_h[start : start + h.shape[0]] = g @ weight
-            if grad_w is not None:
+            if grad_w is not None and weight.dtype == torch.float32:
+                grad_w.addmm_(g.T, h.to(weight.dtype))
+            elif grad_w is not None:
                 grad_w += g.T @ h.to(weight.dtype)
             if grad_b is not None:
                 grad_b += g.sum(0)
-        if parts is None:
-            parts = evaluate(None, 0, 0)[1]
         ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.mark_non_differentiable(parts)
         return total, parts
 
     @staticmethod
     def backward(ctx, grad_total, _grad_parts):  # type: ignore[override]
         grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype = ctx.needs_input_grad[1]
-        del w_dtype
-
-        def scaled(g: torch.Tensor | None, like_dtype: torch.dtype | None = None) -> torch.Tensor | None:
-            if g is None:
-                return None
-            g = g * grad_total
-            return g if like_dtype is None else g.to(like_dtype)
-
-        return scaled(grad_h), scaled(grad_w, ctx.weight_dtype), scaled(grad_b, ctx.bias_dtype), None, None
+        w_dtype, b_dtype = ctx.dtypes
+        grad_h = grad_h * grad_total if grad_h is not None else None
+        grad_w = (grad_w * grad_total).to(w_dtype) if grad_w is not None else None
+        grad_b = (grad_b * grad_total).to(b_dtype) if grad_b is not None else None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def fused_head_loss(
@@ -430,48 +425,198 @@ def fused_head_loss(
     terms: Mapping[str, tuple[float, HeadTerm]],
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """sum_k weight_k * loss_k over `terms` ({name: (weight, term)}), each loss as its logits-based twin.
+    """sum_k weight_k * loss_k over `terms` ({name: (weight, term)}), each loss equal to its logits twin.
 
-    `mask` [...] has the leading shape of `student.hidden` [..., H]; every loss is the mask-weighted
-    sum over positions divided by `num_items`, as in the rest of this module. Returns the weighted
-    total (differentiable w.r.t. the hidden states, weight and bias) and each loss alone (detached).
-    The student's logits are computed once per chunk and shared by all terms.
+    `mask` has the leading shape of `student.hidden` [..., H]; every loss is the mask-weighted sum over
+    positions divided by `num_items`, as in the rest of this module. Returns the weighted total
+    (differentiable w.r.t. the hidden states, weight and bias) and each loss alone (detached). The
+    student's logits are computed once per chunk and shared by all terms.
     """
-    width = student.hidden.shape[-1]
-    flat_mask = mask.reshape(-1)
+    device = student.hidden.device
+    flat_mask = mask.reshape(-1).to(device)
     positions = flat_mask.nonzero().squeeze(-1)
-    hidden = student.hidden.reshape(-1, width).index_select(0, positions)
+    hidden = student.hidden.reshape(-1, student.hidden.shape[-1]).index_select(0, positions)
     row_weights = flat_mask.index_select(0, positions).float()
     if num_items is None:
-        num_items = positions.numel() or 1
-    inv_items = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=hidden.device)
+        num_items = max(positions.numel(), 1)
+    inv_items = 1.0 / torch.as_tensor(num_items, dtype=torch.float32, device=device)
     names = list(terms)
-    term_weights = torch.tensor([terms[k][0] for k in names], dtype=torch.float32, device=hidden.device)
+    term_weights = torch.tensor([terms[k][0] for k in names], dtype=torch.float32, device=device)
 
-    def evaluate(z: torch.Tensor | None, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if z is None:
-            return inv_items * 0, torch.zeros(len(names), device=hidden.device), torch.empty(0)
+    def evaluate(z: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pos, w = positions[start:end], row_weights[start:end]
         sums, grad = [], None
-        for name in names:
-            term_weight, term = terms[name]
-            loss, g = term(z, pos)
+        for name, term_weight in zip(names, term_weights, strict=True):
+            loss, g = terms[name][1](z, pos)
             sums.append((loss * w).sum())
             scale = (w * (term_weight * inv_items)).unsqueeze(-1)
             if grad is None and g.shape[-1] == z.shape[-1]:
-                grad = g.mul_(scale)
+                grad = g.mul_(scale)  # terms hand over fresh tensors
             else:
                 grad = torch.zeros_like(z) if grad is None else grad
                 grad[:, : g.shape[-1]].addcmul_(g, scale)
-        part = torch.stack(sums) * inv_items if sums else torch.zeros(0, device=z.device)
-        grad = torch.zeros_like(z) if grad is None else grad
-        return (part * term_weights).sum(), part, grad
+        part = torch.stack(sums) * inv_items if sums else term_weights
+        return (part * term_weights).sum(), part, torch.zeros_like(z) if grad is None else grad
 
-    fn = _FusedHeadLoss
     chunk = chunk_size or max(1, FUSED_CHUNK_ELEMENTS // max(student.vocab, 1))
-    total, parts = _apply_fused(fn, hidden, student.weight, student.bias, evaluate, chunk)
+    total, parts = _FusedHeadLoss.apply(
+        hidden, student.weight, student.bias, evaluate, chunk, torch.zeros(len(names), device=device)
+    )
     return total, {name: parts[i] for i, name in enumerate(names)}
 
 
-def _apply_fused(fn, hidden, weight, bias, evaluate, chunk):  # noqa: ANN001, ANN202
-    return fn.apply(hidden, weight, bias, evaluate, chunk)
+# Terms. Forward and reverse KL and cross-entropy have closed-form gradients; the other divergences
+# and the sparse top-k losses differentiate the logits-path row loss with autograd, one chunk at a time.
+
+
+def _with_autograd(row_loss: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        leaf = z.detach().requires_grad_(True)
+        loss = row_loss(leaf)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)  # rows are independent: per-row gradients
+    return loss.detach(), grad
+
+
+def ce_term(targets: torch.Tensor) -> HeadTerm:
+    """Cross-entropy of `targets` (the shape of the mask), as `ce_loss`."""
+    flat_targets = targets.reshape(-1)
+
+    def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = flat_targets.index_select(0, pos.to(flat_targets.device)).to(z.device).long().unsqueeze(-1)
+        lse = z.logsumexp(-1, keepdim=True)
+        loss = (lse - z.gather(-1, y)).squeeze(-1)
+        grad = (z - lse).exp_()  # softmax - one_hot(y)
+        grad.scatter_add_(-1, y, torch.full_like(lse, -1.0))
+        return loss, grad
+
+    return term
+
+
+def kd_term(
+    teacher: LinearHead | torch.Tensor,
+    *,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+) -> HeadTerm:
+    """Word-level KD as `kd_loss`; the teacher is its own hidden states and head, or its logits [..., V]."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    if divergence == "jsd" and beta in (0.0, 1.0):  # GKD's end points are plain KLs
+        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if isinstance(teacher, LinearHead):
+        teacher_vocab, teacher_logits = teacher.vocab, teacher.logits
+    else:
+        flat = teacher.reshape(-1, teacher.shape[-1])
+        teacher_vocab = flat.shape[-1]
+
+        def teacher_logits(pos: torch.Tensor) -> torch.Tensor:
+            return flat.index_select(0, pos.to(flat.device)).float()
+
+    def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        vocab = common_vocab(z.shape[-1], teacher_vocab, vocab_size)
+        with torch.no_grad():
+            t = teacher_logits(pos)[:, :vocab].to(z.device)
+        if divergence in ("forward_kl", "reverse_kl"):
+            return _analytic_kl(z[:, :vocab], t, temperature, reverse=divergence == "reverse_kl")
+        loss, grad = _with_autograd(lambda s: _dense_rows(s, t, vocab, temperature, divergence, beta, alpha), z[:, :vocab])
+        return loss * temperature**2, grad.mul_(temperature**2)
+
+    return term
+
+
+def _analytic_kl(
+    s: torch.Tensor, t: torch.Tensor, temperature: float, *, reverse: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """T^2 KL(p || q) (or KL(q || p)) per row of student logits s and teacher logits t, and d/ds.
+
+    Works in place on fresh [C, V] buffers: four of them live at most.
+    """
+    tiny = torch.finfo(torch.float32).min  # as `divergence_rows`: ruled-out tokens give 0, not nan
+    if temperature != 1.0:
+        s, t = s / temperature, t / temperature
+    lq = s.log_softmax(-1).clamp_min_(tiny)
+    del s
+    lp = t.log_softmax(-1).clamp_min_(tiny)
+    del t
+    if not reverse:  # KL(p || q) = sum p (lp - lq);  d/ds = q - p
+        p = lp.exp()
+        diff = lp.sub_(lq)
+        grad = lq.exp_().sub_(p)
+        loss = p.mul_(diff).sum(-1)
+    else:  # KL(q || p) = sum q (lq - lp);  d/ds = q (lq - lp - KL)
+        q = lq.exp()
+        diff = lq.sub_(lp)
+        loss = (q * diff).sum(-1)
+        grad = diff.sub_(loss.unsqueeze(-1)).mul_(q)
+    # the loss is scaled by T^2 and d/dz = d/ds / T
+    return loss * temperature**2, grad.mul_(temperature)
+
+
+def sparse_kd_term(
+    teacher_ids: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
+    *,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    tail: TopkTail = "rest",
+) -> HeadTerm:
+    """Word-level KD against cached teacher top-k ids and log-probabilities [..., k], as `sparse_kd_loss`."""
+    ids = teacher_ids.reshape(-1, teacher_ids.shape[-1])
+    logprobs = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])
+
+    def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _check_topk(ids, z.shape[-1], divergence, tail)
+        i = ids.index_select(0, pos.to(ids.device)).to(z.device)
+        lp = logprobs.index_select(0, pos.to(logprobs.device)).to(z.device)
+        loss, grad = _with_autograd(lambda s: _sparse_rows(s, i, lp, temperature, divergence, beta, alpha, tail), z)
+        return loss * temperature**2, grad.mul_(temperature**2)
+
+    return term
+
+
+def fused_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    divergence: Divergence = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`kd_loss` of the logits `hidden @ weight.T + bias` of both sides, without building them."""
+    teacher = LinearHead(teacher_hidden.detach(), teacher_weight.detach(),
+                         teacher_bias.detach() if teacher_bias is not None else None)
+    term = kd_term(teacher, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
+                   vocab_size=vocab_size)
+    student = LinearHead(student_hidden, student_weight, student_bias)
+    total, _ = fused_head_loss(student, mask, num_items, terms={"kd": (1.0, term)}, chunk_size=chunk_size)
+    return total
+
+
+def fused_ce_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """`ce_loss` of the logits `hidden @ weight.T + bias`, without building them."""
+    student = LinearHead(hidden, weight, bias)
+    total, _ = fused_head_loss(student, mask, num_items, terms={"ce": (1.0, ce_term(targets))}, chunk_size=chunk_size)
+    return total

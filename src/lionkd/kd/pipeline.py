@@ -373,6 +373,9 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
 
     kd = cfg.kd
     records = pt_records(cfg, store, data.pt_inputs())
+    if kd.pt_method != "none" and not records:
+        raise UserError(f"kd.pt_method: no stored pseudo-targets match method '{kd.pt_method}' and teacher "
+                        f"'{teacher_name(cfg)}' (the run began with other settings); use a new run_dir")
     schedule = pt_schedule(data.labeled, records)
     if kd.teacher_topk > 0 and "logits" in kd.objective:
         schedule = with_teacher_topk(cfg, schedule)

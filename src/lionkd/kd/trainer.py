@@ -10,6 +10,11 @@ Objectives (weighted sum, e.g. {"logits": 0.5, "attention": 0.5}):
 Every loss is a sum over target tokens divided by the number of target tokens of the whole
 optimiser step, counted over all micro-batches and all processes before the first forward, so the
 update does not depend on how a step is split into micro-batches or processes.
+
+When a model's logits are exactly `lm_head(last hidden states)` (a plain linear output layer), the
+trainer never builds its [batch, length, vocabulary] logits: the output layer sees no position, and
+the fused losses of `losses.py` project the target positions chunk by chunk. Student and teacher
+both; other models fall back to the logits-based losses with the same values.
 """
 
 from __future__ import annotations
@@ -48,7 +53,18 @@ from .data import (
     is_encoder_decoder,
 )
 from .joint_teaching import JointTeaching, StudentSampler
-from .losses import ce_loss, kd_loss, relation_kl_loss, sparse_kd_loss
+from .losses import (
+    HeadTerm,
+    LinearHead,
+    ce_loss,
+    ce_term,
+    fused_head_loss,
+    kd_loss,
+    kd_term,
+    relation_kl_loss,
+    sparse_kd_loss,
+    sparse_kd_term,
+)
 
 TrainSettings = TrainConfig  # the settings of one training run
 OBJECTIVES = ("ce", "logits", "noisy", "attention")
@@ -103,6 +119,46 @@ def resolve_objective(objective: str | Mapping[str, float] | None, has_teacher: 
     if not weights:
         raise UserError("kd.objective: every weight is zero")
     return weights
+
+
+# --------------------------------------------------------------------------- output layer
+
+# Models whose logits are lm_head(input of lm_head) with nothing after it (no soft-capping, logit
+# scale or final bias); T5 scales its decoder output before lm_head, which the captured input includes.
+PLAIN_HEAD_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3", "gpt2", "t5", "mt5", "phi3"})
+
+
+def plain_linear_head(model: nn.Module) -> nn.Linear | None:
+    """The output layer of `model` (or of the model a PEFT wrapper holds) when it is a plain linear head."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD_MODELS:
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head if type(head) is nn.Linear else None  # a LoRA-wrapped head is not plain
+
+
+@contextlib.contextmanager
+def head_inputs(head: nn.Module | None) -> Iterator[list[torch.Tensor]]:
+    """Record the hidden states `head` is called on and let it score no position at all.
+
+    The forward still runs through the top-level module (so DDP and PEFT wrappers do their work);
+    only the output layer's [batch, length, vocabulary] product is skipped.
+    """
+    seen: list[torch.Tensor] = []
+    if head is None:
+        yield seen
+        return
+
+    def skip(_module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        seen.append(args[0])
+        return (args[0][..., :0, :], *args[1:])
+
+    handle = head.register_forward_pre_hook(skip)
+    try:
+        yield seen
+    finally:
+        handle.remove()
 
 
 # --------------------------------------------------------------------------- attention relations
@@ -172,9 +228,11 @@ class KDTrainer(Trainer):
         kd: KDConfig | None = None,
         vocab_size: int | None = None,
         sampler: StudentSampler | None = None,
+        fuse_head: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.fuse_head = fuse_head  # fused output layer + loss where the models allow it
         self.objective = dict(objective)
         self.kd = kd or KDConfig()
         self.vocab_size = vocab_size
@@ -222,53 +280,82 @@ class KDTrainer(Trainer):
         w = self.objective
         kd = self.kd
         mask = inputs["target_mask"]
-        with capture_qkv(model) if "attention" in w else contextlib.nullcontext({}) as s_states:
+        head = self._fusable_head(self.accelerator.unwrap_model(model)) if not return_outputs else None
+        with (
+            capture_qkv(model) if "attention" in w else contextlib.nullcontext({}) as s_states,
+            head_inputs(head) as s_hidden,
+        ):
             out = model(**model_inputs, use_cache=False)
-        logits = out.logits
+        # with a fused head, every logits-based loss becomes a term of one fused pass over the student's head
+        student = LinearHead(s_hidden[-1], head.weight, head.bias) if head is not None else None
+        terms: dict[str, HeadTerm] = {}
         parts: dict[str, torch.Tensor] = {}
+        kd_options = {"divergence": kd.divergence, "temperature": kd.temperature, "beta": kd.jsd_beta,
+                      "alpha": kd.skew_alpha}
         if "ce" in w:
-            parts["ce"] = ce_loss(logits, inputs["target_ids"], mask, n)
+            if student is not None:
+                terms["ce"] = ce_term(inputs["target_ids"])
+            else:
+                parts["ce"] = ce_loss(out.logits, inputs["target_ids"], mask, n)
         t_states: dict[tuple[str, str], torch.Tensor] = {}
         teacher_runs: list[tuple[str | None, bool]] = [(k, k == "noisy") for k in ("logits", "noisy") if k in w]
         if "attention" in w and not teacher_runs:
             teacher_runs = [(None, False)]  # a teacher forward for its Q/K/V states only
         for name, noisy in teacher_runs:
             if name == "logits" and "topk_ids" in inputs and "attention" not in w:
-                parts[name] = sparse_kd_loss(
-                    logits, inputs["topk_ids"], inputs["topk_logprobs"], mask, n,
-                    divergence=kd.divergence, temperature=kd.temperature, beta=kd.jsd_beta, alpha=kd.skew_alpha,
-                    tail=kd.topk_tail,
-                )
+                topk = inputs["topk_ids"], inputs["topk_logprobs"]
+                if student is not None:
+                    terms[name] = sparse_kd_term(*topk, **kd_options, tail=kd.topk_tail)
+                else:
+                    parts[name] = sparse_kd_loss(out.logits, *topk, mask, n, **kd_options, tail=kd.topk_tail)
                 continue
-            t_logits, states = self._teacher_forward(
-                model_inputs, noisy=noisy, capture="attention" in w and not t_states
+            teacher_out, states = self._teacher_forward(
+                model_inputs, noisy=noisy, capture="attention" in w and not t_states, fused=student is not None
             )
             t_states = t_states or states
-            if name is not None:
-                parts[name] = kd_loss(
-                    logits, t_logits, mask, n,
-                    divergence=kd.divergence, temperature=kd.temperature, beta=kd.jsd_beta, alpha=kd.skew_alpha,
-                    vocab_size=self.vocab_size,
-                )
+            if name is None:
+                continue
+            if student is not None:
+                terms[name] = kd_term(teacher_out, **kd_options, vocab_size=self.vocab_size)
+            else:
+                parts[name] = kd_loss(out.logits, teacher_out, mask, n, **kd_options, vocab_size=self.vocab_size)
         if "attention" in w:
             parts["attention"] = self._attention_loss(s_states, t_states, inputs, n)
         loss = sum(w[k] * v for k, v in parts.items())
+        if terms:
+            assert student is not None
+            total, fused_parts = fused_head_loss(student, mask, n, terms={k: (w[k], t) for k, t in terms.items()})
+            loss = loss + total
+            parts.update(fused_parts)
         self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
         # DDP averages gradients over processes; the token count already spans all of them.
         loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
 
+    def _fusable_head(self, model: nn.Module) -> nn.Linear | None:
+        if not self.fuse_head or not set(self.objective) & {"ce", "logits", "noisy"}:
+            return None
+        return plain_linear_head(model)
+
     def _teacher_forward(
-        self, model_inputs: dict[str, torch.Tensor], *, noisy: bool, capture: bool
-    ) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
+        self, model_inputs: dict[str, torch.Tensor], *, noisy: bool, capture: bool, fused: bool = False
+    ) -> tuple[torch.Tensor | LinearHead, dict[tuple[str, str], torch.Tensor]]:
+        """The teacher's logits, or (`fused` and a plain head) its hidden states and head."""
         if self.teacher is None:
             raise UserError("this objective needs a teacher model (or cached teacher top-k for 'logits')")
+        head = plain_linear_head(self.teacher) if fused else None
         self.teacher.train(noisy)
         try:
-            with torch.no_grad(), capture_qkv(self.teacher) if capture else contextlib.nullcontext({}) as states:
+            with (
+                torch.no_grad(),
+                capture_qkv(self.teacher) if capture else contextlib.nullcontext({}) as states,
+                head_inputs(head) as hidden,
+            ):
                 t_out = self.teacher(**model_inputs, use_cache=False)
         finally:
             self.teacher.eval()
+        if head is not None:
+            return LinearHead(hidden[-1], head.weight, head.bias), dict(states)
         return t_out.logits, dict(states)
 
     def _attention_loss(

@@ -100,13 +100,7 @@ class CachedLLM:
         return out  # type: ignore[return-value]
 
     def generate(self, requests: Sequence[GenRequest], *, iteration: int | None = None) -> list[GenResult]:
-        async def run() -> list[GenResult]:
-            try:
-                return await self.agenerate(requests, iteration=iteration)
-            finally:
-                await self.backend.aclose()  # connections belong to this event loop, which ends here
-
-        return asyncio.run(run())
+        return asyncio.run(self.agenerate(requests, iteration=iteration))
 
     async def aclose(self) -> None:
         await self.backend.aclose()

@@ -91,8 +91,7 @@ class HFBackend(Backend):
             if dtype != "auto":
                 model = model.to(DTYPES[dtype])
         super().__init__(name)
-        self.model = name
-        self.net = model.eval()
+        self.net = model.eval()  # the torch module (`model` is the name, as for every backend)
         self.tokenizer = tokenizer
         self.template = template
         self.batch_size = batch_size

@@ -87,7 +87,9 @@ class SandboxBackend(Backend):
 
     def result(self, request: GenRequest) -> GenResult:
         choices = [Choice(*_cut(self.reply(request, i), request)) for i in range(request.n)]
-        prompt = request.prompt if request.prompt is not None else " ".join(c for _, c in request.messages or ())
+        prompt = (
+            request.prompt if request.prompt is not None else " ".join(c for _, c in request.messages or ())
+        )
         return GenResult(
             choices=choices,
             prompt_tokens=_words(prompt),

@@ -124,7 +124,9 @@ def _same_type(seed: Instance, rng: random.Random) -> Instance:
 def _rarer(seed: Instance, rng: random.Random) -> Instance:
     """A harder level of the same type, or a less common type of the same domain."""
     if seed.level < seed.spec.levels[-1] and rng.random() < 0.25:
-        return world.sample(rng, task=seed.task, level=rng.choice([lv for lv in seed.spec.levels if lv > seed.level]))
+        return world.sample(
+            rng, task=seed.task, level=rng.choice([lv for lv in seed.spec.levels if lv > seed.level])
+        )
     others = [t for t in world.DOMAINS[seed.domain] if t != seed.task] or [seed.task]
     task = rng.choices(others, [1.0 / world.TASKS[t].weight for t in others])[0]
     return world.sample(rng, task=task)

@@ -105,6 +105,7 @@ def base_student_dir() -> Path:
 
 
 def prompt_text(tokenizer: Any, instruction: str) -> str:
+    """The chat prompt the student answers (what `lionkd.llm.templates.render_prompt` renders too)."""
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
     )
@@ -170,7 +171,7 @@ def train_on_world(
 
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, instructions: Sequence[str], batch_size: int = 256, max_new_tokens: int = 24
+    model: Any, tokenizer: Any, instructions: Sequence[str], batch_size: int = 256, max_new_tokens: int = 32
 ) -> list[str]:
     """Greedy answers, batched with left padding and the KV cache."""
     model.eval()
@@ -206,8 +207,11 @@ def evaluate_student(
     if any(x is None for x in instances):
         raise ValueError("evaluate_student: an item's instruction is not a sandbox task")
     answers = generate_answers(model, tokenizer, [x.instruction for x in instances], batch_size)
-    groups: dict[str, dict[Any, list[bool]]] = {"by_task": defaultdict(list), "by_domain": defaultdict(list),
-                                                 "by_level": defaultdict(list)}
+    groups: dict[str, dict[Any, list[bool]]] = {
+        "by_task": defaultdict(list),
+        "by_domain": defaultdict(list),
+        "by_level": defaultdict(list),
+    }
     hits = []
     for inst, text in zip(instances, answers, strict=True):
         ok = world.is_correct(inst, text)
