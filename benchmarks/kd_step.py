@@ -3,11 +3,13 @@
 Same student and teacher (Llama, hidden 256, 2 layers, 32,000-token vocabulary), same batch (4
 sequences of 64 prompt + 192 target tokens), same optimiser. TRL's GKD runs with lmbda = 0 (no
 student generations) and beta = 0, which in TRL's `generalized_jsd_loss` is KL(teacher || student),
-i.e. forward KL, temperature 1. Each trainer runs in its own subprocess; throughput counts all
-tokens of the batches over the steps after the first (warm-up); peak memory is the growth of peak
-RSS over the RSS once the models exist. Prints a table and writes benchmarks/results/kd_step.json.
+i.e. forward KL, temperature 1. lionkd runs twice: with its fused output layer + loss (the default:
+no [batch, length, vocabulary] logits of student or teacher) and with the logits path
+(`fuse_head=False`). Each trainer runs in its own subprocess; throughput counts all tokens of the
+batches over the steps after the first (warm-up); peak memory is the growth of peak RSS over the RSS
+once the models exist. Prints a table with the ratios to TRL and writes benchmarks/results/kd_step.json.
 
-    python benchmarks/kd_step.py [--steps 6]
+    python benchmarks/kd_step.py [--steps 5]
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ class StepTimer:
         return _Cb()
 
 
-def run_lionkd(steps: int, tmp: Path) -> dict:
+def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     from lionkd.config import TrainConfig
     from lionkd.kd.data import TrainExample
     from lionkd.kd.trainer import build_trainer
@@ -87,6 +89,7 @@ def run_lionkd(steps: int, tmp: Path) -> dict:
                            warmup_ratio=0.0, save_steps=10_000, logging_steps=10_000)
     trainer = build_trainer(student, examples, tmp / "lionkd", settings=settings, teacher=teacher, objective="logits",
                             tokenizer=tok, template="raw", progress=False)
+    trainer.fuse_head = fuse_head
     return measure(trainer)
 
 
@@ -134,33 +137,42 @@ def measure(trainer) -> dict:  # noqa: ANN001
     return {"tokens_per_s": tokens / seconds, "seconds_per_step": seconds / timed, "peak_extra_mb": peak - base}
 
 
+WORKERS = {
+    "trl": run_trl,
+    "lionkd-logits": lambda steps, tmp: run_lionkd(steps, tmp, fuse_head=False),
+    "lionkd": run_lionkd,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--worker", choices=["lionkd", "trl"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument("--tmp", default="/tmp/lionkd-bench-kd-step")
     args = parser.parse_args()
     if args.worker:
-        run = run_lionkd if args.worker == "lionkd" else run_trl
-        print(json.dumps({"trainer": args.worker, **run(args.steps, Path(args.tmp))}))
+        print(json.dumps({"trainer": args.worker, **WORKERS[args.worker](args.steps, Path(args.tmp))}))
         return
     rows = []
-    for name in ("trl", "lionkd"):
+    for name in WORKERS:
         cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--tmp", args.tmp]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    trl, ours = rows
-    ratio = {"throughput": ours["tokens_per_s"] / trl["tokens_per_s"],
-             "memory": ours["peak_extra_mb"] / trl["peak_extra_mb"]}
-    print(f"KD training step: Llama h{HIDDEN} x{LAYERS}, vocab {VOCAB}, batch {BATCH} x {PROMPT + TARGET} tokens")
-    print(f"{'trainer':<10}{'tokens/s':>12}{'s/step':>10}{'peak extra MiB':>16}")
+    trl = rows[0]
     for r in rows:
-        print(f"{r['trainer']:<10}{r['tokens_per_s']:>12.0f}{r['seconds_per_step']:>10.3f}{r['peak_extra_mb']:>16.0f}")
-    print(f"lionkd / TRL GKD: throughput x{ratio['throughput']:.2f}, peak memory x{ratio['memory']:.2f}")
+        r["throughput_vs_trl"] = r["tokens_per_s"] / trl["tokens_per_s"]
+        r["memory_vs_trl"] = r["peak_extra_mb"] / trl["peak_extra_mb"]
+    load = os.getloadavg()
+    print(f"KD training step: Llama h{HIDDEN} x{LAYERS}, vocab {VOCAB}, batch {BATCH} x {PROMPT + TARGET} tokens; "
+          f"load average {load[0]:.2f} on {os.cpu_count()} CPUs")
+    print(f"{'trainer':<15}{'tokens/s':>10}{'s/step':>9}{'peak extra MiB':>16}{'speed/TRL':>11}{'memory/TRL':>12}")
+    for r in rows:
+        print(f"{r['trainer']:<15}{r['tokens_per_s']:>10.0f}{r['seconds_per_step']:>9.3f}{r['peak_extra_mb']:>16.0f}"
+              f"{r['throughput_vs_trl']:>11.2f}{r['memory_vs_trl']:>12.2f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": args.steps, "rows": rows, "ratio": ratio}, indent=2))
+    RESULTS.write_text(json.dumps({"steps": args.steps, "rows": rows, "load_average": load}, indent=2))
 
 
 if __name__ == "__main__":
