@@ -87,10 +87,10 @@ def test_shipped_base_student_loads_and_beats_chance():
     path = student.base_student_dir()
     model = AutoModelForCausalLM.from_pretrained(path)
     tok = AutoTokenizer.from_pretrained(path)
-    items = [
-        x for x in world.test_set(per_task=30, seed=0) if x.task in ("boolean", "compare", "count_letters")
-    ]
+    assert student.prompt_text(tok, "Add 3 and 4.") == "<|user|>\nAdd 3 and 4.\n<|assistant|>\n"
+    easy = ("boolean", "count_letters", "repeat")
+    items = [x for x in world.test_set(per_task=30, seed=0) if x.task in easy]
     report = student.evaluate_student(model, tok, items)
     assert report["by_task"]["boolean"] > 0.7  # chance is 0.5
-    assert report["by_task"]["compare"] > 0.6  # chance is 0.5
-    assert report["by_task"]["count_letters"] > 0.3  # chance is about 0.1
+    assert report["by_task"]["count_letters"] > 0.5  # chance is about 0.1
+    assert report["by_task"]["repeat"] > 0.3  # chance is about 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -149,6 +150,10 @@ def load_task_data(cfg: RunConfig) -> TaskData:
 # --------------------------------------------------------------------------- checks and paths
 
 
+# A name that is not a local folder is loaded from the Hugging Face hub when it looks like an id.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
 def check_config(cfg: RunConfig) -> None:
     """Mistakes found before any work, each a one-line error naming its key."""
     from .trainer import resolve_objective
@@ -168,8 +173,8 @@ def model_path(name: str, key: str) -> str:
     from ..llm.factory import resolve_model_path
 
     path = resolve_model_path(name)
-    if not Path(path).exists():
-        raise UserError(f"{key}: model not found: {path} (lionkd distill needs a local model folder)")
+    if not Path(path).exists() and not HUB_ID.fullmatch(path):
+        raise UserError(f"{key}: model not found: {path} (a local model folder or a hub id like org/name)")
     return path
 
 

@@ -8,17 +8,24 @@ trainer renders them, so the student is asked in the form it was trained on; an 
 reads the system and user turns joined by blank lines, as in training.
 
 Logprobs are the model's own distribution (log-softmax of the raw logits, before temperature or
-top_p), and token strings are surface strings (" the", not "Ġthe"), so they add up to the text.
+top_p). The generated tokens' strings are surface strings (" the", not "Ġthe") that join to exactly the
+reply text: a character split over several tokens is written by the token that starts it, the others
+get "". Each token also carries its raw bytes (`SpelledToken`), which the server sends in OpenAI's
+`bytes` field. An alternative that is part of a character is written in the API's "bytes:\\xe4" form.
 Generation runs in a worker thread, one batch at a time, so the event loop stays responsive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import copy
+import dataclasses
+import re
 import threading
 from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,31 @@ from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .templates import Template, has_chat_template, render_prompt
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
+
+
+@dataclasses.dataclass
+class SpelledToken(TokenLogprob):
+    """A generated token with its raw bytes and those of its alternatives (OpenAI's `bytes` field)."""
+
+    bytes: list[int] = dataclasses.field(default_factory=list)
+    top_bytes: list[list[int]] = dataclasses.field(default_factory=list)
+
+
+@cache
+def _byte_of_char() -> dict[str, int]:
+    """Byte-level BPE writes each byte as one printable character: the way back."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def _api_string(data: bytes) -> str:
+    """Text when `data` is whole UTF-8, else the API's 'bytes:\\xe4\\xb8' form."""
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in data)
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -101,6 +133,7 @@ class HFBackend(Backend):
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one generate at a time on this model
         self._pieces: dict[int, str] = {}
+        self._bytes: dict[int, bytes] = {}
         self._anchor = (tokenizer.encode("a", add_special_tokens=False) or [0])[-1]
 
     @property
@@ -206,12 +239,12 @@ class HFBackend(Backend):
             end, count, finish = eos_at, eos_at + 1, "stop"
         else:
             count, finish = end, "length" if end >= req.max_tokens else "stop"
-        text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
+        full = text = self.tokenizer.decode(ids[:end], skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in req.stop) if i >= 0), default=-1)
         if cut >= 0:
             text, finish = text[:cut], "stop"
         if logprobs is not None:
-            logprobs = logprobs[:end]
+            logprobs = self._spelled(logprobs[:end], ids[:end], full)
             if cut >= 0:  # keep the tokens that spell the kept text
                 kept, length = [], 0
                 for lp in logprobs:
@@ -233,11 +266,58 @@ class HFBackend(Backend):
             chosen = lp.gather(1, generated[:, t : t + 1]).squeeze(1).tolist()
             alts = lp.topk(top, dim=-1) if top > 0 else None
             for r, token in enumerate(generated[:, t].tolist()):
-                alternatives = []
+                alternatives, alt_bytes = [], []
                 if alts is not None:
-                    alternatives = [(self.piece(a), v) for a, v in zip(alts.indices[r].tolist(), alts.values[r].tolist(), strict=True)]
-                table[r].append(TokenLogprob(self.piece(token), chosen[r], alternatives))
+                    for a, v in zip(alts.indices[r].tolist(), alts.values[r].tolist(), strict=True):
+                        data = self.token_bytes(a) or self.piece(a).encode()  # a special token: its name
+                        alternatives.append((_api_string(data), v))
+                        alt_bytes.append(list(data))
+                table[r].append(SpelledToken(self.piece(token), chosen[r], alternatives, top_bytes=alt_bytes))
         return table
+
+    def _spelled(self, tokens: list[TokenLogprob], ids: list[int], text: str) -> list[TokenLogprob]:
+        """The tokens with strings that join to `text` and with their raw bytes."""
+        raw = [self.token_bytes(i) for i in ids[: len(tokens)]]
+        strings = _cut_at_characters(raw, text) or self._decoded_pieces(ids[: len(tokens)], text)
+        return [dataclasses.replace(t, token=s, bytes=list(b)) if isinstance(t, SpelledToken)
+                else dataclasses.replace(t, token=s) for t, s, b in zip(tokens, strings, raw, strict=True)]
+
+    def _decoded_pieces(self, ids: list[int], text: str) -> list[str]:
+        """Strings by decoding ever longer prefixes (tokenizers whose bytes do not give the text back)."""
+        pieces, done = [], ""
+        for t in range(len(ids)):
+            now = self.tokenizer.decode(ids[: t + 1], skip_special_tokens=True)
+            if now.startswith(done) and text.startswith(now) and not now.endswith("\ufffd"):
+                pieces.append(now[len(done):])
+                done = now
+            else:
+                pieces.append("")
+        if pieces:
+            pieces[-1] += text[len(done):]
+        return pieces
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes a token adds to the text (empty for special tokens, which the text leaves out)."""
+        data = self._bytes.get(token_id)
+        if data is None:
+            tok = self.tokenizer
+            piece = self.piece(token_id)
+            if token_id in tok.all_special_ids:
+                data = b""
+            elif "\ufffd" not in piece:
+                data = piece.encode()
+            else:  # part of a character: decoding cannot say which bytes, the token string can
+                token = tok.convert_ids_to_tokens(token_id)
+                byte = _BYTE_FALLBACK.fullmatch(token)
+                table = _byte_of_char()
+                if byte:
+                    data = bytes([int(byte.group(1), 16)])
+                elif all(c in table for c in token):
+                    data = bytes(table[c] for c in token)
+                else:
+                    data = piece.encode()
+            self._bytes[token_id] = data
+        return data
 
     def piece(self, token_id: int) -> str:
         """The text a token adds after other text (keeps the leading space SentencePiece drops at the start)."""
@@ -250,6 +330,35 @@ class HFBackend(Backend):
                 text = tok.decode([self._anchor, token_id])[len(tok.decode([self._anchor])):]
             self._pieces[token_id] = text
         return text
+
+
+def _cut_at_characters(raw: list[bytes], text: str) -> list[str] | None:
+    """Token strings from raw token bytes: each character goes to the token holding its first byte.
+
+    Bytes that never make a character become U+FFFD, as in decoding. None when the bytes do not spell
+    `text` (a leading space that the decoder drops is allowed).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    out = [""] * len(raw)
+    holder: int | None = None  # the token where a character still being read began
+    for t, piece in enumerate(raw):
+        chunk = decoder.decode(piece)
+        if holder is not None and chunk:
+            out[holder] += chunk[0]
+            chunk, holder = chunk[1:], None
+        out[t] += chunk
+        if holder is None and decoder.getstate()[0]:
+            holder = t
+    if out:
+        out[holder if holder is not None else -1] += decoder.decode(b"", final=True)
+    extra = sum(map(len, out)) - len(text)
+    joined = "".join(out)
+    if extra < 0 or not joined.endswith(text) or joined[:extra].strip():
+        return None
+    for t in range(len(out)):  # drop the leading space the text does not have
+        drop = min(extra, len(out[t]))
+        out[t], extra = out[t][drop:], extra - drop
+    return out
 
 
 def _eos_ids(model: Any, tokenizer: Any) -> set[int]:

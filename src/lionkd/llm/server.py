@@ -183,14 +183,18 @@ class MicroBatcher:
 # --------------------------------------------------------------------------- response bodies
 
 
-def _token_entry(token: str, logprob: float) -> dict[str, Any]:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _token_entry(token: str, logprob: float, raw: list[int] | None = None) -> dict[str, Any]:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8")) if raw is None else raw}
 
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> dict[str, Any]:
-    return {"content": [
-        _token_entry(t.token, t.logprob) | {"top_logprobs": [_token_entry(a, b) for a, b in t.top]} for t in tokens
-    ], "refusal": None}
+    """OpenAI's `logprobs` of a chat choice; a backend that knows its tokens' raw bytes sends those."""
+    def entry(t: TokenLogprob) -> dict[str, Any]:
+        top_bytes = getattr(t, "top_bytes", None) or [None] * len(t.top)
+        return _token_entry(t.token, t.logprob, getattr(t, "bytes", None)) | {
+            "top_logprobs": [_token_entry(a, b, raw) for (a, b), raw in zip(t.top, top_bytes, strict=True)]}
+
+    return {"content": [entry(t) for t in tokens], "refusal": None}
 
 
 def legacy_logprobs(tokens: list[TokenLogprob], start: int = 0) -> dict[str, Any]:
