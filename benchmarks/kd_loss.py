@@ -73,7 +73,7 @@ def worker(variant: str, batch: int, seq: int, vocab: int, hidden: int, reps: in
         loss = fn()
         loss.backward()
         times.append(time.perf_counter() - start)
-        value = float(loss)
+        value = float(loss.detach())
     return {"variant": variant, "seconds": min(times), "peak_extra_mb": peak_mb() - base, "loss": value,
             "grad_checksum": float(s_hidden.grad.double().abs().sum() + s_weight.grad.double().abs().sum())}
 

@@ -1,4 +1,5 @@
 import json
+import re
 
 from conftest import run_cli
 
@@ -26,7 +27,8 @@ def test_status_and_export(tmp_path):
     (run / "config.yaml").write_text("teacher: {price: {input: 1.0, output: 2.0}}\n")
     status = run_cli("status", str(run))
     assert status.returncode == 0, status.stderr
-    assert "hard_ratio=0.25" in status.stdout and "0.0020" in status.stdout  # 1000*1e-6 + 500*2e-6
+    assert re.search(r"hard_ratio\s*│\s*0.25", status.stdout), status.stdout
+    assert "0.0020" in status.stdout  # 1000 * $1/1M + 500 * $2/1M
 
     out = tmp_path / "out.jsonl"
     result = run_cli("export", str(run), "--out", str(out))

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
-from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.data import Collator, TopK, TrainExample, encode_example
 from lionkd.kd.trainer import build_trainer, plain_linear_head, train_student
 
 WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
@@ -217,13 +217,13 @@ class HeadWidths:
             m.get_output_embeddings().register_forward_hook(lambda _m, _i, out: self.widths.append(out.shape[-2]))
 
 
-def one_step_fused_vs_logits(student_fn, teacher_fn, objective, kd: KDConfig, tmp_path: Path):  # noqa: ANN001, ANN201
+def one_step_fused_vs_logits(student_fn, teacher_fn, objective, kd: KDConfig, tmp_path: Path, data=None):  # noqa: ANN001, ANN201
     results = {}
     for fuse in (True, False):
         settings = TrainConfig(max_steps=1, batch_size=8, learning_rate=1e-3, max_length=32, seed=0, warmup_ratio=0.0)
-        student, teacher = student_fn(), teacher_fn()
-        widths = HeadWidths(student, teacher)
-        trainer = build_trainer(student, examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,
+        student, teacher = student_fn(), teacher_fn() if teacher_fn else None
+        widths = HeadWidths(*(m for m in (student, teacher) if m is not None))
+        trainer = build_trainer(student, data or examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,
                                 objective=objective, kd=kd, tokenizer=tiny_tokenizer(), template="alpaca",
                                 progress=False)
         trainer.fuse_head = fuse
@@ -258,6 +258,19 @@ def test_fused_head_step_equals_logits_step_t5(tmp_path: Path) -> None:
                                        KDConfig(), tmp_path)
     assert_same_grads(results[True][0], results[False][0])
     assert results[True][2] == [0, 0]
+
+
+def test_fused_head_step_with_cached_topk(tmp_path: Path) -> None:
+    rng = torch.Generator().manual_seed(0)
+    data = []
+    for e in examples(8):
+        n = len(e.target.split()) + 1  # target words and EOS
+        ids = torch.stack([torch.randperm(40, generator=rng)[:3] for _ in range(n)])
+        lps = torch.tensor([0.5, 0.2, 0.1]).log().expand(n, 3)
+        data.append(TrainExample(prompt=e.prompt, target=e.target, teacher_topk=TopK(ids.tolist(), lps.tolist())))
+    results = one_step_fused_vs_logits(tiny_llama, None, "logits", KDConfig(temperature=1.5), tmp_path, data=data)
+    assert_same_grads(results[True][0], results[False][0])
+    assert results[True][2] == [0]
 
 
 def test_plain_linear_head_detection() -> None:

@@ -5,7 +5,6 @@ User errors print one line and exit 2; internal errors exit 1; `--debug` shows t
 
 from __future__ import annotations
 
-import json
 import sys
 from importlib import resources
 from pathlib import Path
@@ -102,23 +101,39 @@ def status(run_dir: Path) -> None:
     from .store import Store
 
     with Store.open_existing(run_dir) as store:
-        iterations = sorted({*store.pool_iterations(), *(s["iteration"] for s in store.stages())})
-        stages = store.stages()
-        metrics = store.metrics()
-        table = Table(title=f"Run {run_dir}")
-        for col in ("iteration", "train pool", "cache pool", "stages done", "dynamics"):
+        stages, metrics = store.stages(), store.metrics()
+        iterations = sorted({*store.pool_iterations(), *(s["iteration"] for s in stages), *metrics})
+        table = Table(title=f"Run {run_dir}: {store.count_instructions()} instructions")
+        for col in ("iteration", "train pool", "cache pool", "stages done"):
             table.add_column(col)
         for it in iterations:
             done = ", ".join(s["stage"] for s in stages if s["iteration"] == it) or "-"
-            dyn = ", ".join(f"{k}={_fmt(v)}" for k, v in sorted(metrics.get(it, {}).items())) or "-"
-            table.add_row(str(it), str(len(store.pool(it, "train"))), str(len(store.pool(it, "cache"))), done, dyn)
-        console.print(f"instructions: {store.count_instructions()}")
+            table.add_row(str(it), str(len(store.pool(it, "train"))), str(len(store.pool(it, "cache"))), done)
         console.print(table)
+        console.print(dynamics_table(metrics, iterations))
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
 
 
+def dynamics_table(metrics: dict[int, dict[str, Any]], iterations: list[int]) -> Table:
+    """One row per metric, one column per iteration; mappings show their overall value if they have one."""
+    table = Table(title="Learning dynamics")
+    table.add_column("metric")
+    for it in iterations:
+        table.add_column(str(it), justify="right")
+    names = sorted({k for m in metrics.values() for k, v in m.items() if _scalar(v) is not None})
+    for name in names:
+        table.add_row(name, *(_fmt(_scalar(metrics.get(it, {}).get(name))) for it in iterations))
+    return table
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("overall")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _fmt(v: Any) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else json.dumps(v) if isinstance(v, (dict, list)) else str(v)
+    return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 @app.command()

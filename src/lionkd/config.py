@@ -206,6 +206,8 @@ class KDConfig(Strict):
     pt_top_p: float = Field(0.95, gt=0, le=1)
     pt_num_beams: int = Field(4, ge=1)
     pt_max_new_tokens: int = Field(128, ge=1)
+    fewshot: int = Field(0, ge=0, description="API teacher: labeled demonstrations in each PT prompt")
+    teacher_instruction: str | None = Field(None, description="API teacher: the task instruction (system message)")
     joint_alpha: float = Field(0.0, ge=0, le=1, description="Joint-Teaching share of student samples (paper 0.5)")
     joint_refresh_every: int = Field(1, ge=1, description="optimiser steps a student sample is reused")
     prune_keep: str = Field("first_last", description="'first_last', 'even:N' or a list like '0,2,-1'")

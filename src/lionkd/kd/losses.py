@@ -15,6 +15,10 @@ Memory: full-vocabulary probabilities exist for one chunk of positions at a time
 evaluates the per-position loss chunk by chunk without autograd, and in backward recomputes each
 chunk with autograd to get its gradient, so the [N, V] float32 intermediates of a naive
 implementation never exist at once.
+
+The fused losses at the end (`fused_kd_loss`, `fused_ce_loss`, `fused_head_loss`) go further: they
+take the final hidden states and the linear output layer instead of logits, so not even the
+[N, V] logits of student or teacher exist; the trainer uses them whenever a model allows.
 """
 
 from __future__ import annotations

@@ -158,13 +158,18 @@ def check_config(cfg: RunConfig) -> None:
     """Mistakes found before any work, each a one-line error naming its key."""
     from .trainer import resolve_objective
 
-    if cfg.teacher.backend != "hf":
-        raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf), not "
-                        f"'{cfg.teacher.backend}'; a black-box teacher goes through `lionkd run`")
+    if cfg.teacher.backend not in ("hf", "openai"):
+        raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf) or an "
+                        f"OpenAI-compatible API (backend: openai), not '{cfg.teacher.backend}'")
     if not cfg.kd.labeled.path:
         raise UserError("kd.labeled.path: lionkd distill needs labeled data (a file or dataset name)")
     resolve_objective(cfg.kd.objective, has_teacher=True)
-    model_path(cfg.teacher.model, "teacher.model")
+    if api_teacher(cfg):
+        from .blackbox import check_api_teacher
+
+        check_api_teacher(cfg)
+    else:
+        model_path(cfg.teacher.model, "teacher.model")
     if cfg.kd.student_init in ("pretrained", "config"):
         model_path(cfg.student.model, "student.model")
 
@@ -178,7 +183,14 @@ def model_path(name: str, key: str) -> str:
     return path
 
 
+def api_teacher(cfg: RunConfig) -> bool:
+    """A teacher reached through an API: PTs with top-k log-probabilities (see `blackbox.py`)."""
+    return cfg.teacher.backend == "openai"
+
+
 def teacher_path(cfg: RunConfig) -> str:
+    if api_teacher(cfg):
+        return cfg.teacher.model  # a model name at the endpoint, not a folder
     if cfg.kd.teacher_finetune:
         return str(cfg.run_dir / "teacher")
     return model_path(cfg.teacher.model, "teacher.model")
@@ -267,10 +279,11 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
 
 def check_vocabularies(cfg: RunConfig) -> None:
     """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
+    from .blackbox import cross_tokenizer_allowed
     from .trainer import check_same_vocab, load_tokenizer
 
-    if set(cfg.kd.objective) <= {"ce"}:
-        return
+    if set(cfg.kd.objective) <= {"ce"} or api_teacher(cfg) or cross_tokenizer_allowed(cfg):
+        return  # other vocabularies then teach through aligned sparse targets
     check_same_vocab(load_tokenizer(student_init_path(cfg)), load_tokenizer(teacher_path(cfg)))
 
 
@@ -360,6 +373,23 @@ def pt_records(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample]) -> 
     return records
 
 
+def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample],
+                     labeled: Sequence[TrainExample], progress: bool) -> dict[str, Any]:
+    """K PTs with top-k log-probabilities per input from an API teacher, through the run's call cache."""
+    from .blackbox import api_pseudo_targets_stage
+
+    with progress_bars(progress) as bars:
+        task = bars.add_task(f"pseudo-targets (API, K={cfg.kd.pt_count})", total=len(inputs))
+        return api_pseudo_targets_stage(cfg, store, inputs, labeled, teacher_name(cfg),
+                                        on_progress=lambda n: bars.advance(task, n))
+
+
+def _same_vocabulary(cfg: RunConfig) -> bool:
+    from .trainer import load_tokenizer
+
+    return load_tokenizer(student_init_path(cfg)).get_vocab() == load_tokenizer(teacher_path(cfg)).get_vocab()
+
+
 def with_teacher_topk(cfg: RunConfig, schedule: list[list[TrainExample]]) -> list[list[TrainExample]]:
     """Every example with the teacher's top-k cached (one teacher forward per distinct example)."""
     from ..llm.hf import load_model
@@ -382,7 +412,18 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
         raise UserError(f"kd.pt_method: no stored pseudo-targets match method '{kd.pt_method}' and teacher "
                         f"'{teacher_name(cfg)}' (the run began with other settings); use a new run_dir")
     schedule = pt_schedule(data.labeled, records)
-    if kd.teacher_topk > 0 and "logits" in kd.objective:
+    objective, alignment = kd.objective, None
+    if api_teacher(cfg):
+        from .blackbox import api_schedule
+
+        pts = [p for ps in _matching(store, cfg).values() for p in ps]
+        schedule, objective, alignment = api_schedule(cfg, data.labeled, pts, data.pt_inputs(), schedule,
+                                                      student_init_path(cfg))
+    elif "logits" in kd.objective and not _same_vocabulary(cfg):
+        from .blackbox import cross_tokenizer_schedule
+
+        schedule, alignment = cross_tokenizer_schedule(cfg, schedule, teacher_path(cfg), student_init_path(cfg))
+    elif kd.teacher_topk > 0 and "logits" in kd.objective:
         schedule = with_teacher_topk(cfg, schedule)
     joint = None
     if kd.joint_alpha > 0:
@@ -390,9 +431,10 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
                               max_new_tokens=kd.pt_max_new_tokens, top_p=kd.pt_top_p, seed=cfg.seed)
     # with every target's top-k cached, only Joint-Teaching samples and other objectives need the live teacher
     live_teacher = kd.teacher_topk == 0 or joint is not None or bool(set(kd.objective) - {"ce", "logits"})
+    live_teacher = live_teacher and alignment is None and not api_teacher(cfg)
     metrics = train_student(
         student_init_path(cfg), schedule, cfg.run_dir / "student-kd", settings=cfg.student.train,
-        teacher=teacher_path(cfg) if live_teacher else None, objective=kd.objective, kd=kd,
+        teacher=teacher_path(cfg) if live_teacher else None, objective=objective, kd=kd,
         template=cfg.student.template, lora=cfg.student.lora, joint=joint, progress=progress,
     )
     sources = Counter(e.source for epoch in schedule for e in epoch)
@@ -400,7 +442,8 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
             len(schedule[0]), "gold": sources.get("gold", 0) // len(schedule), "pseudo_targets": len(records),
             "loss": metrics.get("loss"), "steps": metrics.get("steps"), "objective": metrics.get("objective"),
             "joint_alpha": kd.joint_alpha, "teacher_topk": kd.teacher_topk,
-            "student_samples": metrics.get("student_samples")}
+            "student_samples": metrics.get("student_samples"),
+            **({"alignment": alignment.as_dict(), "alignment_metrics": alignment.metrics()} if alignment else {})}
 
 
 def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
@@ -461,7 +504,8 @@ def eval_stage(cfg: RunConfig, who: str, path: str, data: TaskData, progress: bo
     return {"model": path, "metrics": metrics}
 
 
-def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher: dict[str, Any] | None) -> Path:
+def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher: dict[str, Any] | None,
+               alignment: dict[str, Any] | None = None) -> Path:
     """eval.json in the `lionkd eval` layout (the student's task metrics) with the teacher's beside them."""
     import json
 
@@ -477,6 +521,8 @@ def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher:
                      "max_new_tokens": cfg.kd.eval_max_new_tokens},
         "task_metrics": {"overall": student["metrics"]},
     }
+    if alignment is not None:  # sparse targets aligned across tokenizers: how much of the teacher got through
+        results["alignment"] = alignment
     if teacher is not None:
         results["teacher"] = {"model": teacher["model"], **teacher["metrics"]}
         gap = {}
@@ -529,10 +575,13 @@ def distill(cfg: RunConfig, *, progress: bool = True) -> DistillSummary:
         check_vocabularies(cfg)
         if cfg.kd.pt_method != "none":
             inputs = data.pt_inputs()
-            detail = stages.run("pseudo_targets", lambda: generate_pts(cfg, store, inputs, progress))
+            detail = stages.run("pseudo_targets", lambda: generate_api_pts(cfg, store, inputs, data.labeled, progress)
+                                if api_teacher(cfg) else generate_pts(cfg, store, inputs, progress))
             store.put_metrics(ITERATION, {"pseudo_targets": detail["inputs"] * detail["k"]})
         detail = stages.run("kd_train", lambda: kd_train(cfg, store, data, progress))
-        store.put_metrics(ITERATION, {"kd_train_loss": detail.get("loss"), "kd_train_steps": detail.get("steps")})
+        store.put_metrics(ITERATION, {"kd_train_loss": detail.get("loss"), "kd_train_steps": detail.get("steps"),
+                                      **detail.get("alignment_metrics", {})})
+        alignment = detail.get("alignment")
         if cfg.kd.final_ce_epochs > 0:
             stages.run("final_ce", lambda: final_ce(cfg, data, progress))
         student_dir = final_student_path(cfg)
@@ -541,11 +590,11 @@ def distill(cfg: RunConfig, *, progress: bool = True) -> DistillSummary:
             student = stages.run("eval_student", lambda: eval_stage(cfg, "student", str(student_dir), data, progress))
             _store_metrics(store, student, "student")
             teacher = None
-            if cfg.kd.eval_teacher:
+            if cfg.kd.eval_teacher and not api_teacher(cfg):
                 teacher = stages.run("eval_teacher", lambda: eval_stage(cfg, "teacher", teacher_path(cfg), data,
                                                                         progress))
                 _store_metrics(store, teacher, "teacher")
-            summary.eval_path = write_eval(cfg, data, student, teacher)
+            summary.eval_path = write_eval(cfg, data, student, teacher, alignment)
             summary.student_metrics = student["metrics"]
             summary.teacher_metrics = teacher["metrics"] if teacher else None
         summary.ran, summary.skipped = stages.ran, stages.skipped

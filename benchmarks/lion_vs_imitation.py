@@ -1,0 +1,357 @@
+"""Lion against plain imitation with the same number of teacher-answered training instructions.
+
+Three arms on the offline sandbox world, each from the shipped base student and each run with
+several seeds:
+
+- `lion`            the paper's rule: generation seeds drawn uniformly from the hard set, hard:easy
+                    1:1, tau 1.0;
+- `lion-learnable`  the same loop with `lion.seed_weighting: learnable` (seeds weighted towards
+                    partly learned task types);
+- `imitation`       no discrimination and no generation: iteration k trains on as many fresh
+                    instructions drawn uniformly from the world's training split as the paired `lion`
+                    run actually trained on in iteration k (generated pools can fall short of N after
+                    the novelty filter), answered by the same teacher with the same request settings,
+                    with the same replay rule, trainer settings and starting point. Iteration 1 of
+                    every arm is the same training on the same seed pool, so the imitation arm takes
+                    the `lion` run's iteration-1 student as it is.
+
+The final students are scored with greedy exact match on one held-out test set, balanced over
+task types, whose arguments come from the world's test split (never trained on in any phrasing).
+Mean and sample standard deviation over seeds per domain and overall, and the per-seed paired
+differences against imitation.
+
+    python benchmarks/lion_vs_imitation.py                 (about half an hour on 2 busy cores)
+    python benchmarks/lion_vs_imitation.py --quick         (a few minutes: smaller pools, 2 seeds)
+    python benchmarks/lion_vs_imitation.py --seeds 5
+
+Runs live in runs/bench/lion_vs_imitation/<settings hash>/ (an interrupted benchmark resumes);
+results go to benchmarks/results/lion_vs_imitation.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lionkd.config import (
+    EndpointConfig,
+    GenerationConfig,
+    LionConfig,
+    RunConfig,
+    SandboxOptions,
+    StudentConfig,
+    TrainConfig,
+)
+from lionkd.kd.data import TrainExample
+from lionkd.kd.trainer import train_student
+from lionkd.lion.imitation import student_dir, training_examples
+from lionkd.lion.loop import run_lion
+from lionkd.lion.prompts import LionPrompts, student_messages
+from lionkd.llm.base import GenRequest
+from lionkd.llm.factory import request_defaults, resolve_model_path
+from lionkd.sandbox import SandboxBackend, sample, test_set
+from lionkd.store import Store
+
+RESULTS = Path(__file__).parent / "results"
+WORK = Path("runs/bench/lion_vs_imitation")
+ARMS = ("lion", "lion-learnable", "imitation")
+LION_ARMS = {"lion": "uniform", "lion-learnable": "learnable"}
+TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paired
+
+
+@dataclass(frozen=True)
+class Settings:
+    seeds: int = 3
+    iterations: int = 3
+    seed_pool: int = 1500
+    new_per_iteration: int = 1500
+    epochs: float = 2.0
+    learning_rate: float = 3e-4
+    replay_fraction: float = 0.5
+    test_per_task: int = 100
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+QUICK = Settings(seeds=2, iterations=2, seed_pool=400, new_per_iteration=400, test_per_task=50)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def sandbox_endpoint(model: str, **options: Any) -> EndpointConfig:
+    return EndpointConfig(backend="sandbox", model=model, api_key_env=None, concurrency=32, **options)
+
+
+def lion_config(s: Settings, seed: int, weighting: str, run_dir: Path) -> RunConfig:
+    """The Lion run of one arm and seed; the trainer settings are the ones the imitation arm uses too."""
+    return RunConfig(
+        run_dir=run_dir,
+        seed=seed,
+        teacher=sandbox_endpoint("teacher", temperature=0.7, max_tokens=64),
+        # position bias and malformed replies as in the demo: the swap and the parser do their work
+        referee=sandbox_endpoint("referee", temperature=0.2, max_tokens=128,
+                                 sandbox=SandboxOptions(position_bias=0.5, malformed_rate=0.03)),
+        generator=sandbox_endpoint("generator", temperature=1.0, max_tokens=64),
+        student=StudentConfig(
+            model="sandbox:base-student",
+            template="chat",
+            # continue from the previous student at a constant rate with replay (sandbox findings)
+            train=TrainConfig(epochs=s.epochs, learning_rate=s.learning_rate, lr_scheduler="constant",
+                              warmup_ratio=0.0, batch_size=32, max_length=64, replay_fraction=s.replay_fraction,
+                              logging_steps=100000, save_steps=100000, seed=seed),
+            generation=GenerationConfig(temperature=0.0, max_new_tokens=24, batch_size=128),
+        ),
+        lion=LionConfig(seed_pool_size=s.seed_pool, iterations=s.iterations, new_per_iteration=s.new_per_iteration,
+                        tau=1.0, hard_easy_ratio="1:1", seed_weighting=weighting, generation_rounds=6),
+    )
+
+
+# --------------------------------------------------------------------------- the arms
+
+
+def lion_counts(cfg: RunConfig) -> list[dict[str, Any]]:
+    """What each iteration of a finished Lion run trained on, read back from its store and students."""
+    with Store.open_existing(cfg.run_dir) as store:
+        metrics = store.metrics()
+    out = []
+    for k in range(1, cfg.lion.iterations + 2):
+        m = metrics.get(k, {})
+        trained = json.loads((student_dir(cfg, k) / "train_metrics.json").read_text())
+        out.append({"iteration": k, "examples": m.get("train_examples"), "replayed": m.get("train_replayed"),
+                    "steps": trained["steps"], "hard_ratio": m.get("hard_ratio"),
+                    "new_instructions": m.get("new_instructions")})
+    return out
+
+
+def teacher_answers(cfg: RunConfig, texts: list[str]) -> list[str]:
+    """The sandbox teacher's answers, asked exactly as the Lion loop asks (prompt and request settings)."""
+    prompts = LionPrompts.from_config(cfg.lion.prompts)
+    opts = cfg.teacher.sandbox
+    teacher = SandboxBackend(cfg.teacher.model, error_rate=opts.error_rate)
+    requests = [GenRequest.chat(prompts.teacher_messages(t), **request_defaults(cfg.teacher)) for t in texts]
+    return [r.choices[0].text.strip() for r in teacher.generate(requests)]
+
+
+def fresh_instructions(count: int, rng: random.Random, seen: set[str]) -> list[str]:
+    """`count` distinct training-split instructions drawn uniformly over task types and levels."""
+    out: list[str] = []
+    while len(out) < count:
+        text = sample(rng).instruction
+        if text not in seen:
+            seen.add(text)
+            out.append(text)
+    return out
+
+
+def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Path) -> tuple[Path, list[int]]:
+    """Plain imitation matched to a Lion run's per-iteration counts; returns the final student and steps."""
+    cfg = lion_cfg.model_copy(update={"run_dir": run_dir})
+    students = run_dir / "students"
+    first = student_dir(cfg, 1)
+    if not (first / "train_metrics.json").is_file():  # iteration 1: the same training on the same seed pool
+        shutil.copytree(student_dir(lion_cfg, 1), first, dirs_exist_ok=True)
+    with Store.open_existing(lion_cfg.run_dir) as store:
+        seeds = store.instructions(store.pool(1, "train"))
+        earlier = training_examples(seeds, store.responses("teacher", 1))
+    seen = {ins.text for ins in seeds}
+    steps = [json.loads((first / "train_metrics.json").read_text())["steps"]]
+    for row in counts[1:]:
+        k = row["iteration"]
+        if not row["examples"]:  # the Lion run had nothing new to train on: its student stayed as it was
+            shutil.copytree(student_dir(cfg, k - 1), student_dir(cfg, k), dirs_exist_ok=True)
+            steps.append(steps[-1])
+            continue
+        rng = random.Random(f"imitation:{cfg.seed}:{k}")
+        texts = fresh_instructions(row["examples"], rng, seen)
+        examples = [TrainExample(messages=student_messages(t), target=a)
+                    for t, a in zip(texts, teacher_answers(cfg, texts), strict=True)]
+        # the Lion loop's replay rule: a seeded share of everything trained on before
+        replay = random.Random(f"{cfg.seed}-{k}-replay").sample(earlier, round(cfg.student.train.replay_fraction
+                                                                                * len(earlier)))
+        if len(replay) != row["replayed"]:
+            raise RuntimeError(f"iteration {k}: replay {len(replay)} != the Lion run's {row['replayed']}")
+        metrics = train_student(student_dir(cfg, k - 1), examples + replay, student_dir(cfg, k),
+                                settings=cfg.student.train, template=cfg.student.template, progress=False)
+        steps.append(metrics["steps"])
+        earlier += examples
+    return students / f"iter-{len(counts)}", steps
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def evaluate(path: str | Path, items: list[Any]) -> dict[str, float]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lionkd.sandbox.student import evaluate_student
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    result = evaluate_student(model, tokenizer, items)
+    return {**result["by_domain"], "overall": result["overall"]}
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarise(scores: dict[str, list[dict[str, float]]], columns: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {"arms": {}, "differences": {}}
+    for arm, per_seed in scores.items():
+        out["arms"][arm] = {c: mean_std([s[c] for s in per_seed]) for c in columns}
+    for arm in LION_ARMS:
+        diffs = {c: [a[c] - b[c] for a, b in zip(scores[arm], scores["imitation"], strict=True)] for c in columns}
+        out["differences"][f"{arm} - imitation"] = {c: mean_std(v) | {"per_seed": v} for c, v in diffs.items()}
+    return out
+
+
+def fmt(stat: dict[str, float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
+
+
+def table_rows(summary: dict[str, Any], base: dict[str, float], columns: list[str]) -> list[list[str]]:
+    rows = [["base student", *(f"{base[c]:.3f}" for c in columns)]]
+    rows += [[arm, *(fmt(stats[c]) for c in columns)] for arm, stats in summary["arms"].items()]
+    for name, diff in summary["differences"].items():
+        rows.append([name, *(fmt(diff[c], signed=True) for c in columns)])
+        rows.append(["  per seed", *(" ".join(f"{v:+.3f}" for v in diff[c]["per_seed"]) for c in columns)])
+    return rows
+
+
+def markdown(result: dict[str, Any], rows: list[list[str]], columns: list[str]) -> str:
+    s = result["settings"]
+    head = ["arm", *columns]
+    lines = [
+        "# Lion vs plain imitation (sandbox world, same number of training instructions)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Wall time: {result['wall_s'] / 60:.1f} min on {result['machine']}  ",
+        f"Settings: {s['seeds']} seeds, {s['iterations']} iterations, seed pool {s['seed_pool']}, "
+        f"N = {s['new_per_iteration']} new per iteration, {s['epochs']:g} epochs per iteration, "
+        f"lr {s['learning_rate']:g} constant, batch 32, replay {s['replay_fraction']:g}, tau 1.0, hard:easy 1:1; "
+        f"test set: {s['test_per_task']} held-out items per task type ({result['test_items']} items).",
+        "",
+        "Greedy exact-match accuracy of the final students, mean ± sample std over seeds; differences are "
+        "paired by seed.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed:", ""]
+    for seed, runs in result["runs"].items():
+        for arm in ARMS:
+            it = runs[arm]["iterations"]
+            desc = ", ".join(f"{r['examples']}+{r['replayed']} ({r['steps']} steps)" for r in it)
+            lines.append(f"- seed {seed}, {arm}: {desc}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="smaller pools, 2 iterations, 2 seeds, 50 test items per type")
+    p.add_argument("--seeds", type=int, help="number of seeds per arm (0, 1, ...)")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--seed-pool", type=int)
+    p.add_argument("--new", type=int, dest="new_per_iteration")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float, dest="learning_rate")
+    args = vars(p.parse_args(argv))
+    base = QUICK if args.pop("quick") else Settings()
+    return Settings(**(asdict(base) | {k: v for k, v in args.items() if v is not None}))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from rich.console import Console
+    from rich.table import Table
+    from transformers.utils import logging as hf_logging
+
+    s = parse_args(argv)
+    torch.set_num_threads(1)  # a model this small gains nothing from a second thread on shared cores
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    console = Console(stderr=True)
+    started = time.time()
+    work = WORK / s.key()
+    items = test_set(per_task=s.test_per_task, seed=TEST_SEED)
+    base = evaluate(resolve_model_path("sandbox:base-student"), items)
+    columns = [c for c in base if c != "overall"] + ["overall"]
+    scores: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
+    runs: dict[int, dict[str, Any]] = {}
+    for seed in range(s.seeds):
+        runs[seed] = {}
+        for arm, weighting in LION_ARMS.items():
+            t0 = time.time()
+            cfg = lion_config(s, seed, weighting, work / f"seed-{seed}" / arm)
+            summary = run_lion(cfg, progress=False, report=False)
+            runs[seed][arm] = {"iterations": lion_counts(cfg), "seconds": round(time.time() - t0, 1),
+                               "accuracy": evaluate(summary.final_student, items)}
+            if arm == "lion":
+                lion_cfg = cfg
+            console.print(f"seed {seed} {arm}: {runs[seed][arm]['accuracy']['overall']:.3f} "
+                          f"({runs[seed][arm]['seconds']:.0f} s)")
+        t0 = time.time()
+        counts = runs[seed]["lion"]["iterations"]
+        final, steps = run_imitation(lion_cfg, counts, work / f"seed-{seed}" / "imitation")
+        if steps != [r["steps"] for r in counts]:
+            raise RuntimeError(f"seed {seed}: imitation steps {steps} != lion steps {[r['steps'] for r in counts]}")
+        runs[seed]["imitation"] = {
+            "iterations": [{"iteration": r["iteration"], "examples": r["examples"], "replayed": r["replayed"],
+                            "steps": n} for r, n in zip(counts, steps, strict=True)],
+            "seconds": round(time.time() - t0, 1), "accuracy": evaluate(final, items),
+        }
+        console.print(f"seed {seed} imitation: {runs[seed]['imitation']['accuracy']['overall']:.3f} "
+                      f"({runs[seed]['imitation']['seconds']:.0f} s)")
+        for arm in ARMS:
+            scores[arm].append(runs[seed][arm]["accuracy"])
+
+    summary = summarise(scores, columns)
+    rows = table_rows(summary, base, columns)
+    table = Table(title="Lion vs imitation: held-out exact match of the final students (mean ± std over seeds)")
+    for c in ["arm", *columns]:
+        table.add_column(c, justify="left" if c == "arm" else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+    result = {
+        "benchmark": "lion_vs_imitation",
+        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/lion_vs_imitation.py",
+                                                                  *(sys.argv[1:] if argv is None else argv)]),
+        "wall_s": round(time.time() - started, 1),
+        "machine": "CPU, 1 torch thread (2 shared cores)",
+        "settings": asdict(s),
+        "test_items": len(items),
+        "test_set": {"per_task": s.test_per_task, "seed": TEST_SEED},
+        "base_student": base,
+        **summary,
+        "runs": runs,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "lion_vs_imitation.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "lion_vs_imitation.md").write_text(markdown(result, rows, columns))
+    console.print(f"wall time {result['wall_s'] / 60:.1f} min; wrote {RESULTS / 'lion_vs_imitation.json'} and .md")
+    return result
+
+
+if __name__ == "__main__":
+    main()
