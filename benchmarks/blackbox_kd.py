@@ -11,7 +11,7 @@ Both train the same steps; accuracy is greedy exact match on held-out world prob
 student share a tokenizer here (the alignment is then exact); the cross-tokenizer path is tested in
 tests/test_kd_blackbox.py. Prints a table and writes benchmarks/results/blackbox_kd.json.
 
-    python benchmarks/blackbox_kd.py [--seeds 0 1 --inputs 160 --k 2 --steps 120]
+    python benchmarks/blackbox_kd.py [--seeds 0 1 --inputs 96 --k 2 --steps 60 --teacher-steps 150]
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ def load(path: Path):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--inputs", type=int, default=160, help="unlabeled instructions per seed")
+    ap.add_argument("--inputs", type=int, default=96, help="unlabeled instructions per seed")
     ap.add_argument("--k", type=int, default=2, help="PTs per instruction")
     ap.add_argument("--top", type=int, default=5, help="top_logprobs asked of the teacher")
-    ap.add_argument("--teacher-steps", type=int, default=300)
-    ap.add_argument("--steps", type=int, default=120, help="student training steps")
-    ap.add_argument("--test-per-task", type=int, default=12)
+    ap.add_argument("--teacher-steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=60, help="student training steps")
+    ap.add_argument("--test-per-task", type=int, default=8)
     args = ap.parse_args()
     torch.set_num_threads(1)  # a model this small gains nothing from a second thread on a busy machine
     started = time.time()
