@@ -75,8 +75,8 @@ TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paire
 class Settings:
     seeds: int = 3
     iterations: int = 3
-    seed_pool: int = 1500
-    new_per_iteration: int = 1500
+    seed_pool: int = 1000
+    new_per_iteration: int = 1000
     epochs: float = 2.0
     learning_rate: float = 3e-4
     replay_fraction: float = 0.5
@@ -202,7 +202,7 @@ def evaluate(path: str | Path, items: list[Any]) -> dict[str, float]:
     model = AutoModelForCausalLM.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     result = evaluate_student(model, tokenizer, items)
-    return {**result["by_domain"], "overall": result["overall"]}
+    return {**result["by_domain"], "overall": result["overall"], "by_task": result["by_task"]}
 
 
 def mean_std(values: list[float]) -> dict[str, float]:
@@ -253,7 +253,9 @@ def markdown(result: dict[str, Any], rows: list[list[str]], columns: list[str]) 
         "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed:", ""]
+    lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed (imitation "
+              "is matched to the `lion` run of the same seed; `lion-learnable` generates its own pools, whose "
+              "sizes differ slightly after the novelty filter):", ""]
     for seed, runs in result["runs"].items():
         for arm in ARMS:
             it = runs[arm]["iterations"]
@@ -294,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = WORK / s.key()
     items = test_set(per_task=s.test_per_task, seed=TEST_SEED)
     base = evaluate(resolve_model_path("sandbox:base-student"), items)
-    columns = [c for c in base if c != "overall"] + ["overall"]
+    columns = [c for c in base if c not in ("overall", "by_task")] + ["overall"]
     scores: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     runs: dict[int, dict[str, Any]] = {}
     for seed in range(s.seeds):

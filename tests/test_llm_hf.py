@@ -83,7 +83,9 @@ def test_logprobs_are_the_models_distribution(llama, tok):
         logits = llama(full).logits[0].log_softmax(-1)
     expected = [logits[n - 1 + i, a].item() for i, a in enumerate(full[0, n:].tolist())]
     assert [t.logprob for t in tokens] == pytest.approx(expected, abs=1e-4)
-    assert [t.token for t in tokens] == [backend.piece(a) for a in full[0, n:].tolist()]
+    # each token carries the raw bytes of the generated token: together they spell the text
+    assert [bytes(t.bytes) for t in tokens] == [backend.token_bytes(a) for a in full[0, n:].tolist()]
+    assert b"".join(bytes(t.bytes) for t in tokens).decode(errors="replace") == result.text
 
 
 def test_sampling_is_seeded_and_returns_n(llama, tok):

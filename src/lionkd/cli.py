@@ -21,8 +21,9 @@ from .errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil large language models into small ones.")
 config_app = typer.Typer(no_args_is_help=True, help="Work with run configuration files.")
 app.add_typer(config_app, name="config")
-console = Console()
-err_console = Console(stderr=True)
+# Soft wrap: paths and one-line errors stay whole, so they can be copied and parsed.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 _debug = False
 
 
@@ -39,6 +40,16 @@ def _root(
 ) -> None:
     global _debug
     _debug = debug
+    quiet_libraries()
+
+
+def quiet_libraries() -> None:
+    """lionkd draws its own progress bars; the libraries' weight-loading bars and notices are noise here."""
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # --------------------------------------------------------------------------- configuration

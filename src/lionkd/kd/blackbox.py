@@ -362,8 +362,8 @@ def check_api_teacher(cfg: RunConfig) -> None:
     if kd.teacher_finetune:
         raise UserError("kd.teacher_finetune: an API teacher (teacher.backend: openai) cannot be fine-tuned here")
     if kd.student_init == "pruned":
-        raise UserError("kd.student_init: 'pruned' needs the teacher's weights; use 'pretrained' or 'config' "
-                        "with an API teacher")
+        raise UserError("kd.student_init: 'pruned' needs the teacher's weights, which an API teacher "
+                        "(teacher.backend: openai) does not give; use 'pretrained' or 'config'")
     if kd.pt_method == "beam":
         raise UserError("kd.pt_method: an API teacher cannot beam-search; use 'sample' or 'high_temp'")
     if kd.joint_alpha > 0 or kd.teacher_topk > 0:

@@ -178,7 +178,7 @@ def model_path(name: str, key: str) -> str:
     from ..llm.factory import resolve_model_path
 
     path = resolve_model_path(name)
-    if not Path(path).exists() and not HUB_ID.fullmatch(path):
+    if not Path(path).exists() and not HUB_ID.fullmatch(name):
         raise UserError(f"{key}: model not found: {path} (a local model folder or a hub id like org/name)")
     return path
 

@@ -29,6 +29,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -39,6 +48,7 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.trainer_callback import PrinterCallback, ProgressCallback, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import KDConfig, LoraConfig, TrainConfig
@@ -488,14 +498,14 @@ def build_trainer(
         save_total_limit=1,
         report_to="none",
         remove_unused_columns=False,
-        disable_tqdm=not progress,
+        disable_tqdm=True,  # progress is drawn by TrainingProgress, in the style of every other stage
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
     sampler = (
         StudentSampler(joint, tok, settings.max_length, encdec) if joint is not None and joint.alpha > 0 else None
     )
-    return KDTrainer(
+    trainer = KDTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -507,6 +517,39 @@ def build_trainer(
         vocab_size=len(tok),
         sampler=sampler,
     )
+    for quiet in (PrinterCallback, ProgressCallback):  # they print raw dicts and tqdm bars
+        trainer.remove_callback(quiet)
+    if progress:
+        trainer.add_callback(TrainingProgress())
+    return trainer
+
+
+class TrainingProgress(TrainerCallback):
+    """Optimiser steps as one rich progress bar, with the latest logged loss."""
+
+    def __init__(self) -> None:
+        self.bar: Progress | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True))
+        self.bar.start()
+        self.task = self.bar.add_task("training", total=state.max_steps, completed=state.global_step, loss="")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.update(self.task, loss=f"loss {logs['loss']:.3f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 def train_student(
