@@ -2,7 +2,6 @@ import json
 import re
 
 from conftest import run_cli
-
 from lionkd import __version__
 from lionkd.records import Instruction, Response
 from lionkd.store import Store

@@ -1,8 +1,8 @@
 import textwrap
 
 import pytest
-from conftest import run_cli
 
+from conftest import run_cli
 from lionkd.config import RunConfig, load_config
 from lionkd.errors import UserError
 

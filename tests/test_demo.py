@@ -3,7 +3,6 @@
 import re
 
 from conftest import run_cli
-
 from lionkd.store import Store
 
 
