@@ -4,6 +4,22 @@ Entry points: `lionkd.kd.trainer.train_student`, `lionkd.kd.prune.prune_layers`,
 `lionkd.kd.pseudo_targets.generate_pseudo_targets`, and the losses in `lionkd.kd.losses`.
 """
 
-from .losses import ce_loss, divergence_rows, kd_loss, relation_kl_loss, sparse_kd_loss
+from .losses import (
+    ce_loss,
+    divergence_rows,
+    fused_ce_loss,
+    fused_kd_loss,
+    kd_loss,
+    relation_kl_loss,
+    sparse_kd_loss,
+)
 
-__all__ = ["ce_loss", "divergence_rows", "kd_loss", "relation_kl_loss", "sparse_kd_loss"]
+__all__ = [
+    "ce_loss",
+    "divergence_rows",
+    "fused_ce_loss",
+    "fused_kd_loss",
+    "kd_loss",
+    "relation_kl_loss",
+    "sparse_kd_loss",
+]

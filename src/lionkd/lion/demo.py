@@ -21,6 +21,9 @@ from ..store import Store
 from .loop import RunSummary, run_lion
 
 
+LEARNING_RATE = 3e-4
+
+
 @dataclass
 class DemoSettings:
     run_dir: Path = Path("runs/demo")
@@ -31,6 +34,9 @@ class DemoSettings:
     test_per_task: int = 100
     seed: int = 0
     progress: bool = True
+    # A half-million-parameter student gains nothing from a second thread, and on a busy machine two
+    # threads that wait on each other train many times slower than one.
+    threads: int = 1
 
 
 def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
@@ -51,7 +57,7 @@ def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
             template="chat",
             # Continue from the previous student at a gentle constant rate, replaying earlier data:
             # a fresh warmup every round costs the small student what it learned (sandbox findings).
-            train=TrainConfig(epochs=settings.train_epochs, learning_rate=1e-3, lr_scheduler="constant",
+            train=TrainConfig(epochs=settings.train_epochs, learning_rate=LEARNING_RATE, lr_scheduler="constant",
                               warmup_ratio=0.0, batch_size=32, max_length=64, replay_fraction=0.5,
                               logging_steps=50, save_steps=100000),
             generation=GenerationConfig(temperature=0.0, max_new_tokens=24, batch_size=128),
@@ -100,6 +106,9 @@ def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, An
     from ..llm.server import ServerThread, create_app
     from ..sandbox import SandboxBackend
 
+    import torch
+
+    torch.set_num_threads(settings.threads)
     console = Console(stderr=True, quiet=not settings.progress)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_seed_pool(settings)
