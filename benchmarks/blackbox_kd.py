@@ -1,28 +1,37 @@
 """Black-box KD in the sandbox world: PTs alone vs PTs + the teacher's top-k log-probabilities.
 
-A teacher that returns log-probabilities is needed, and the sandbox oracle gives none, so the teacher
-here is the shipped base student trained further on world problems (`--teacher-steps`), served over
-real HTTP by `lionkd serve`'s app. For each seed the same API calls (K sampled PTs with top-k
-logprobs per unlabeled instruction, through the call cache) feed two students that start from the
-base student:
+The sandbox oracle gives no log-probabilities, so the teacher here is the shipped base student trained
+further on fresh world problems (`--teacher-steps`, cosine schedule as `train_on_world`), which makes it
+clearly stronger than the base; it is cached in the temp dir, keyed by its settings and the base
+weights, so reruns reuse it. It is served over real HTTP by `lionkd serve`'s app. For each seed the
+same API calls (K sampled PTs with top-k logprobs per unlabeled instruction, through the call cache)
+feed two students that start from the base student:
 - pt_ce:     sequence-level KD, cross-entropy on the PT text
 - pt_topk:   sparse top-k KD on the aligned teacher targets + cross-entropy
-Both train the same steps; accuracy is greedy exact match on held-out world problems. Teacher and
-student share a tokenizer here (the alignment is then exact); the cross-tokenizer path is tested in
-tests/test_kd_blackbox.py. Prints a table and writes benchmarks/results/blackbox_kd.json.
+Both train the same steps at a constant learning rate small enough not to wreck the base student;
+accuracy is greedy exact match on held-out world problems. Teacher and student share a tokenizer here
+(the alignment is then exact); the cross-tokenizer path is tested in tests/test_kd_blackbox.py.
+Prints a table and writes benchmarks/results/blackbox_kd.{json,md}.
 
-    python benchmarks/blackbox_kd.py [--seeds 0 1 --inputs 96 --k 2 --steps 60 --teacher-steps 150]
+    python benchmarks/blackbox_kd.py [--seeds 0 1 2 --inputs 600 --k 2 --steps 300 --teacher-steps 2000]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import os
+import shlex
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers.utils import logging as hf_logging
 
 from lionkd.config import KDConfig, TrainConfig
 from lionkd.kd.blackbox import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
@@ -34,78 +43,174 @@ from lionkd.llm.hf import HFBackend
 from lionkd.llm.openai_backend import OpenAIBackend
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.sandbox import world
-from lionkd.sandbox.student import base_student_dir, evaluate_student, train_on_world
+from lionkd.sandbox.student import base_student_dir, evaluate_student, save_student, train_on_world
 from lionkd.store import Store
 
-RESULTS = Path(__file__).parent / "results" / "blackbox_kd.json"
+RESULTS = Path(__file__).parent / "results"
+ARMS = ("pt_ce", "pt_topk")
 
 
-def load(path: Path):
+def load(path: Path) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     return AutoModelForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
 
 
+def teacher_dir(steps: int, lr: float, seed: int, batch_size: int = 32) -> tuple[Path, bool]:
+    """The base student trained `steps` more on fresh problems, built once per settings and base weights;
+    returns (its directory, whether it came from the cache)."""
+    base = base_student_dir()
+    weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()[:12]
+    key = f"{weights}-s{steps}-lr{lr:g}-seed{seed}-b{batch_size}"
+    out = Path(tempfile.gettempdir()) / f"lionkd-blackbox-teacher-{key}"
+    if (out / "config.json").exists():
+        print(f"teacher: reusing {out}", flush=True)
+        return out, True
+    model, tok = load(base)
+    started = time.time()
+    losses = train_on_world(model, tok, steps=steps, seed=seed, batch_size=batch_size, lr=lr,
+                            log_every=max(1, steps // 10))
+    partial = out.with_name(out.name + f".part{os.getpid()}")
+    save_student(model, tok, partial)
+    (partial / "teacher_train.json").write_text(json.dumps(
+        {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "seconds": round(time.time() - started, 1),
+         "final_loss": sum(losses[-50:]) / len(losses[-50:])}, indent=1))
+    partial.rename(out)  # whole or absent: an interrupted build is never reused
+    return out, False
+
+
+def pt_accuracy(pts: list[Any], instruction_of: dict[str, str]) -> float:
+    """Share of PTs that are exactly right (how noisy the pseudo-targets are)."""
+    hits = [world.is_correct(world.parse(instruction_of[p.input_id]), p.text) for p in pts]
+    return sum(hits) / max(1, len(hits))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    a, s = report["args"], report["summary"]
+    lines = [
+        "# Black-box KD in the sandbox world: PTs only vs PTs + top-k log-probabilities",
+        "",
+        f"Command: `{report['command']}`  ",
+        f"Wall time: {report['seconds']:.0f} s (teacher {'reused from cache' if report['teacher']['cached'] else 'built'}"
+        f" in this run; 1 torch thread, shared 2-core CPU)",
+        "",
+        f"Settings: teacher = base student + {a['teacher_steps']} steps on fresh world problems (batch 32, peak lr "
+        f"{a['teacher_lr']:g}, warmup + cosine), served over HTTP by `lionkd serve`'s app; per seed "
+        f"{a['inputs']} unlabeled instructions x K={a['k']} sampled PTs (T=1, top-p 0.95) with top-{a['top']} "
+        f"logprobs = {a['inputs']} teacher requests for both arms; students start from the base student, "
+        f"{a['steps']} steps, batch {a['batch_size']}, constant lr {a['lr']:g}; test: {report['test_items']} held-out "
+        f"items ({a['test_per_task']} per task), greedy exact match.",
+        "",
+        f"Base student accuracy: **{report['base_accuracy']:.3f}**; teacher accuracy (greedy): "
+        f"**{report['teacher_accuracy']:.3f}**.",
+        "",
+        "| seed | PT exact-match | aligned fraction | mass kept | pt_ce acc | pt_topk acc | topk - ce |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for seed, r in report["per_seed"].items():
+        lines.append(f"| {seed} | {r['pt_accuracy']:.3f} | {r['aligned_fraction']:.3f} | {r['mass_kept']:.3f} | "
+                     f"{r['pt_ce']:.3f} | {r['pt_topk']:.3f} | {r['pt_topk'] - r['pt_ce']:+.3f} |")
+    lines += [
+        f"| **mean** | | | | **{s['pt_ce']['mean']:.3f}** | **{s['pt_topk']['mean']:.3f}** | "
+        f"**{s['difference']['mean']:+.3f}** |",
+        "",
+        f"Difference pt_topk - pt_ce: mean {s['difference']['mean']:+.3f}, per-seed sd {s['difference']['sd']:.3f} "
+        f"({len(report['per_seed'])} seeds). Change vs base: pt_ce {s['pt_ce']['mean'] - report['base_accuracy']:+.3f},"
+        f" pt_topk {s['pt_topk']['mean'] - report['base_accuracy']:+.3f}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--inputs", type=int, default=96, help="unlabeled instructions per seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--inputs", type=int, default=600, help="unlabeled instructions (teacher requests) per seed")
     ap.add_argument("--k", type=int, default=2, help="PTs per instruction")
     ap.add_argument("--top", type=int, default=5, help="top_logprobs asked of the teacher")
-    ap.add_argument("--teacher-steps", type=int, default=150)
-    ap.add_argument("--steps", type=int, default=60, help="student training steps")
-    ap.add_argument("--test-per-task", type=int, default=8)
+    ap.add_argument("--teacher-steps", type=int, default=2000, help="extra training of the base student")
+    ap.add_argument("--teacher-lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=300, help="student training steps (both arms)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant)")
+    ap.add_argument("--test-per-task", type=int, default=100)
     args = ap.parse_args()
     torch.set_num_threads(1)  # a model this small gains nothing from a second thread on a busy machine
+    hf_logging.disable_progress_bar()
     started = time.time()
+    command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
     base = base_student_dir()
-    teacher, tok = load(base)
-    train_on_world(teacher, tok, steps=args.teacher_steps, seed=99, batch_size=32, lr=1e-3)
+    tdir, cached = teacher_dir(args.teacher_steps, args.teacher_lr, seed=99)
+    teacher, tok = load(tdir)
     tests = world.test_set(per_task=args.test_per_task)
     base_acc = evaluate_student(load(base)[0], tok, tests)["overall"]
     teacher_acc = evaluate_student(teacher, tok, tests)["overall"]
     print(f"base student {base_acc:.3f}, teacher {teacher_acc:.3f} ({time.time() - started:.0f}s)", flush=True)
 
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp, ServerThread(create_app({"teacher": HFBackend(teacher, tokenizer=tok,
-                                                                                            batch_size=32)})) as srv:
+    rows: list[dict[str, Any]] = []
+    per_seed: dict[int, dict[str, float]] = {}
+    backend = HFBackend(teacher, tokenizer=tok, batch_size=64)
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(create_app({"teacher": backend})) as srv:
         for seed in args.seeds:
-            inputs = [TrainExample(target="", messages=[{"role": "user", "content": r["instruction"]}])
-                      for r in world.seed_pool(args.inputs, seed=seed)]
+            t0 = time.time()
+            pool = world.seed_pool(args.inputs, seed=seed)
+            inputs = [TrainExample(target="", messages=[{"role": "user", "content": r["instruction"]}]) for r in pool]
             settings = APIPTSettings(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
                                      temperature=1.0, top_p=0.95)
             with Store.open_run(Path(tmp) / f"run{seed}") as store:
                 llm = CachedLLM(OpenAIBackend("teacher", base_url=srv.base_url, api_key="unused"), store)
                 pts = generate_api_pseudo_targets(llm, inputs, [], settings, store=store)
+            by_id = {x.id: x for x in inputs}
+            instruction_of = {x.id: x.messages[0]["content"] for x in inputs}
             records = [{"input_id": p.input_id, "k": p.index, "target": p.text, "prompt": None,
-                        "messages": next(x.messages for x in inputs if x.id == p.input_id)} for p in pts]
+                        "messages": by_id[p.input_id].messages} for p in pts]
             sparse, stats = aligned_schedule([], pts, tok, inputs, args.top)
-            arms = {"pt_ce": (pt_schedule([], records), {"ce": 1.0}), "pt_topk": (sparse, {"logits": 1.0, "ce": 1.0})}
-            for arm, (schedule, objective) in arms.items():
+            info = {"pt_accuracy": pt_accuracy(pts, instruction_of), "aligned_fraction": stats.aligned_fraction,
+                    "mass_kept": stats.mass_kept, "pseudo_targets": len(pts), "teacher_requests": len(inputs),
+                    "pt_s": round(time.time() - t0, 1)}
+            print(f"seed {seed}: {len(pts)} PTs from {len(inputs)} requests, PT exact-match "
+                  f"{info['pt_accuracy']:.3f}, aligned {stats.aligned_fraction:.3f}, mass kept {stats.mass_kept:.3f} "
+                  f"({info['pt_s']:.0f}s)", flush=True)
+            per_seed[seed] = dict(info)
+            arms = {"pt_ce": (pt_schedule([], records), {"ce": 1.0}),
+                    "pt_topk": (sparse, {"logits": 1.0, "ce": 1.0})}
+            for arm in ARMS:
+                schedule, objective = arms[arm]
                 t0 = time.time()
-                train = TrainConfig(max_steps=args.steps, batch_size=16, learning_rate=5e-4, warmup_ratio=0.0,
-                                    lr_scheduler="constant", save_steps=10_000, seed=seed, logging_steps=20)
+                train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
+                                    warmup_ratio=0.0, lr_scheduler="constant", save_steps=100_000, seed=seed,
+                                    logging_steps=50)
                 out = Path(tmp) / f"{arm}-{seed}"
-                train_student(str(base), schedule, out, settings=train, objective=objective, kd=KDConfig(),
-                              template="chat", progress=False)
+                metrics = train_student(str(base), schedule, out, settings=train, objective=objective, kd=KDConfig(),
+                                        template="chat", progress=False)
                 acc = evaluate_student(load(out)[0], tok, tests)["overall"]
-                rows.append({"seed": seed, "arm": arm, "accuracy": acc, "teacher_requests": len(inputs),
-                             "pseudo_targets": len(pts), "aligned_fraction": stats.aligned_fraction,
-                             "mass_kept": stats.mass_kept, "train_s": round(time.time() - t0, 1)})
+                per_seed[seed][arm] = acc
+                rows.append({"seed": seed, "arm": arm, "accuracy": acc, "train_loss": metrics["loss"],
+                             "train_s": round(time.time() - t0, 1), **info})
                 print(f"seed {seed} {arm:8s} accuracy {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
 
-    print(f"\n{'arm':10s} {'mean acc':>9s} {'per seed':>20s}")
-    summary = {}
-    for arm in ("pt_ce", "pt_topk"):
-        accs = [r["accuracy"] for r in rows if r["arm"] == arm]
-        summary[arm] = sum(accs) / len(accs)
-        print(f"{arm:10s} {summary[arm]:9.3f} {' '.join(f'{a:.3f}' for a in accs):>20s}")
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        accs = [per_seed[s][arm] for s in args.seeds]
+        summary[arm] = {"mean": statistics.mean(accs), "per_seed": accs}
+    diffs = [per_seed[s]["pt_topk"] - per_seed[s]["pt_ce"] for s in args.seeds]
+    summary["difference"] = {"mean": statistics.mean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                             "per_seed": diffs}
     elapsed = time.time() - started
+    print(f"\n{'arm':10s} {'mean acc':>9s}   per seed")
+    for arm in ARMS:
+        print(f"{arm:10s} {summary[arm]['mean']:9.3f}   {' '.join(f'{a:.3f}' for a in summary[arm]['per_seed'])}")
+    print(f"topk - ce  {summary['difference']['mean']:+9.3f}")
     print(f"base {base_acc:.3f} | teacher {teacher_acc:.3f} | {elapsed:.0f}s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"args": vars(args), "base_accuracy": base_acc, "teacher_accuracy": teacher_acc,
-                                   "mean_accuracy": summary, "rows": rows, "seconds": round(elapsed, 1)}, indent=1))
+    teacher_info = json.loads((tdir / "teacher_train.json").read_text()) | {"cached": cached}
+    report = {"command": command, "args": vars(args), "seconds": round(elapsed, 1), "teacher": teacher_info,
+              "base_accuracy": base_acc, "teacher_accuracy": teacher_acc, "test_items": len(tests),
+              "summary": summary, "per_seed": per_seed, "rows": rows}
+    report["args"]["batch_size"] = args.batch_size
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "blackbox_kd.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "blackbox_kd.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":
