@@ -39,9 +39,12 @@ import shutil
 import statistics
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -61,13 +64,14 @@ from lionkd.lion.loop import run_lion
 from lionkd.lion.prompts import LionPrompts, student_messages
 from lionkd.llm.base import GenRequest
 from lionkd.llm.factory import request_defaults, resolve_model_path
-from lionkd.sandbox import SandboxBackend, sample, test_set
+from lionkd.sandbox import DOMAINS, SandboxBackend, parse, sample, test_set
 from lionkd.store import Store
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path("runs/bench/lion_vs_imitation")
 ARMS = ("lion", "lion-learnable", "imitation")
 LION_ARMS = {"lion": "uniform", "lion-learnable": "learnable"}
+T = TypeVar("T")
 TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paired
 
 
@@ -157,8 +161,13 @@ def fresh_instructions(count: int, rng: random.Random, seen: set[str]) -> list[s
     return out
 
 
-def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Path) -> tuple[Path, list[int]]:
-    """Plain imitation matched to a Lion run's per-iteration counts; returns the final student and steps."""
+def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Path
+                  ) -> tuple[Path, list[int], list[str]]:
+    """Plain imitation matched to a Lion run's per-iteration counts.
+
+    Returns the final student, the optimiser steps per iteration and the new instructions of
+    iterations 2 and later.
+    """
     cfg = lion_cfg.model_copy(update={"run_dir": run_dir})
     students = run_dir / "students"
     first = student_dir(cfg, 1)
@@ -169,6 +178,7 @@ def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Pa
         earlier = training_examples(seeds, store.responses("teacher", 1))
     seen = {ins.text for ins in seeds}
     steps = [json.loads((first / "train_metrics.json").read_text())["steps"]]
+    drawn: list[str] = []
     for row in counts[1:]:
         k = row["iteration"]
         if not row["examples"]:  # the Lion run had nothing new to train on: its student stayed as it was
@@ -177,6 +187,7 @@ def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Pa
             continue
         rng = random.Random(f"imitation:{cfg.seed}:{k}")
         texts = fresh_instructions(row["examples"], rng, seen)
+        drawn += texts
         examples = [TrainExample(messages=student_messages(t), target=a)
                     for t, a in zip(texts, teacher_answers(cfg, texts), strict=True)]
         # the Lion loop's replay rule: a seeded share of everything trained on before
@@ -188,7 +199,39 @@ def run_imitation(lion_cfg: RunConfig, counts: list[dict[str, Any]], run_dir: Pa
                                 settings=cfg.student.train, template=cfg.student.template, progress=False)
         steps.append(metrics["steps"])
         earlier += examples
-    return students / f"iter-{len(counts)}", steps
+    return students / f"iter-{len(counts)}", steps, drawn
+
+
+def generated_instructions(cfg: RunConfig) -> list[str]:
+    """The new instructions a finished Lion run trained on after the seed pool."""
+    with Store.open_existing(cfg.run_dir) as store:
+        ids = [i for k in range(2, cfg.lion.iterations + 2) for i in store.pool(k, "train")]
+        return [ins.text for ins in store.instructions(ids)]
+
+
+def composition(texts: list[str]) -> dict[str, float]:
+    """Share of instructions per domain and per difficulty level."""
+    found = [inst for inst in map(parse, texts) if inst is not None]
+    n = max(1, len(found))
+    domains = Counter(inst.domain for inst in found)
+    levels = Counter(inst.level for inst in found)
+    return ({d: domains[d] / n for d in DOMAINS} | {f"level {lv}": levels[lv] / n for lv in (1, 2, 3)}
+            | {"n": len(texts)})
+
+
+def timed(run_dir: Path, work: Callable[[], T]) -> tuple[T, float, bool]:
+    """Run `work`; returns its value, the seconds it took when first computed, and whether it was reused.
+
+    The seconds are kept in the run folder, so a resumed benchmark reports what finished arms cost.
+    """
+    record = run_dir / "bench_seconds.json"
+    reused = record.is_file()
+    t0 = time.time()
+    value = work()
+    seconds = json.loads(record.read_text())["seconds"] if reused else round(time.time() - t0, 1)
+    if not reused:
+        record.write_text(json.dumps({"seconds": seconds}) + "\n")
+    return value, seconds, reused
 
 
 # --------------------------------------------------------------------------- scoring
@@ -233,14 +276,26 @@ def table_rows(summary: dict[str, Any], base: dict[str, float], columns: list[st
     return rows
 
 
+def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def seed_mean(runs: dict[int, dict[str, Any]], arm: str, get: Callable[[dict[str, Any]], float]) -> float:
+    return statistics.fmean(get(r[arm]) for r in runs.values())
+
+
 def markdown(result: dict[str, Any], rows: list[list[str]], columns: list[str]) -> str:
-    s = result["settings"]
-    head = ["arm", *columns]
+    s, runs = result["settings"], result["runs"]
+    wall, arms = result["wall_s"] / 60, result["arm_seconds_total"] / 60
+    timing = (f"Wall time: {wall:.1f} min for this invocation, which reused finished runs; the arms took "
+              f"{arms:.1f} min when computed" if result["reused_finished_runs"]
+              else f"Wall time: {wall:.1f} min (the arms {arms:.1f} min, the rest is scoring)")
     lines = [
         "# Lion vs plain imitation (sandbox world, same number of training instructions)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Wall time: {result['wall_s'] / 60:.1f} min on {result['machine']}  ",
+        f"{timing}, on {result['machine']}  ",
         f"Settings: {s['seeds']} seeds, {s['iterations']} iterations, seed pool {s['seed_pool']}, "
         f"N = {s['new_per_iteration']} new per iteration, {s['epochs']:g} epochs per iteration, "
         f"lr {s['learning_rate']:g} constant, batch 32, replay {s['replay_fraction']:g}, tau 1.0, hard:easy 1:1; "
@@ -249,16 +304,28 @@ def markdown(result: dict[str, Any], rows: list[list[str]], columns: list[str]) 
         "Greedy exact-match accuracy of the final students, mean ± sample std over seeds; differences are "
         "paired by seed.",
         "",
-        "| " + " | ".join(head) + " |",
-        "|" + "|".join("---" if i == 0 else "---:" for i in range(len(head))) + "|",
+        *md_table(["arm", *columns], rows),
+        "",
+        f"What the students trained on after the seed pool: share of the new instructions of iterations 2 to "
+        f"{s['iterations'] + 1} per domain and difficulty level, mean over seeds.",
+        "",
     ]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    parts = [*DOMAINS, "level 1", "level 2", "level 3"]
+    lines += md_table(["arm", "instructions", *parts], [
+        [arm, f"{seed_mean(runs, arm, lambda r: r['trained_on']['n']):.0f}",
+         *(f"{seed_mean(runs, arm, lambda r, p=p: r['trained_on'][p]):.2f}" for p in parts)] for arm in ARMS])
+    lines += ["", "Accuracy per task type, mean over seeds:", ""]
+    tasks = list(result["base_student"]["by_task"])
+    lines += md_table(["task", "base student", *ARMS], [
+        [t, f"{result['base_student']['by_task'][t]:.3f}",
+         *(f"{seed_mean(runs, arm, lambda r, t=t: r['accuracy']['by_task'][t]):.3f}" for arm in ARMS)]
+        for t in tasks])
     lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed (imitation "
               "is matched to the `lion` run of the same seed; `lion-learnable` generates its own pools, whose "
               "sizes differ slightly after the novelty filter):", ""]
-    for seed, runs in result["runs"].items():
+    for seed, run in runs.items():
         for arm in ARMS:
-            it = runs[arm]["iterations"]
+            it = run[arm]["iterations"]
             desc = ", ".join(f"{r['examples']}+{r['replayed']} ({r['steps']} steps)" for r in it)
             lines.append(f"- seed {seed}, {arm}: {desc}")
     lines.append("")
@@ -302,27 +369,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for seed in range(s.seeds):
         runs[seed] = {}
         for arm, weighting in LION_ARMS.items():
-            t0 = time.time()
             cfg = lion_config(s, seed, weighting, work / f"seed-{seed}" / arm)
-            summary = run_lion(cfg, progress=False, report=False)
-            runs[seed][arm] = {"iterations": lion_counts(cfg), "seconds": round(time.time() - t0, 1),
-                               "accuracy": evaluate(summary.final_student, items)}
+            cfg.run_dir.mkdir(parents=True, exist_ok=True)
+            summary, seconds, reused = timed(cfg.run_dir, partial(run_lion, cfg, progress=False, report=False))
+            runs[seed][arm] = {"iterations": lion_counts(cfg), "seconds": seconds, "reused": reused,
+                               "accuracy": evaluate(summary.final_student, items),
+                               "trained_on": composition(generated_instructions(cfg))}
             if arm == "lion":
                 lion_cfg = cfg
-            console.print(f"seed {seed} {arm}: {runs[seed][arm]['accuracy']['overall']:.3f} "
-                          f"({runs[seed][arm]['seconds']:.0f} s)")
-        t0 = time.time()
+            console.print(f"seed {seed} {arm}: {runs[seed][arm]['accuracy']['overall']:.3f} ({seconds:.0f} s)")
         counts = runs[seed]["lion"]["iterations"]
-        final, steps = run_imitation(lion_cfg, counts, work / f"seed-{seed}" / "imitation")
+        imitation_dir = work / f"seed-{seed}" / "imitation"
+        imitation_dir.mkdir(parents=True, exist_ok=True)
+        (final, steps, drawn), seconds, reused = timed(imitation_dir, partial(run_imitation, lion_cfg, counts,
+                                                                                     imitation_dir))
         if steps != [r["steps"] for r in counts]:
             raise RuntimeError(f"seed {seed}: imitation steps {steps} != lion steps {[r['steps'] for r in counts]}")
         runs[seed]["imitation"] = {
             "iterations": [{"iteration": r["iteration"], "examples": r["examples"], "replayed": r["replayed"],
                             "steps": n} for r, n in zip(counts, steps, strict=True)],
-            "seconds": round(time.time() - t0, 1), "accuracy": evaluate(final, items),
+            "seconds": seconds, "reused": reused, "accuracy": evaluate(final, items),
+            "trained_on": composition(drawn),
         }
-        console.print(f"seed {seed} imitation: {runs[seed]['imitation']['accuracy']['overall']:.3f} "
-                      f"({runs[seed]['imitation']['seconds']:.0f} s)")
+        console.print(f"seed {seed} imitation: {runs[seed]['imitation']['accuracy']['overall']:.3f} ({seconds:.0f} s)")
         for arm in ARMS:
             scores[arm].append(runs[seed][arm]["accuracy"])
 
@@ -340,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/lion_vs_imitation.py",
                                                                   *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": round(time.time() - started, 1),
+        "arm_seconds_total": round(sum(r[arm]["seconds"] for r in runs.values() for arm in ARMS), 1),
+        "reused_finished_runs": any(r[arm]["reused"] for r in runs.values() for arm in ARMS),
         "machine": "CPU, 1 torch thread (2 shared cores)",
         "settings": asdict(s),
         "test_items": len(items),
