@@ -1,19 +1,22 @@
 """Black-box KD in the sandbox world: PTs alone vs PTs + the teacher's top-k log-probabilities.
 
 The sandbox oracle gives no log-probabilities, so the teacher here is the shipped base student trained
-further on fresh world problems (`--teacher-steps`, cosine schedule as `train_on_world`), which makes it
+further on fresh world problems (`--teacher-steps`, warmup + cosine as `train_on_world`), which makes it
 clearly stronger than the base; it is cached in the temp dir, keyed by its settings and the base
 weights, so reruns reuse it. It is served over real HTTP by `lionkd serve`'s app. For each seed the
 same API calls (K sampled PTs with top-k logprobs per unlabeled instruction, through the call cache)
-feed two students that start from the base student:
+feed two students with the same start and the same steps:
 - pt_ce:     sequence-level KD, cross-entropy on the PT text
 - pt_topk:   sparse top-k KD on the aligned teacher targets + cross-entropy
-Both train the same steps at a constant learning rate small enough not to wreck the base student;
-accuracy is greedy exact match on held-out world problems. Teacher and student share a tokenizer here
-(the alignment is then exact); the cross-tokenizer path is tested in tests/test_kd_blackbox.py.
-Prints a table and writes benchmarks/results/blackbox_kd.{json,md}.
+The students start from the base student pruned to its first and last layers (`--student pruned`, as
+the paper's pruned students), far enough below the teacher for a few thousand PTs to matter, or from
+the base student itself (`--student base`). Unlabeled instructions are fresh training-split problems
+drawn as the test set is (uniform over tasks and levels). Accuracy is greedy exact match on held-out
+world problems. Teacher and student share a tokenizer here (the alignment is then exact); the
+cross-tokenizer path is tested in tests/test_kd_blackbox.py. Prints a table and writes
+benchmarks/results/blackbox_kd.{json,md}.
 
-    python benchmarks/blackbox_kd.py [--seeds 0 1 2 --inputs 600 --k 2 --steps 300 --teacher-steps 2000]
+    python benchmarks/blackbox_kd.py [--seeds 0 1 2 --inputs 1000 --k 2 --steps 600 --teacher-steps 2000]
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -36,6 +41,7 @@ from transformers.utils import logging as hf_logging
 from lionkd.config import KDConfig, TrainConfig
 from lionkd.kd.blackbox import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
 from lionkd.kd.data import TrainExample
+from lionkd.kd.prune import prune_layers
 from lionkd.kd.pseudo_targets import pt_schedule
 from lionkd.kd.trainer import train_student
 from lionkd.llm.cache import CachedLLM
@@ -79,10 +85,33 @@ def teacher_dir(steps: int, lr: float, seed: int, batch_size: int = 32) -> tuple
     return out, False
 
 
+def unlabeled_instructions(n: int, seed: int) -> list[str]:
+    """`n` distinct training-split instructions, uniform over tasks and levels (the test distribution)."""
+    rng = random.Random(f"blackbox-kd-inputs:{seed}")
+    seen: dict[str, None] = {}
+    while len(seen) < n:
+        seen[world.sample(rng).instruction] = None
+    return list(seen)
+
+
+def student_start(kind: str, keep: str, out: Path) -> Path:
+    """Where both students start: the base student, or a copy with only the `keep` layers."""
+    if kind == "base":
+        return base_student_dir()
+    prune_layers(base_student_dir(), out, keep)
+    return out
+
+
 def pt_accuracy(pts: list[Any], instruction_of: dict[str, str]) -> float:
     """Share of PTs that are exactly right (how noisy the pseudo-targets are)."""
     hits = [world.is_correct(world.parse(instruction_of[p.input_id]), p.text) for p in pts]
     return sum(hits) / max(1, len(hits))
+
+
+def start_text(args: dict[str, Any]) -> str:
+    if args["student"] == "base":
+        return "the base student"
+    return f"the base student pruned to layers '{args['keep']}'"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -91,18 +120,18 @@ def markdown(report: dict[str, Any]) -> str:
         "# Black-box KD in the sandbox world: PTs only vs PTs + top-k log-probabilities",
         "",
         f"Command: `{report['command']}`  ",
-        f"Wall time: {report['seconds']:.0f} s (teacher {'reused from cache' if report['teacher']['cached'] else 'built'}"
-        f" in this run; 1 torch thread, shared 2-core CPU)",
+        f"Wall time: {report['seconds']:.0f} s, teacher {'reused from the cache' if report['teacher']['cached'] else 'built'}"
+        f" (building it takes {report['teacher']['seconds']:.0f} s); 1 torch thread, shared 2-core CPU",
         "",
         f"Settings: teacher = base student + {a['teacher_steps']} steps on fresh world problems (batch 32, peak lr "
         f"{a['teacher_lr']:g}, warmup + cosine), served over HTTP by `lionkd serve`'s app; per seed "
         f"{a['inputs']} unlabeled instructions x K={a['k']} sampled PTs (T=1, top-p 0.95) with top-{a['top']} "
-        f"logprobs = {a['inputs']} teacher requests for both arms; students start from the base student, "
-        f"{a['steps']} steps, batch {a['batch_size']}, constant lr {a['lr']:g}; test: {report['test_items']} held-out "
+        f"logprobs = {a['inputs']} teacher requests for both arms (fresh training-split instructions, uniform over "
+        f"tasks and levels); students start from {start_text(a)}, {a['steps']} steps, batch {a['batch_size']}, constant lr {a['lr']:g}; test: {report['test_items']} held-out "
         f"items ({a['test_per_task']} per task), greedy exact match.",
         "",
         f"Base student accuracy: **{report['base_accuracy']:.3f}**; teacher accuracy (greedy): "
-        f"**{report['teacher_accuracy']:.3f}**.",
+        f"**{report['teacher_accuracy']:.3f}**; students' start: **{report['start_accuracy']:.3f}**.",
         "",
         "| seed | PT exact-match | aligned fraction | mass kept | pt_ce acc | pt_topk acc | topk - ce |",
         "|---:|---:|---:|---:|---:|---:|---:|",
@@ -116,7 +145,8 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Difference pt_topk - pt_ce: mean {s['difference']['mean']:+.3f}, per-seed sd {s['difference']['sd']:.3f} "
         f"({len(report['per_seed'])} seeds). Change vs base: pt_ce {s['pt_ce']['mean'] - report['base_accuracy']:+.3f},"
-        f" pt_topk {s['pt_topk']['mean'] - report['base_accuracy']:+.3f}.",
+        f" pt_topk {s['pt_topk']['mean'] - report['base_accuracy']:+.3f}; vs the students' start: pt_ce "
+        f"{s['pt_ce']['mean'] - report['start_accuracy']:+.3f}, pt_topk {s['pt_topk']['mean'] - report['start_accuracy']:+.3f}.",
         "",
     ]
     return "\n".join(lines)
@@ -125,12 +155,14 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--inputs", type=int, default=600, help="unlabeled instructions (teacher requests) per seed")
+    ap.add_argument("--inputs", type=int, default=1000, help="unlabeled instructions (teacher requests) per seed")
     ap.add_argument("--k", type=int, default=2, help="PTs per instruction")
     ap.add_argument("--top", type=int, default=5, help="top_logprobs asked of the teacher")
     ap.add_argument("--teacher-steps", type=int, default=2000, help="extra training of the base student")
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
-    ap.add_argument("--steps", type=int, default=300, help="student training steps (both arms)")
+    ap.add_argument("--student", choices=("pruned", "base"), default="pruned", help="where students start")
+    ap.add_argument("--keep", default="first_last", help="layers a pruned student keeps (lionkd prune syntax)")
+    ap.add_argument("--steps", type=int, default=600, help="student training steps (both arms)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant)")
     ap.add_argument("--test-per-task", type=int, default=100)
@@ -141,24 +173,28 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
     base = base_student_dir()
+    work = Path(tempfile.mkdtemp(prefix="lionkd-blackbox-kd-"))
+    start = student_start(args.student, args.keep, work / "student-start")
     tdir, cached = teacher_dir(args.teacher_steps, args.teacher_lr, seed=99)
     teacher, tok = load(tdir)
     tests = world.test_set(per_task=args.test_per_task)
     base_acc = evaluate_student(load(base)[0], tok, tests)["overall"]
+    start_acc = evaluate_student(load(start)[0], tok, tests)["overall"] if start != base else base_acc
     teacher_acc = evaluate_student(teacher, tok, tests)["overall"]
-    print(f"base student {base_acc:.3f}, teacher {teacher_acc:.3f} ({time.time() - started:.0f}s)", flush=True)
+    print(f"base student {base_acc:.3f}, student start ({args.student}) {start_acc:.3f}, teacher {teacher_acc:.3f} "
+          f"({time.time() - started:.0f}s)", flush=True)
 
     rows: list[dict[str, Any]] = []
     per_seed: dict[int, dict[str, float]] = {}
     backend = HFBackend(teacher, tokenizer=tok, batch_size=64)
-    with tempfile.TemporaryDirectory() as tmp, ServerThread(create_app({"teacher": backend})) as srv:
+    with ServerThread(create_app({"teacher": backend})) as srv:
         for seed in args.seeds:
             t0 = time.time()
-            pool = world.seed_pool(args.inputs, seed=seed)
-            inputs = [TrainExample(target="", messages=[{"role": "user", "content": r["instruction"]}]) for r in pool]
+            inputs = [TrainExample(target="", messages=[{"role": "user", "content": q}])
+                      for q in unlabeled_instructions(args.inputs, seed)]
             settings = APIPTSettings(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
                                      temperature=1.0, top_p=0.95)
-            with Store.open_run(Path(tmp) / f"run{seed}") as store:
+            with Store.open_run(work / f"run{seed}") as store:
                 llm = CachedLLM(OpenAIBackend("teacher", base_url=srv.base_url, api_key="unused"), store)
                 pts = generate_api_pseudo_targets(llm, inputs, [], settings, store=store)
             by_id = {x.id: x for x in inputs}
@@ -181,8 +217,8 @@ def main() -> None:
                 train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
                                     warmup_ratio=0.0, lr_scheduler="constant", save_steps=100_000, seed=seed,
                                     logging_steps=50)
-                out = Path(tmp) / f"{arm}-{seed}"
-                metrics = train_student(str(base), schedule, out, settings=train, objective=objective, kd=KDConfig(),
+                out = work / f"{arm}-{seed}"
+                metrics = train_student(str(start), schedule, out, settings=train, objective=objective, kd=KDConfig(),
                                         template="chat", progress=False)
                 acc = evaluate_student(load(out)[0], tok, tests)["overall"]
                 per_seed[seed][arm] = acc
@@ -202,10 +238,11 @@ def main() -> None:
     for arm in ARMS:
         print(f"{arm:10s} {summary[arm]['mean']:9.3f}   {' '.join(f'{a:.3f}' for a in summary[arm]['per_seed'])}")
     print(f"topk - ce  {summary['difference']['mean']:+9.3f}")
-    print(f"base {base_acc:.3f} | teacher {teacher_acc:.3f} | {elapsed:.0f}s")
+    print(f"base {base_acc:.3f} | start {start_acc:.3f} | teacher {teacher_acc:.3f} | {elapsed:.0f}s")
+    shutil.rmtree(work, ignore_errors=True)
     teacher_info = json.loads((tdir / "teacher_train.json").read_text()) | {"cached": cached}
     report = {"command": command, "args": vars(args), "seconds": round(elapsed, 1), "teacher": teacher_info,
-              "base_accuracy": base_acc, "teacher_accuracy": teacher_acc, "test_items": len(tests),
+              "base_accuracy": base_acc, "start_accuracy": start_acc, "teacher_accuracy": teacher_acc, "test_items": len(tests),
               "summary": summary, "per_seed": per_seed, "rows": rows}
     report["args"]["batch_size"] = args.batch_size
     RESULTS.mkdir(parents=True, exist_ok=True)
