@@ -228,7 +228,7 @@ def usage_metrics(cfg: RunConfig, store: Store, k: int) -> dict[str, Any]:
 def iteration_line(k: int, m: dict[str, Any]) -> str:
     def f(key: str, fmt: str = "{:.3g}") -> str:
         v = m.get(key)
-        return "-" if v is None else fmt.format(v)
+        return "-" if v is None else str(v) if isinstance(v, int) else fmt.format(v)
 
     return (f"iteration {k}: hard {f('hard')} / easy {f('easy')} (ratio {f('hard_ratio', '{:.2f}')}), "
             f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
