@@ -16,7 +16,7 @@ world problems. Teacher and student share a tokenizer here (the alignment is the
 cross-tokenizer path is tested in tests/test_kd_blackbox.py. Prints a table and writes
 benchmarks/results/blackbox_kd.{json,md}.
 
-    python benchmarks/blackbox_kd.py [--seeds 0 1 2 --inputs 1000 --k 2 --steps 600 --teacher-steps 2000]
+    python benchmarks/blackbox_kd.py [--seeds 0 1 2 3 4 --inputs 1000 --k 2 --steps 600 --teacher-steps 2000]
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import json
 import os
 import random
 import shlex
-import shutil
 import statistics
 import sys
 import tempfile
@@ -78,9 +77,9 @@ def teacher_dir(steps: int, lr: float, seed: int, batch_size: int = 32) -> tuple
                             log_every=max(1, steps // 10))
     partial = out.with_name(out.name + f".part{os.getpid()}")
     save_student(model, tok, partial)
-    (partial / "teacher_train.json").write_text(json.dumps(
-        {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size, "seconds": round(time.time() - started, 1),
-         "final_loss": sum(losses[-50:]) / len(losses[-50:])}, indent=1))
+    built = {"steps": steps, "lr": lr, "seed": seed, "batch_size": batch_size,
+             "seconds": round(time.time() - started, 1), "final_loss": sum(losses[-50:]) / len(losses[-50:])}
+    (partial / "teacher_train.json").write_text(json.dumps(built, indent=1))
     partial.rename(out)  # whole or absent: an interrupted build is never reused
     return out, False
 
@@ -115,53 +114,113 @@ def start_text(args: dict[str, Any]) -> str:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    a, s = report["args"], report["summary"]
+    a, s, teacher = report["args"], report["summary"], report["teacher"]
+    base, start, diff = report["base_accuracy"], report["start_accuracy"], s["difference"]
+    how = "reused from the cache" if teacher["cached"] else "built"
     lines = [
         "# Black-box KD in the sandbox world: PTs only vs PTs + top-k log-probabilities",
         "",
         f"Command: `{report['command']}`  ",
-        f"Wall time: {report['seconds']:.0f} s, teacher {'reused from the cache' if report['teacher']['cached'] else 'built'}"
-        f" (building it takes {report['teacher']['seconds']:.0f} s); 1 torch thread, shared 2-core CPU",
+        f"Wall time: {report['seconds']:.0f} s, teacher {how} in this run (building it takes "
+        f"{teacher['seconds']:.0f} s); 1 torch thread, shared 2-core CPU",
         "",
-        f"Settings: teacher = base student + {a['teacher_steps']} steps on fresh world problems (batch 32, peak lr "
-        f"{a['teacher_lr']:g}, warmup + cosine), served over HTTP by `lionkd serve`'s app; per seed "
-        f"{a['inputs']} unlabeled instructions x K={a['k']} sampled PTs (T=1, top-p 0.95) with top-{a['top']} "
-        f"logprobs = {a['inputs']} teacher requests for both arms (fresh training-split instructions, uniform over "
-        f"tasks and levels); students start from {start_text(a)}, {a['steps']} steps, batch {a['batch_size']}, constant lr {a['lr']:g}; test: {report['test_items']} held-out "
-        f"items ({a['test_per_task']} per task), greedy exact match.",
+        f"Settings: teacher = base student + {a['teacher_steps']} steps on fresh world problems (batch 32, "
+        f"peak lr {a['teacher_lr']:g}, warmup + cosine), served over HTTP by `lionkd serve`'s app; per seed "
+        f"{a['inputs']} unlabeled instructions x K={a['k']} sampled PTs (T=1, top-p 0.95) with "
+        f"top-{a['top']} logprobs = {a['inputs']} teacher requests for both arms (fresh training-split "
+        f"instructions, uniform over tasks and levels); students start from {start_text(a)}, "
+        f"{a['steps']} steps, batch {a['batch_size']}, constant lr {a['lr']:g}; test: "
+        f"{report['test_items']} held-out items ({a['test_per_task']} per task), greedy exact match.",
         "",
-        f"Base student accuracy: **{report['base_accuracy']:.3f}**; teacher accuracy (greedy): "
-        f"**{report['teacher_accuracy']:.3f}**; students' start: **{report['start_accuracy']:.3f}**.",
+        f"Base student accuracy: **{base:.3f}**; teacher accuracy (greedy): "
+        f"**{report['teacher_accuracy']:.3f}**; students' start: **{start:.3f}**.",
         "",
         "| seed | PT exact-match | aligned fraction | mass kept | pt_ce acc | pt_topk acc | topk - ce |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for seed, r in report["per_seed"].items():
-        lines.append(f"| {seed} | {r['pt_accuracy']:.3f} | {r['aligned_fraction']:.3f} | {r['mass_kept']:.3f} | "
-                     f"{r['pt_ce']:.3f} | {r['pt_topk']:.3f} | {r['pt_topk'] - r['pt_ce']:+.3f} |")
+        lines.append(f"| {seed} | {r['pt_accuracy']:.3f} | {r['aligned_fraction']:.3f} | "
+                     f"{r['mass_kept']:.3f} | {r['pt_ce']:.3f} | {r['pt_topk']:.3f} | "
+                     f"{r['pt_topk'] - r['pt_ce']:+.3f} |")
     lines += [
         f"| **mean** | | | | **{s['pt_ce']['mean']:.3f}** | **{s['pt_topk']['mean']:.3f}** | "
-        f"**{s['difference']['mean']:+.3f}** |",
+        f"**{diff['mean']:+.3f}** |",
         "",
-        f"Difference pt_topk - pt_ce: mean {s['difference']['mean']:+.3f}, per-seed sd {s['difference']['sd']:.3f} "
-        f"({len(report['per_seed'])} seeds). Change vs base: pt_ce {s['pt_ce']['mean'] - report['base_accuracy']:+.3f},"
-        f" pt_topk {s['pt_topk']['mean'] - report['base_accuracy']:+.3f}; vs the students' start: pt_ce "
-        f"{s['pt_ce']['mean'] - report['start_accuracy']:+.3f}, pt_topk {s['pt_topk']['mean'] - report['start_accuracy']:+.3f}.",
+        f"Difference pt_topk - pt_ce: mean {diff['mean']:+.3f}, per-seed sd {diff['sd']:.3f} "
+        f"({len(report['per_seed'])} seeds). Change vs base: pt_ce {s['pt_ce']['mean'] - base:+.3f}, "
+        f"pt_topk {s['pt_topk']['mean'] - base:+.3f}; vs the students' start: "
+        f"pt_ce {s['pt_ce']['mean'] - start:+.3f}, pt_topk {s['pt_topk']['mean'] - start:+.3f}.",
         "",
     ]
     return "\n".join(lines)
 
 
+def teacher_pseudo_targets(base_url: str, instructions: list[str], args: argparse.Namespace, seed: int,
+                           store_dir: Path) -> tuple[list[TrainExample], list[Any]]:
+    """K sampled PTs with top-k log-probabilities per instruction, asked over HTTP through the call cache."""
+    inputs = [TrainExample(target="", messages=[{"role": "user", "content": q}]) for q in instructions]
+    settings = APIPTSettings(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
+                             temperature=1.0, top_p=0.95)
+    with Store.open_run(store_dir) as store:
+        llm = CachedLLM(OpenAIBackend("teacher", base_url=base_url, api_key="unused"), store)
+        return inputs, generate_api_pseudo_targets(llm, inputs, [], settings, store=store)
+
+
+def run_seed(base_url: str, start: Path, tok: Any, tests: list[Any], args: argparse.Namespace, seed: int,
+             work: Path) -> dict[str, Any]:
+    """One seed: the teacher's PTs for fresh instructions, then both arms trained on them and evaluated."""
+    t0 = time.time()
+    inputs, pts = teacher_pseudo_targets(base_url, unlabeled_instructions(args.inputs, seed), args, seed,
+                                         work / f"run{seed}")
+    by_id = {x.id: x for x in inputs}
+    records = [{"input_id": p.input_id, "k": p.index, "target": p.text, "prompt": None,
+                "messages": by_id[p.input_id].messages} for p in pts]
+    sparse, stats = aligned_schedule([], pts, tok, inputs, args.top)
+    out: dict[str, Any] = {
+        "pt_accuracy": pt_accuracy(pts, {x.id: x.messages[0]["content"] for x in inputs}),
+        "aligned_fraction": stats.aligned_fraction, "mass_kept": stats.mass_kept, "pseudo_targets": len(pts),
+        "teacher_requests": len(inputs), "pt_s": round(time.time() - t0, 1),
+    }
+    print(f"seed {seed}: {len(pts)} PTs from {len(inputs)} requests, PT exact-match "
+          f"{out['pt_accuracy']:.3f}, aligned {stats.aligned_fraction:.3f}, mass kept {stats.mass_kept:.3f} "
+          f"({out['pt_s']:.0f}s)", flush=True)
+    arms = {"pt_ce": (pt_schedule([], records), {"ce": 1.0}), "pt_topk": (sparse, {"logits": 1.0, "ce": 1.0})}
+    train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, seed=seed,
+                        warmup_ratio=0.0, lr_scheduler="constant", save_steps=100_000, logging_steps=50)
+    for arm in ARMS:
+        t0 = time.time()
+        schedule, objective = arms[arm]
+        student = work / f"{arm}-{seed}"
+        metrics = train_student(str(start), schedule, student, settings=train, objective=objective,
+                                kd=KDConfig(), template="chat", progress=False)
+        out[arm] = evaluate_student(load(student)[0], tok, tests)["overall"]
+        out[f"{arm}_train_loss"] = metrics["loss"]
+        out[f"{arm}_s"] = round(time.time() - t0, 1)
+        print(f"seed {seed} {arm:8s} accuracy {out[arm]:.3f} ({out[f'{arm}_s']:.0f}s)", flush=True)
+    return out
+
+
+def summarize(per_seed: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for arm in ARMS:
+        accs = [r[arm] for r in per_seed.values()]
+        summary[arm] = {"mean": statistics.mean(accs), "per_seed": accs}
+    diffs = [r["pt_topk"] - r["pt_ce"] for r in per_seed.values()]
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    summary["difference"] = {"mean": statistics.mean(diffs), "sd": sd, "per_seed": diffs}
+    return summary
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--inputs", type=int, default=1000, help="unlabeled instructions (teacher requests) per seed")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    ap.add_argument("--inputs", type=int, default=1000, help="teacher requests per seed")
     ap.add_argument("--k", type=int, default=2, help="PTs per instruction")
     ap.add_argument("--top", type=int, default=5, help="top_logprobs asked of the teacher")
     ap.add_argument("--teacher-steps", type=int, default=2000, help="extra training of the base student")
     ap.add_argument("--teacher-lr", type=float, default=2e-3)
     ap.add_argument("--student", choices=("pruned", "base"), default="pruned", help="where students start")
-    ap.add_argument("--keep", default="first_last", help="layers a pruned student keeps (lionkd prune syntax)")
+    ap.add_argument("--keep", default="first_last", help="layers a pruned student keeps")
     ap.add_argument("--steps", type=int, default=600, help="student training steps (both arms)")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant)")
@@ -173,78 +232,32 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(sys.argv[0]), *sys.argv[1:]])
 
     base = base_student_dir()
-    work = Path(tempfile.mkdtemp(prefix="lionkd-blackbox-kd-"))
-    start = student_start(args.student, args.keep, work / "student-start")
     tdir, cached = teacher_dir(args.teacher_steps, args.teacher_lr, seed=99)
     teacher, tok = load(tdir)
     tests = world.test_set(per_task=args.test_per_task)
-    base_acc = evaluate_student(load(base)[0], tok, tests)["overall"]
-    start_acc = evaluate_student(load(start)[0], tok, tests)["overall"] if start != base else base_acc
-    teacher_acc = evaluate_student(teacher, tok, tests)["overall"]
-    print(f"base student {base_acc:.3f}, student start ({args.student}) {start_acc:.3f}, teacher {teacher_acc:.3f} "
-          f"({time.time() - started:.0f}s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lionkd-blackbox-kd-") as tmp:
+        work = Path(tmp)
+        start = student_start(args.student, args.keep, work / "student-start")
+        base_acc = evaluate_student(load(base)[0], tok, tests)["overall"]
+        start_acc = evaluate_student(load(start)[0], tok, tests)["overall"] if start != base else base_acc
+        teacher_acc = evaluate_student(teacher, tok, tests)["overall"]
+        print(f"base student {base_acc:.3f}, student start ({args.student}) {start_acc:.3f}, "
+              f"teacher {teacher_acc:.3f} ({time.time() - started:.0f}s)", flush=True)
+        with ServerThread(create_app({"teacher": HFBackend(teacher, tokenizer=tok, batch_size=64)})) as srv:
+            per_seed = {s: run_seed(srv.base_url, start, tok, tests, args, s, work) for s in args.seeds}
 
-    rows: list[dict[str, Any]] = []
-    per_seed: dict[int, dict[str, float]] = {}
-    backend = HFBackend(teacher, tokenizer=tok, batch_size=64)
-    with ServerThread(create_app({"teacher": backend})) as srv:
-        for seed in args.seeds:
-            t0 = time.time()
-            inputs = [TrainExample(target="", messages=[{"role": "user", "content": q}])
-                      for q in unlabeled_instructions(args.inputs, seed)]
-            settings = APIPTSettings(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
-                                     temperature=1.0, top_p=0.95)
-            with Store.open_run(work / f"run{seed}") as store:
-                llm = CachedLLM(OpenAIBackend("teacher", base_url=srv.base_url, api_key="unused"), store)
-                pts = generate_api_pseudo_targets(llm, inputs, [], settings, store=store)
-            by_id = {x.id: x for x in inputs}
-            instruction_of = {x.id: x.messages[0]["content"] for x in inputs}
-            records = [{"input_id": p.input_id, "k": p.index, "target": p.text, "prompt": None,
-                        "messages": by_id[p.input_id].messages} for p in pts]
-            sparse, stats = aligned_schedule([], pts, tok, inputs, args.top)
-            info = {"pt_accuracy": pt_accuracy(pts, instruction_of), "aligned_fraction": stats.aligned_fraction,
-                    "mass_kept": stats.mass_kept, "pseudo_targets": len(pts), "teacher_requests": len(inputs),
-                    "pt_s": round(time.time() - t0, 1)}
-            print(f"seed {seed}: {len(pts)} PTs from {len(inputs)} requests, PT exact-match "
-                  f"{info['pt_accuracy']:.3f}, aligned {stats.aligned_fraction:.3f}, mass kept {stats.mass_kept:.3f} "
-                  f"({info['pt_s']:.0f}s)", flush=True)
-            per_seed[seed] = dict(info)
-            arms = {"pt_ce": (pt_schedule([], records), {"ce": 1.0}),
-                    "pt_topk": (sparse, {"logits": 1.0, "ce": 1.0})}
-            for arm in ARMS:
-                schedule, objective = arms[arm]
-                t0 = time.time()
-                train = TrainConfig(max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
-                                    warmup_ratio=0.0, lr_scheduler="constant", save_steps=100_000, seed=seed,
-                                    logging_steps=50)
-                out = work / f"{arm}-{seed}"
-                metrics = train_student(str(start), schedule, out, settings=train, objective=objective, kd=KDConfig(),
-                                        template="chat", progress=False)
-                acc = evaluate_student(load(out)[0], tok, tests)["overall"]
-                per_seed[seed][arm] = acc
-                rows.append({"seed": seed, "arm": arm, "accuracy": acc, "train_loss": metrics["loss"],
-                             "train_s": round(time.time() - t0, 1), **info})
-                print(f"seed {seed} {arm:8s} accuracy {acc:.3f} ({time.time() - t0:.0f}s)", flush=True)
-
-    summary: dict[str, Any] = {}
-    for arm in ARMS:
-        accs = [per_seed[s][arm] for s in args.seeds]
-        summary[arm] = {"mean": statistics.mean(accs), "per_seed": accs}
-    diffs = [per_seed[s]["pt_topk"] - per_seed[s]["pt_ce"] for s in args.seeds]
-    summary["difference"] = {"mean": statistics.mean(diffs), "sd": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-                             "per_seed": diffs}
+    summary = summarize(per_seed)
     elapsed = time.time() - started
     print(f"\n{'arm':10s} {'mean acc':>9s}   per seed")
     for arm in ARMS:
-        print(f"{arm:10s} {summary[arm]['mean']:9.3f}   {' '.join(f'{a:.3f}' for a in summary[arm]['per_seed'])}")
+        accs = " ".join(f"{a:.3f}" for a in summary[arm]["per_seed"])
+        print(f"{arm:10s} {summary[arm]['mean']:9.3f}   {accs}")
     print(f"topk - ce  {summary['difference']['mean']:+9.3f}")
     print(f"base {base_acc:.3f} | start {start_acc:.3f} | teacher {teacher_acc:.3f} | {elapsed:.0f}s")
-    shutil.rmtree(work, ignore_errors=True)
-    teacher_info = json.loads((tdir / "teacher_train.json").read_text()) | {"cached": cached}
-    report = {"command": command, "args": vars(args), "seconds": round(elapsed, 1), "teacher": teacher_info,
-              "base_accuracy": base_acc, "start_accuracy": start_acc, "teacher_accuracy": teacher_acc, "test_items": len(tests),
-              "summary": summary, "per_seed": per_seed, "rows": rows}
-    report["args"]["batch_size"] = args.batch_size
+    report = {"command": command, "args": vars(args), "seconds": round(elapsed, 1),
+              "teacher": json.loads((tdir / "teacher_train.json").read_text()) | {"cached": cached},
+              "base_accuracy": base_acc, "start_accuracy": start_acc, "teacher_accuracy": teacher_acc,
+              "test_items": len(tests), "summary": summary, "per_seed": per_seed}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "blackbox_kd.json").write_text(json.dumps(report, indent=1))
     (RESULTS / "blackbox_kd.md").write_text(markdown(report))

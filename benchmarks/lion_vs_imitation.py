@@ -1,19 +1,26 @@
 """Lion against plain imitation with the same number of teacher-answered training instructions.
 
-Three arms on the offline sandbox world, each from the shipped base student and each run with
+Five arms on the offline sandbox world, each from the shipped base student and each run with
 several seeds:
 
 - `lion`            the paper's rule: generation seeds drawn uniformly from the hard set, hard:easy
                     1:1, tau 1.0;
 - `lion-learnable`  the same loop with `lion.seed_weighting: learnable` (seeds weighted towards
                     partly learned task types);
+- `lion-rouge0.9`   the paper's rule with a looser novelty filter, `lion.rouge_l_max: 0.9` (0.7 rejects
+                    nearly every generated instruction of the world's short, templated domains);
 - `imitation`       no discrimination and no generation: iteration k trains on as many fresh
                     instructions drawn uniformly from the world's training split as the paired `lion`
                     run actually trained on in iteration k (generated pools can fall short of N after
                     the novelty filter), answered by the same teacher with the same request settings,
                     with the same replay rule, trainer settings and starting point. Iteration 1 of
                     every arm is the same training on the same seed pool, so the imitation arm takes
-                    the `lion` run's iteration-1 student as it is.
+                    the `lion` run's iteration-1 student as it is;
+- `imitation-0.9`   the same, matched to the `lion-rouge0.9` run's counts (where they equal the `lion`
+                    run's, it is the `imitation` run itself).
+
+Each Lion arm is compared with the imitation arm matched to its own counts (`lion-learnable`, which
+generates its own pools, with `imitation`).
 
 The final students are scored with greedy exact match on one held-out test set, balanced over
 task types, whose arguments come from the world's test split (never trained on in any phrasing).
@@ -69,8 +76,19 @@ from lionkd.store import Store
 
 RESULTS = Path(__file__).parent / "results"
 WORK = Path("runs/bench/lion_vs_imitation")
-ARMS = ("lion", "lion-learnable", "imitation")
-LION_ARMS = {"lion": "uniform", "lion-learnable": "learnable"}
+ARMS = ("lion", "lion-learnable", "lion-rouge0.9", "imitation", "imitation-0.9")
+
+
+@dataclass(frozen=True)
+class LionArm:
+    seed_weighting: str = "uniform"
+    rouge_l_max: float = 0.7
+
+
+LION_ARMS = {"lion": LionArm(), "lion-learnable": LionArm(seed_weighting="learnable"),
+             "lion-rouge0.9": LionArm(rouge_l_max=0.9)}
+IMITATION_ARMS = {"imitation": "lion", "imitation-0.9": "lion-rouge0.9"}  # arm: the Lion arm it is matched to
+BASELINES = {"lion": "imitation", "lion-learnable": "imitation", "lion-rouge0.9": "imitation-0.9"}
 T = TypeVar("T")
 TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paired
 
@@ -100,7 +118,7 @@ def sandbox_endpoint(model: str, **options: Any) -> EndpointConfig:
     return EndpointConfig(backend="sandbox", model=model, api_key_env=None, concurrency=32, **options)
 
 
-def lion_config(s: Settings, seed: int, weighting: str, run_dir: Path) -> RunConfig:
+def lion_config(s: Settings, seed: int, arm: LionArm, run_dir: Path) -> RunConfig:
     """The Lion run of one arm and seed; the trainer settings are the ones the imitation arm uses too."""
     return RunConfig(
         run_dir=run_dir,
@@ -120,7 +138,8 @@ def lion_config(s: Settings, seed: int, weighting: str, run_dir: Path) -> RunCon
             generation=GenerationConfig(temperature=0.0, max_new_tokens=24, batch_size=128),
         ),
         lion=LionConfig(seed_pool_size=s.seed_pool, iterations=s.iterations, new_per_iteration=s.new_per_iteration,
-                        tau=1.0, hard_easy_ratio="1:1", seed_weighting=weighting, generation_rounds=6),
+                        tau=1.0, hard_easy_ratio="1:1", seed_weighting=arm.seed_weighting,
+                        rouge_l_max=arm.rouge_l_max, generation_rounds=6),
     )
 
 
@@ -234,6 +253,33 @@ def timed(run_dir: Path, work: Callable[[], T]) -> tuple[T, float, bool]:
     return value, seconds, reused
 
 
+def sizes(counts: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return [(r["examples"], r["replayed"]) for r in counts]
+
+
+def imitation_arm(seed_runs: dict[str, Any], arm: str, source: str, lion_cfg: RunConfig, run_dir: Path,
+                  items: list[Any]) -> dict[str, Any]:
+    """The imitation arm matched to the Lion arm `source` of one seed.
+
+    An imitation arm already matched to the same counts is that arm's run: the draws are seeded by seed
+    and iteration, so a second run would repeat it.
+    """
+    counts = seed_runs[source]["iterations"]
+    for other, other_source in IMITATION_ARMS.items():
+        if other in seed_runs and sizes(seed_runs[other_source]["iterations"]) == sizes(counts):
+            return seed_runs[other] | {"same_as": other}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (final, steps, drawn), seconds, reused = timed(run_dir, partial(run_imitation, lion_cfg, counts, run_dir))
+    if steps != [r["steps"] for r in counts]:
+        raise RuntimeError(f"{run_dir}: imitation steps {steps} != {source} steps {[r['steps'] for r in counts]}")
+    return {
+        "matched_to": source,
+        "iterations": [{"iteration": r["iteration"], "examples": r["examples"], "replayed": r["replayed"],
+                        "steps": n} for r, n in zip(counts, steps, strict=True)],
+        "seconds": seconds, "reused": reused, "accuracy": evaluate(final, items), "trained_on": composition(drawn),
+    }
+
+
 # --------------------------------------------------------------------------- scoring
 
 
@@ -256,9 +302,9 @@ def summarise(scores: dict[str, list[dict[str, float]]], columns: list[str]) -> 
     out: dict[str, Any] = {"arms": {}, "differences": {}}
     for arm, per_seed in scores.items():
         out["arms"][arm] = {c: mean_std([s[c] for s in per_seed]) for c in columns}
-    for arm in LION_ARMS:
-        diffs = {c: [a[c] - b[c] for a, b in zip(scores[arm], scores["imitation"], strict=True)] for c in columns}
-        out["differences"][f"{arm} - imitation"] = {c: mean_std(v) | {"per_seed": v} for c, v in diffs.items()}
+    for arm, baseline in BASELINES.items():
+        diffs = {c: [a[c] - b[c] for a, b in zip(scores[arm], scores[baseline], strict=True)] for c in columns}
+        out["differences"][f"{arm} - {baseline}"] = {c: mean_std(v) | {"per_seed": v} for c, v in diffs.items()}
     return out
 
 
@@ -320,11 +366,15 @@ def markdown(result: dict[str, Any], rows: list[list[str]], columns: list[str]) 
         [t, f"{result['base_student']['by_task'][t]:.3f}",
          *(f"{seed_mean(runs, arm, lambda r, t=t: r['accuracy']['by_task'][t]):.3f}" for arm in ARMS)]
         for t in tasks])
-    lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed (imitation "
-              "is matched to the `lion` run of the same seed; `lion-learnable` generates its own pools, whose "
-              "sizes differ slightly after the novelty filter):", ""]
+    lines += ["", "Training instructions per iteration (new + replayed) and optimiser steps, per seed (`imitation` "
+              "is matched to the `lion` run of the same seed and `imitation-0.9` to the `lion-rouge0.9` run; "
+              "`lion-learnable` generates its own pools, whose sizes differ slightly after the novelty filter):",
+              ""]
     for seed, run in runs.items():
         for arm in ARMS:
+            if "same_as" in run[arm]:
+                lines.append(f"- seed {seed}, {arm}: the same counts as `{run[arm]['same_as']}`, so that run")
+                continue
             it = run[arm]["iterations"]
             desc = ", ".join(f"{r['examples']}+{r['replayed']} ({r['steps']} steps)" for r in it)
             lines.append(f"- seed {seed}, {arm}: {desc}")
@@ -368,30 +418,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: dict[int, dict[str, Any]] = {}
     for seed in range(s.seeds):
         runs[seed] = {}
-        for arm, weighting in LION_ARMS.items():
-            cfg = lion_config(s, seed, weighting, work / f"seed-{seed}" / arm)
+        configs: dict[str, RunConfig] = {}
+        for arm, spec in LION_ARMS.items():
+            cfg = configs[arm] = lion_config(s, seed, spec, work / f"seed-{seed}" / arm)
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             summary, seconds, reused = timed(cfg.run_dir, partial(run_lion, cfg, progress=False, report=False))
             runs[seed][arm] = {"iterations": lion_counts(cfg), "seconds": seconds, "reused": reused,
                                "accuracy": evaluate(summary.final_student, items),
                                "trained_on": composition(generated_instructions(cfg))}
-            if arm == "lion":
-                lion_cfg = cfg
             console.print(f"seed {seed} {arm}: {runs[seed][arm]['accuracy']['overall']:.3f} ({seconds:.0f} s)")
-        counts = runs[seed]["lion"]["iterations"]
-        imitation_dir = work / f"seed-{seed}" / "imitation"
-        imitation_dir.mkdir(parents=True, exist_ok=True)
-        (final, steps, drawn), seconds, reused = timed(imitation_dir, partial(run_imitation, lion_cfg, counts,
-                                                                                     imitation_dir))
-        if steps != [r["steps"] for r in counts]:
-            raise RuntimeError(f"seed {seed}: imitation steps {steps} != lion steps {[r['steps'] for r in counts]}")
-        runs[seed]["imitation"] = {
-            "iterations": [{"iteration": r["iteration"], "examples": r["examples"], "replayed": r["replayed"],
-                            "steps": n} for r, n in zip(counts, steps, strict=True)],
-            "seconds": seconds, "reused": reused, "accuracy": evaluate(final, items),
-            "trained_on": composition(drawn),
-        }
-        console.print(f"seed {seed} imitation: {runs[seed]['imitation']['accuracy']['overall']:.3f} ({seconds:.0f} s)")
+        for arm, source in IMITATION_ARMS.items():
+            runs[seed][arm] = imitation_arm(runs[seed], arm, source, configs[source], work / f"seed-{seed}" / arm,
+                                            items)
+            console.print(f"seed {seed} {arm}: {runs[seed][arm]['accuracy']['overall']:.3f} "
+                          f"({runs[seed][arm]['seconds']:.0f} s)")
         for arm in ARMS:
             scores[arm].append(runs[seed][arm]["accuracy"])
 
@@ -409,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/lion_vs_imitation.py",
                                                                   *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": round(time.time() - started, 1),
-        "arm_seconds_total": round(sum(r[arm]["seconds"] for r in runs.values() for arm in ARMS), 1),
+        "arm_seconds_total": round(sum(r[arm]["seconds"] for r in runs.values() for arm in ARMS
+                                       if "same_as" not in r[arm]), 1),
         "reused_finished_runs": any(r[arm]["reused"] for r in runs.values() for arm in ARMS),
         "machine": "CPU, 1 torch thread (2 shared cores)",
         "settings": asdict(s),
