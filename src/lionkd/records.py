@@ -109,9 +109,14 @@ class Judgement:
     def orders_agree(self) -> bool:
         """Both orders prefer the same model (or both call it a tie)."""
         assert self.teacher_scores and self.student_scores
-        a = self.teacher_scores[0] - self.student_scores[0]
-        b = self.teacher_scores[1] - self.student_scores[1]
-        return (a > 0) == (b > 0) and (a < 0) == (b < 0)
+        t, s = self.teacher_scores, self.student_scores
+        return same_preference((t[0], s[0]), (t[1], s[1]))
+
+
+def same_preference(first: tuple[float, float], second: tuple[float, float]) -> bool:
+    """Two (a, b) score pairs, one per answer order, prefer the same answer or both call it a tie."""
+    d1, d2 = first[0] - first[1], second[0] - second[1]
+    return (d1 > 0) == (d2 > 0) and (d1 < 0) == (d2 < 0)
 
 
 @dataclass

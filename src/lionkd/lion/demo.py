@@ -20,7 +20,6 @@ from ..data import write_jsonl
 from ..store import Store
 from .loop import RunSummary, run_lion
 
-
 # Gentle: the base student has converged on its own schedule, and a few thousand new examples at a
 # higher rate make it forget more than it learns (measured: 3e-4 lost 5 points over 3 iterations).
 LEARNING_RATE = 1e-4
@@ -105,10 +104,10 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
 
 
 def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, Any]]]:
+    import torch
+
     from ..llm.server import ServerThread, create_app
     from ..sandbox import SandboxBackend
-
-    import torch
 
     torch.set_num_threads(settings.threads)
     console = Console(stderr=True, quiet=not settings.progress)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..llm.base import GenRequest, GenResult
+from ..records import same_preference
 from .prompts import REFEREE
 
 MAX_SCORE = 10.0
@@ -138,9 +139,7 @@ class PairVerdict:
     def orders_agree(self) -> bool:
         """Both orders prefer the same answer, or both call it a tie."""
         assert self.scores_a_first and self.scores_b_first
-        first = self.scores_a_first[0] - self.scores_a_first[1]
-        second = self.scores_b_first[0] - self.scores_b_first[1]
-        return (first > 0) == (second > 0) and (first < 0) == (second < 0)
+        return same_preference(self.scores_a_first, self.scores_b_first)
 
     @property
     def first_position_advantage(self) -> float:
