@@ -24,16 +24,10 @@ import sys
 import time
 from pathlib import Path
 
+from lionkd.eval.speed import resident_mb
+
 RESULTS = Path(__file__).parent / "results" / "kd_loss.json"
 VARIANTS = ("naive", "chunked", "fused")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def peak_mb() -> float:
@@ -51,7 +45,7 @@ def worker(variant: str, batch: int, seq: int, vocab: int, hidden: int, reps: in
     t_hidden = torch.randn(batch, seq, hidden)
     t_weight = torch.randn(vocab, hidden) / hidden**0.5
     mask = torch.ones(batch, seq)
-    base = rss_mb()
+    base = resident_mb()
 
     def naive() -> torch.Tensor:
         lp_t = (t_hidden @ t_weight.T).log_softmax(-1)

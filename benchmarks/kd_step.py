@@ -25,16 +25,10 @@ import sys
 import time
 from pathlib import Path
 
+from lionkd.eval.speed import resident_mb
+
 RESULTS = Path(__file__).parent / "results" / "kd_step.json"
 VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET = 32000, 256, 2, 4, 64, 192
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def setup(tmp: Path):  # noqa: ANN201
@@ -131,7 +125,7 @@ def run_trl(steps: int, tmp: Path) -> dict:
 def measure(trainer) -> dict:  # noqa: ANN001
     timer = StepTimer()
     trainer.add_callback(timer.callback())
-    base = rss_mb()
+    base = resident_mb()
     trainer.train()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = [b - a for a, b in itertools.pairwise(timer.times)]

@@ -47,6 +47,11 @@ def _proc_status_kb(key: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def resident_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 where /proc is missing)."""
+    return (_proc_status_kb("VmRSS") or 0) / 1024
+
+
 class _ResidentPeak:
     """Peak growth of this process's resident memory while the block runs.
 
