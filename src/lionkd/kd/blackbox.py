@@ -104,9 +104,9 @@ def generate_api_pseudo_targets(
     name = teacher_name or llm.model
     params = settings.request_params()
     recorded = params | {"n": settings.k, "fewshot": settings.fewshot, "instruction": settings.instruction}
-    out: list[PseudoTarget] = []
+    by_input: dict[int, list[PseudoTarget]] = {}  # returned in input order, not in order of arrival
 
-    async def run(chunk: Sequence[TrainExample]) -> None:
+    async def run(offset: int, chunk: Sequence[TrainExample]) -> None:
         requests = [GenRequest.chat(teacher_messages(x, demos, settings.instruction, settings.fewshot),
                                     n=settings.k, **params) for x in chunk]
         async for i, result in llm.stream(requests):
@@ -119,13 +119,13 @@ def generate_api_pseudo_targets(
             ]
             if store is not None and pts:
                 store.add_pseudo_targets(pts)
-            out.extend(pts)
+            by_input[offset + i] = pts
             if on_progress is not None:
                 on_progress(1)
 
     for start in range(0, len(inputs), batch_size):
-        asyncio.run(run(inputs[start : start + batch_size]))
-    return out
+        asyncio.run(run(start, inputs[start : start + batch_size]))
+    return [pt for i in sorted(by_input) for pt in by_input[i]]
 
 
 # --------------------------------------------------------------------------- sparse targets
