@@ -235,10 +235,9 @@ def prune(
 
 def _stage_progress() -> tuple[Any, Any]:
     """A rich progress display and a `(stage, done, total)` callback that feeds it."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from .progress import stage_bars
 
-    bars = Progress(TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=err_console, transient=False)
+    bars = stage_bars(console=err_console)
     tasks: dict[str, Any] = {}
 
     def update(stage: str, done: int, total: int) -> None:

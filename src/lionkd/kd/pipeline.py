@@ -24,8 +24,7 @@ import datetime as dt
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ import yaml
 from ..config import DataConfig, RunConfig, TrainConfig, masked_dump
 from ..data import load_table, write_jsonl
 from ..errors import UserError
+from ..progress import progress_bars
 from ..records import PseudoTarget, content_id
 from ..store import Store
 from .data import TrainExample, prompt_ids
@@ -301,24 +301,6 @@ def _matching(store: Store, cfg: RunConfig) -> dict[str, list[PseudoTarget]]:
         if p.method == settings.method and p.teacher == name and p.index < settings.k:
             by_input.setdefault(p.input_id, []).append(p)
     return by_input
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[Any]:
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=Console(stderr=True), disable=not enabled)
-    with bars:
-        yield bars
 
 
 def generate_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample], progress: bool) -> dict[str, Any]:

@@ -20,29 +20,17 @@ from __future__ import annotations
 
 import math
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
 from ..config import EndpointConfig, RunConfig, masked_dump
 from ..errors import UserError
+from ..progress import progress_bars
 from ..records import Instruction
 from ..store import Store
 from .discrimination import Split, discriminate, split_hard_easy
@@ -138,7 +126,7 @@ def imitation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts:
                     progress: bool) -> None:
     if store.stage_done(k, "imitation") and student_dir(cfg, k).is_dir():
         return
-    with bars(progress) as p:
+    with progress_bars(progress) as p:
         instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
     if answers:
         info = train(cfg, store, instructions, answers, k, show_progress=progress)
@@ -155,7 +143,7 @@ def discrimination_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], pro
     if store.stage_done(k, "discrimination"):
         judgements = store.judgements(k)
         return split_hard_easy(store.pool(k, "cache"), judgements, cfg.lion.tau), judgements
-    with bars(progress) as p:
+    with progress_bars(progress) as p:
         split, judgements = discriminate(cfg, store, llms["teacher"], llms["referee"], prompts, k, p)
     store.put_metrics(k, discrimination_metrics(split, judgements))
     store.finish_stage(k, "discrimination", {"hard": len(split.hard), "easy": len(split.easy),
@@ -167,7 +155,7 @@ def generation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts
                      split: Split, judgements: dict[str, Any], progress: bool) -> None:
     if store.stage_done(k, "generation"):
         return
-    with bars(progress) as p:
+    with progress_bars(progress) as p:
         outcome = generate(cfg, store, llms["generator"], prompts, k, hard=split.hard, easy=split.easy,
                            judgements=judgements, progress=p)
     new_ids = [ins.id for ins in outcome.new]
@@ -249,21 +237,6 @@ def write_report(run_dir: Path) -> Path | None:
 
 
 # --------------------------------------------------------------------------- progress display
-
-
-class RateColumn(ProgressColumn):
-    def render(self, task: Task) -> Text:
-        return Text(f"{task.speed:.1f}/s" if task.speed else "", style="progress.data.speed")
-
-
-@contextmanager
-def bars(enabled: bool) -> Iterator[Progress]:
-    """Progress bars with counts, rate and ETA (one display per stage, so training can print its own)."""
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True),
-                        disable=not enabled, transient=False)
-    with progress:
-        yield progress
 
 
 # --------------------------------------------------------------------------- dry run
