@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 
@@ -108,14 +109,57 @@ def test_client_errors_after_a_success_fail_one_request_without_retry():
         assert fake.hits["bad-auth"] == fake.hits["forbidden"] == fake.hits["gone"] == 1
 
 
-def test_connection_refused_is_retried_then_reported():
+def closed_port() -> int:
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    b = backend(f"http://127.0.0.1:{port}/v1", max_retries=2)
+        return s.getsockname()[1]
+
+
+def test_connection_refused_is_retried_then_reported():
+    b = backend(f"http://127.0.0.1:{closed_port()}/v1", max_retries=2)
+    b._reachable = True  # as if the server went away after the probe reached it
     (result,) = b.generate([ask("anyone?")])
     assert not result.ok and "connection error" in result.error and "3 attempts" in result.error
     assert b.stats["retry:connection"] == 2
+
+
+def test_a_dead_endpoint_fails_fast_with_one_error():
+    b = backend(f"http://127.0.0.1:{closed_port()}/v1", max_retries=6, backoff_base_s=1.0, backoff_max_s=60.0)
+    start = time.monotonic()
+    with pytest.raises(UserError, match="cannot reach the endpoint .*refused.*check base_url") as err:
+        b.generate([ask(f"q{i}") for i in range(20)])
+    assert time.monotonic() - start < 5
+    assert b.stats["attempts"] == 0 and SECRET not in str(err.value)
+
+
+def test_an_unknown_host_fails_fast():
+    b = backend("http://no-such-host.invalid/v1")
+    with pytest.raises(UserError, match="cannot reach the endpoint"):
+        b.generate([ask("q")])
+
+
+def test_the_probe_is_free_on_servers_without_a_model_list():
+    with FakeOpenAI() as fake:  # answers 404 to GET /v1/models
+        assert backend(fake.base_url).generate([ask("q")])[0].ok
+        assert fake.total == 1
+
+
+def test_most_requests_failing_alike_stop_the_batch_with_one_line():
+    with FakeOpenAI(lambda content, attempt: None if content == "q0" else "503") as fake:
+        b = backend(fake.base_url, max_retries=1, concurrency=4)
+        with pytest.raises(UserError) as err:
+            b.generate([ask(f"q{i}") for i in range(100)])
+        message = str(err.value)
+        assert "requests failed (HTTP 503" in message and "\n" not in message
+        failed, finished = map(int, re.search(r"(\d+) of (\d+) requests failed", message).groups())
+        assert failed >= 8 and 2 * failed > finished
+        assert fake.total < 40  # stopped early: not 100 requests, each tried twice
+
+
+def test_a_few_failures_do_not_stop_a_batch():
+    with FakeOpenAI(lambda content, attempt: "400" if content.endswith("7") else None) as fake:
+        results = backend(fake.base_url).generate([ask(f"q{i}") for i in range(60)])
+        assert sum(not r.ok for r in results) == 6 and fake.total == 60
 
 
 def test_concurrency_is_bounded_and_used():

@@ -156,11 +156,17 @@ def export(
 ) -> None:
     """Export a run's instructions with their answers (Alpaca JSON/JSONL, chat JSONL, or a HF dataset)."""
     from .data import alpaca_record, chat_record, to_hf_dataset, write_json, write_jsonl
+    from .run_guard import check_export_target
     from .store import Store
 
     if fmt not in ("alpaca", "chat", "hf"):
         raise UserError(f"--format: unknown format '{fmt}' (alpaca, chat or hf)")
+    check_export_target(run_dir, out)
     with Store.open_existing(run_dir) as store:
+        roles = store.response_roles()
+        if role not in roles:
+            raise UserError(f"--role: no answers by '{role}' in {run_dir} "
+                            f"(roles with answers: {', '.join(roles) or 'none yet'})")
         answers = store.latest_responses(role)
         instructions = store.instructions()
     make = chat_record if fmt == "chat" else alpaca_record
@@ -183,6 +189,9 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the most calls, tokens and cost; spend nothing.")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
     report: Annotated[bool, typer.Option("--report/--no-report", help="Write report.html at the end.")] = True,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="Apply a changed setting to a started run from its next unfinished stage.")
+    ] = False,
 ) -> None:
     """Run (or resume) the Lion loop of a config: imitation, discrimination, generation per iteration."""
     from .config import load_config
@@ -192,7 +201,8 @@ def run(
     if dry_run:
         console.print(plan_table(plan_run(cfg)))
         return
-    summary = run_lion(cfg, progress=progress, report=report)
+    _on_interrupt(cfg.run_dir, f"lionkd run {config}")
+    summary = run_lion(cfg, progress=progress, report=report, allow_config_change=allow_config_change)
     if summary.already_finished:
         console.print(f"{summary.run_dir}: the run is already finished; final student: {summary.final_student}")
     if summary.report_path:
@@ -206,12 +216,17 @@ def run(
 def distill(
     config: Path,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")] = True,
+    allow_config_change: Annotated[bool, typer.Option(
+        "--allow-config-change", help="Apply a changed setting to a started run from its next unfinished stage.")
+    ] = False,
 ) -> None:
     """Run (or resume) task-specific KD: teacher PTs, KD training, final fine-tuning, evaluation."""
     from .config import load_config
     from .kd.pipeline import distill as run_distill
 
-    summary = run_distill(load_config(config), progress=progress)
+    cfg = load_config(config)
+    _on_interrupt(cfg.run_dir, f"lionkd distill {config}")
+    summary = run_distill(cfg, progress=progress, allow_config_change=allow_config_change)
     console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
 
 
@@ -347,18 +362,25 @@ def serve(
 @app.command()
 def demo(
     run_dir: Annotated[Path, typer.Option(help="Where the run goes (resumes if it exists).")] = Path("runs/demo"),
-    iterations: Annotated[int, typer.Option(help="Lion iterations.")] = 3,
-    seeds: Annotated[int, typer.Option(help="Seed instructions drawn from the world.")] = 1000,
-    new: Annotated[int, typer.Option("--new", help="New instructions per iteration.")] = 600,
-    epochs: Annotated[float, typer.Option(help="Training epochs per imitation stage.")] = 2.0,
-    test_per_task: Annotated[int, typer.Option(help="Held-out test items per task type.")] = 100,
+    student: Annotated[str, typer.Option(
+        help="smollm2-135m-instruct (a real pretrained chat model), tiny (the shipped 0.5M student, "
+             "quick), or any model name or path.")] = "smollm2-135m-instruct",
+    iterations: Annotated[int | None, typer.Option(min=1, help="Lion iterations [default: the student's preset].")] = None,
+    seeds: Annotated[int | None, typer.Option(min=2, help="Seed instructions drawn from the world.")] = None,
+    new: Annotated[int | None, typer.Option("--new", min=1, help="New instructions per iteration.")] = None,
+    epochs: Annotated[float | None, typer.Option(min=0.01, help="Training epochs per imitation stage.")] = None,
+    test_per_task: Annotated[int | None, typer.Option(min=1, help="Held-out test items per task type.")] = None,
     seed: int = 0,
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """A whole Lion run on the offline sandbox world, served over HTTP on 127.0.0.1 (no API key)."""
     from .lion.demo import DemoSettings, results_table, run_demo
+    from .run_guard import hold_run
 
-    summary, scores = run_demo(DemoSettings(run_dir, iterations, seeds, new, epochs, test_per_task, seed, progress))
+    _on_interrupt(run_dir, "the same lionkd demo command")
+    with hold_run(run_dir):  # the demo writes its seeds and scores around the run: all of it under one lock
+        summary, scores = run_demo(DemoSettings(run_dir, student, iterations, seeds, new, epochs, test_per_task,
+                                                seed, progress))
     console.print(results_table(summary, scores))
     console.print(f"run directory: {summary.run_dir}")
     console.print(f"report: {summary.report_path}")
@@ -367,21 +389,52 @@ def demo(
 # --------------------------------------------------------------------------- entry point
 
 
+_interrupt_note: tuple[Path, str] | None = None  # (run directory, command that resumes it) of a writing command
+
+
+def _on_interrupt(run_dir: Path, command: str) -> None:
+    """Name the run a Ctrl-C would interrupt, so the line printed then can say what was kept."""
+    global _interrupt_note
+    _interrupt_note = (run_dir, command)
+
+
+def _interrupted() -> None:
+    if _interrupt_note is None:
+        err_console.print("interrupted", markup=False, highlight=False)
+    else:
+        from .run_guard import saved_summary
+
+        run_dir, command = _interrupt_note
+        err_console.print(f"interrupted: {saved_summary(run_dir)}; run `{command}` again to resume",
+                          markup=False, highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
 def main() -> None:
+    from pydantic import ValidationError
+
+    from .config import describe_error
+
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code.
+        code = app(standalone_mode=False)
     except UserError as exc:
         if _debug:
             raise
         err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted: finished work is saved; run the same command again to resume")
-        sys.exit(130)
+        _interrupted()
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, EOFError):
         sys.exit(1)
+    except ValidationError as exc:  # settings a command built from its options (`demo --iterations 0`)
+        if _debug:
+            raise
+        err_console.print(f"error: {describe_error(exc, 'an option value')}", markup=False, highlight=False,
+                          soft_wrap=True)
+        sys.exit(2)
     except Exception as exc:
         # Usage errors (typer's own click) know how to show themselves and carry exit code 2.
         show, code = getattr(exc, "show", None), getattr(exc, "exit_code", None)
@@ -393,3 +446,7 @@ def main() -> None:
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                           markup=False, highlight=False)
         sys.exit(1)
+    if code == 130:
+        _interrupted()
+    if isinstance(code, int) and code:
+        sys.exit(code)

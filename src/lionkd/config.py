@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .data import read_utf8
 from .errors import UserError
 
 
@@ -69,8 +70,17 @@ class EndpointConfig(Strict):
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
     def api_key(self) -> str | None:
-        """The key, read from the environment at the moment of use; never stored."""
-        return os.environ.get(self.api_key_env) if self.api_key_env else None
+        """The key, read from the environment at the moment of use; never stored.
+
+        A variable that is set but empty (`export KEY=`) is a mistake, not "no key": it is refused here
+        rather than sent as an anonymous request that fails later and less clearly.
+        """
+        if not self.api_key_env:
+            return None
+        key = os.environ.get(self.api_key_env)
+        if key is not None and not key.strip():
+            raise UserError(f"api_key_env: the environment variable ${self.api_key_env} is set but empty")
+        return key
 
 
 def _endpoint(**defaults: Any) -> Any:
@@ -99,7 +109,11 @@ class TrainConfig(Strict):
     grad_accum: int = Field(1, ge=1)
     max_length: int = Field(1024, ge=8)
     weight_decay: float = Field(0.0, ge=0)
-    bf16: Literal["auto", True, False] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="autocast over fp32 master weights; auto: bf16 on GPUs with it (else fp16), "
+        "bf16 on CPUs where it measures faster, else fp32")
+    save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved student; auto: the dtype its base was stored in")
     gradient_checkpointing: bool = False
     replay_fraction: float = Field(0.0, ge=0, le=1, description="share of earlier training data replayed")
     seed: int = 0
@@ -112,11 +126,16 @@ class GenerationConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int = Field(512, ge=1)
     batch_size: int = Field(16, ge=1)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights while generating; auto: fp32 on CPU, bf16 (or fp16) on a GPU")
 
 
 class StudentConfig(Strict):
     model: str = "sandbox:base-student"
     template: Literal["chat", "alpaca"] = "chat"
+    system_prompt: str | None = Field(
+        None, description="system message of every student prompt, in training and generation (null: none; "
+        "a chat template may then insert its own default, as SmolLM2's does)")
     lora: LoraConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
@@ -136,11 +155,14 @@ class PromptOverrides(Strict):
 
 class LionConfig(Strict):
     seed_pool: Path | None = None
-    seed_pool_size: int = Field(1000, ge=1, description="instructions drawn from the sandbox world when seed_pool is null")
+    seed_pool_size: int = Field(1000, ge=2, description="instructions drawn from the sandbox world when seed_pool is null")
     iterations: int = Field(3, ge=1)
     new_per_iteration: int = Field(6000, ge=1)
     hard_easy_ratio: str = "1:1"
-    tau: float = 1.0
+    # The referee scores 0-10, so a gap is at most 10: a larger tau makes nothing hard, tau <= 0 makes a
+    # tie hard, and NaN compares false with everything.
+    tau: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
+                       description="hard when teacher score - student score >= tau (scores 0-10)")
     rouge_l_max: float = Field(0.7, gt=0, le=1)
     novelty_tokenizer: Literal["rouge", "unicode"] = "rouge"
     seed_weighting: Literal["uniform", "learnable"] = "uniform"
@@ -320,7 +342,7 @@ def load_config(path: str | Path, check_paths: bool = True) -> RunConfig:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: config file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

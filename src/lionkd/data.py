@@ -26,17 +26,28 @@ class ReadReport:
     skipped: list[tuple[int, str]] = field(default_factory=list)  # (line, reason)
 
 
-def _json_lines(path: Path, skip_bad: bool, report: ReadReport) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                if not skip_bad:
-                    raise UserError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
-                report.skipped.append((number, f"not valid JSON ({exc.msg})"))
+def read_utf8(path: str | Path) -> str:
+    """A text file's content; one that is not UTF-8 is an error naming the line of the first bad byte."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
+                        "save the file as UTF-8") from None
+
+
+def _json_lines(path: Path, text: str, skip_bad: bool, report: ReadReport) -> Iterator[tuple[int, Any]]:
+    # split("\n"), not splitlines(): a JSON string may hold U+2028 and other characters splitlines breaks at
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            if not skip_bad:
+                raise UserError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+            report.skipped.append((number, f"not valid JSON ({exc.msg})"))
 
 
 def read_json_records(path: str | Path, skip_bad: bool = False, report: ReadReport | None = None
@@ -46,17 +57,15 @@ def read_json_records(path: str | Path, skip_bad: bool = False, report: ReadRepo
     report = report if report is not None else ReadReport()
     if not path.is_file():
         raise UserError(f"{path}: file not found")
-    with path.open(encoding="utf-8") as f:
-        head = f.read(4096).lstrip()
-    if head.startswith("["):
-        text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
+    if text.lstrip().startswith("["):
         try:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         lines = _array_item_lines(text, len(values))
         return list(zip(lines, values, strict=True))
-    return list(_json_lines(path, skip_bad, report))
+    return list(_json_lines(path, text, skip_bad, report))
 
 
 def _array_item_lines(text: str, count: int) -> list[int]:
@@ -201,8 +210,9 @@ def _local_rows(path: Path) -> list[dict[str, Any]]:
             rows.append(value)
         return rows
     if suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            return list(csv.DictReader(f))
+        import io
+
+        return list(csv.DictReader(io.StringIO(read_utf8(path), newline="")))
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 

@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS failures (
     key TEXT NOT NULL, backend TEXT NOT NULL, model TEXT NOT NULL, role TEXT, iteration INTEGER,
     error TEXT NOT NULL, created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS config_changes (
+    changed_at REAL NOT NULL, key TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL, after TEXT NOT NULL
+);
 """
 
 
@@ -97,9 +100,12 @@ class Store:
 
     @classmethod
     def open_existing(cls, run_dir: str | Path) -> Store:
+        """A run's store for reading; a file that is not one is an error, and is left as it was."""
         path = Path(run_dir) / STORE_NAME
         if not path.is_file():
             raise UserError(f"{run_dir}: not a run directory (no {STORE_NAME})")
+        if not _is_store(path):
+            raise UserError(f"{path}: not a lionkd run store (empty, or another kind of file)")
         return cls(path)
 
     def close(self) -> None:
@@ -346,5 +352,35 @@ class Store:
                  "completion_tokens": 0, "failures": n} for k, n in fails.items()]
         return out
 
+    # ------------------------------------------------------------------ config changes a user allowed
+    def add_config_changes(self, changes: Iterable[tuple[str, str, str]], *, after: str) -> None:
+        """(dotted key, old JSON, new JSON) applied from now on; `after` says where the run stood."""
+        now = time.time()
+        with self.transaction() as db:
+            db.executemany("INSERT INTO config_changes VALUES (?,?,?,?,?)",
+                           [(now, key, old, new, after) for key, old, new in changes])
+
+    def config_changes(self) -> list[dict[str, Any]]:
+        rows = self._query("SELECT * FROM config_changes ORDER BY changed_at, rowid")
+        return [{"changed_at": r["changed_at"], "key": r["key"], "old": json.loads(r["old"]),
+                 "new": json.loads(r["new"]), "after": r["after"]} for r in rows]
+
+    def response_roles(self) -> list[str]:
+        """Roles with at least one stored answer."""
+        return [r["role"] for r in self._query("SELECT DISTINCT role FROM responses ORDER BY role")]
+
     def integrity_ok(self) -> bool:
         return self._query("PRAGMA integrity_check")[0][0] == "ok"
+
+
+def _is_store(path: Path) -> bool:
+    """A SQLite file with lionkd's meta table, checked read-only so that nothing is written into another file."""
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error:  # not a database, or one without our meta table
+        return False
+    return bool(rows)

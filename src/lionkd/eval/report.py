@@ -520,10 +520,18 @@ def collect_sections(run_dir: Path) -> tuple[str, list[Section]]:
             _usage_sections(store, config),
             _stage_section(store),
         ]
+        changes = store.config_changes()
     sections += _eval_sections(run_dir)
     if config is not None:
-        sections.append(Section("Configuration", "config", text="The run's saved config.yaml (secrets masked).",
-                                code=yaml.safe_dump(config, sort_keys=False, allow_unicode=True)))
+        section = Section("Configuration", "config", text="The run's saved config.yaml (secrets masked).",
+                          code=yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
+        if changes:
+            section.text += " The run started with other values of the keys below, changed by a rerun with " \
+                            "--allow-config-change; config.yaml shows the values after the last change."
+            rows = [[c["key"], json.dumps(c["old"]), json.dumps(c["new"]), c["after"]] for c in changes]
+            section.tables.append(Table("Config changes applied to this run", ["key", "was", "became", "applied"],
+                                        rows))
+        sections.append(section)
     return kind, [s for s in sections if s is not None]
 
 

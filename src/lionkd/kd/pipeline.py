@@ -29,9 +29,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from ..config import DataConfig, RunConfig, TrainConfig, masked_dump
+from ..config import DataConfig, RunConfig, TrainConfig
 from ..data import load_table, write_jsonl
 from ..errors import UserError
 from ..progress import progress_bars
@@ -528,21 +526,23 @@ def _store_metrics(store: Store, detail: dict[str, Any], who: str) -> None:
 # --------------------------------------------------------------------------- the pipeline
 
 
-def save_config(cfg: RunConfig) -> None:
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(masked_dump(cfg), sort_keys=False, allow_unicode=True)
-    (cfg.run_dir / "config.yaml").write_text(text, encoding="utf-8")
+def distill(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> DistillSummary:
+    """Run (or resume) the whole task-specific KD pipeline of `cfg`; see the module docstring.
 
-
-def distill(cfg: RunConfig, *, progress: bool = True) -> DistillSummary:
-    """Run (or resume) the whole task-specific KD pipeline of `cfg`; see the module docstring."""
+    One process at a time writes a run, and a rerun keeps the config the run started with unless
+    `allow_config_change` (see `lionkd.run_guard`).
+    """
     from rich.console import Console
+
+    from ..run_guard import bind_config, hold_run
 
     check_config(cfg)
     console = Console(stderr=True, quiet=not progress)
     data = load_task_data(cfg)
-    save_config(cfg)
-    with Store.open_run(cfg.run_dir) as store:
+    with hold_run(cfg.run_dir), Store.open_run(cfg.run_dir) as store:
+        for change in bind_config(store, cfg, allow_change=allow_config_change):
+            Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
+                                       markup=False, highlight=False, soft_wrap=True)
         stages = Stages(store, lambda text: console.print(text, markup=False, highlight=False))
         recorded = stages.detail("data")
         if recorded is not None and recorded.get("fingerprint") != data.fingerprint:

@@ -24,14 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from rich.console import Console
 from rich.table import Table
 
-from ..config import EndpointConfig, RunConfig, masked_dump
+from ..config import EndpointConfig, RunConfig
 from ..errors import UserError
 from ..progress import progress_bars
 from ..records import Instruction
+from ..run_guard import bind_config, hold_run
 from ..store import Store
 from .discrimination import Split, discriminate, split_hard_easy
 from .generation import GenerationOutcome, generate
@@ -40,6 +40,8 @@ from .prompts import LionPrompts
 from .referee import PairVerdict, summarise
 
 ROLES = ("teacher", "referee", "generator")
+# Fewer seeds cannot split into hard and easy, and the generator would only ever rewrite one instruction.
+MIN_SEEDS = 2
 
 
 @dataclass
@@ -55,14 +57,21 @@ class RunSummary:
 # --------------------------------------------------------------------------- the loop
 
 
-def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True) -> RunSummary:
-    """Run (or resume) every iteration of the Lion loop described by `cfg`."""
+def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
+             allow_config_change: bool = False) -> RunSummary:
+    """Run (or resume) every iteration of the Lion loop described by `cfg`.
+
+    One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
+    run started with unless `allow_config_change` (see `lionkd.run_guard`).
+    """
     prompts = LionPrompts.from_config(cfg.lion.prompts)  # a bad prompt override fails before any work
     run_dir = Path(cfg.run_dir)
     console = Console(stderr=True, quiet=not progress)
     last = cfg.lion.iterations + 1
-    with Store.open_run(run_dir) as store:
-        save_config(cfg, run_dir)
+    with hold_run(run_dir), Store.open_run(run_dir) as store:
+        for change in bind_config(store, cfg, allow_change=allow_config_change):
+            Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
+                                       markup=False, highlight=False, soft_wrap=True)
         if store.stage_done(last, "imitation"):
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
                               already_finished=True)
@@ -113,6 +122,11 @@ def load_seed_pool(cfg: RunConfig) -> list[Instruction]:
         raise UserError("lion.seed_pool: a seed instruction file is required unless the teacher is the sandbox world")
     if not seeds:
         raise UserError(f"lion.seed_pool: no instructions in {cfg.lion.seed_pool}")
+    distinct = len({ins.id for ins in seeds})
+    if distinct < MIN_SEEDS:
+        where = cfg.lion.seed_pool or "lion.seed_pool_size"
+        raise UserError(f"lion.seed_pool: {distinct} distinct instruction(s) in {where}; Lion needs at least "
+                        f"{MIN_SEEDS}, so that the referee can find some hard and some easy")
     return seeds
 
 
@@ -222,11 +236,6 @@ def iteration_line(k: int, m: dict[str, Any]) -> str:
             f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
             f"order agreement {f('order_agreement', '{:.2f}')}, new {f('new_instructions')} "
             f"(novelty rejections {f('novelty_rejections')})")
-
-
-def save_config(cfg: RunConfig, run_dir: Path) -> None:
-    text = yaml.safe_dump(masked_dump(cfg), sort_keys=False, allow_unicode=True)
-    (run_dir / "config.yaml").write_text(text, encoding="utf-8")
 
 
 def write_report(run_dir: Path) -> Path | None:

@@ -8,6 +8,12 @@ honouring `Retry-After`; 400/401/403/404 are not. A request that still fails end
 whose `error` names the reason. Until the endpoint has answered once, a batch starts with a single
 request, so a wrong key or model name costs one call and raises one `UserError` instead of a volley.
 
+Failing fast: before its first batch, the backend asks the endpoint for its model list (free, and
+through the same client), so a refused connection, an unknown host, a TLS failure or a rejected key
+is one `UserError` within seconds rather than every request retried for minutes. During a batch,
+once most finished requests have failed the same way (`BREAKER_MIN` or more), the batch stops with
+one `UserError` that counts them.
+
 The API key is held only in memory and scrubbed from every message this module produces.
 """
 
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
+import os
 import random
 import time
 from collections import Counter
@@ -36,6 +43,13 @@ log = logging.getLogger(__name__)
 NO_KEY = "no-key"  # local servers need no key; a placeholder keeps the SDK from reading OPENAI_API_KEY
 MAX_RETRY_AFTER_S = 120.0
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+# The reachability probe: a few quick tries (a server that is just starting gets a moment), each
+# with a short timeout, so a dead endpoint is known within seconds.
+PROBE_ATTEMPTS = 3
+PROBE_TIMEOUT_S = 5.0
+PROBE_BACKOFF_S = 0.5
+# A batch stops once at least this many requests failed the same way and they are most of those done.
+BREAKER_MIN = 8
 
 
 class MalformedResponse(Exception):
@@ -75,6 +89,7 @@ class OpenAIBackend(Backend):
         self.token_bucket = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self.stats: Counter[str] = Counter()  # attempts, ok, failed, retries, retry:<reason>
         self._verified = False  # the endpoint has accepted our key and model at least once
+        self._reachable = False  # the probe (or a request) has reached the endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -103,17 +118,22 @@ class OpenAIBackend(Backend):
                 await self.aclose()
 
     async def _fan_out(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
+        if not self._reachable and not self._verified:
+            await self.probe()
+        breaker = _Breaker(self.where)
         start = 0
         if not self._verified:
-            yield 0, await self._call_or_reject(requests[0])
+            result, kind = await self._call_or_reject(requests[0])
+            breaker.count(result, kind)
+            yield 0, result
             start = 1
-        done: asyncio.Queue[tuple[int, GenResult] | BaseException] = asyncio.Queue()
+        done: asyncio.Queue[tuple[int, GenResult, str | None] | BaseException] = asyncio.Queue()
         todo = iter(range(start, len(requests)))
 
         async def worker() -> None:
             try:
                 for i in todo:  # one shared iterator: each index is taken by exactly one worker
-                    await done.put((i, await self._call_or_reject(requests[i])))
+                    await done.put((i, *await self._call_or_reject(requests[i])))
             except Exception as exc:  # hand it to the consumer rather than hang it
                 await done.put(exc)
 
@@ -123,11 +143,46 @@ class OpenAIBackend(Backend):
                 item = await done.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                i, result, kind = item
+                breaker.count(result, kind)  # raises once most requests fail alike
+                yield i, result
         finally:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def probe(self) -> None:
+        """Reach the endpoint once (GET /models) or raise one UserError saying why it cannot be reached.
+
+        Any HTTP answer but 401 proves the endpoint is there (a server without /models answers 404);
+        a 401 means the key was refused. Only a failure to connect, or no answer at all, stops here.
+        """
+        self._bind_loop()
+        assert self._client is not None
+        client = self._client.with_options(timeout=min(self.timeout_s, PROBE_TIMEOUT_S), max_retries=0)
+        reason = "no answer"
+        for attempt in range(PROBE_ATTEMPTS):
+            try:
+                await client.models.list()
+            except openai.APIStatusError as exc:
+                if exc.status_code == 401:
+                    raise UserError(f"{self.where}: the API rejected the key (401); check the environment "
+                                    "variable named by api_key_env") from None
+                break
+            except openai.APITimeoutError:
+                reason = f"no answer within {min(self.timeout_s, PROBE_TIMEOUT_S):g} s"
+            except openai.APIConnectionError as exc:
+                reason = self._scrub(_connection_reason(exc))
+            except (openai.APIResponseValidationError, ValueError, TypeError):
+                break  # it answered, if oddly: the requests themselves will tell
+            else:
+                break
+            if attempt + 1 < PROBE_ATTEMPTS:
+                await asyncio.sleep(PROBE_BACKOFF_S * 2**attempt)
+        else:
+            raise UserError(f"{self.where}: cannot reach the endpoint ({reason}, {PROBE_ATTEMPTS} tries); "
+                            "check base_url and that the server is running")
+        self._reachable = True
 
     async def aclose(self) -> None:
         if self._client is not None and self._loop is asyncio.get_running_loop():
@@ -145,14 +200,18 @@ class OpenAIBackend(Backend):
             self._slots = asyncio.Semaphore(self.concurrency)
 
     # ------------------------------------------------------------------ one request, with retries
-    async def _call_or_reject(self, req: GenRequest) -> GenResult:
+    async def _call_or_reject(self, req: GenRequest) -> tuple[GenResult, str | None]:
         try:
-            return await self.call(req)
+            return await self._call(req)
         except _Rejected as exc:
             raise UserError(str(exc)) from None
 
     async def call(self, req: GenRequest) -> GenResult:
         """Send one request, retrying what is worth retrying; never raises for a failed request."""
+        return (await self._call(req))[0]
+
+    async def _call(self, req: GenRequest) -> tuple[GenResult, str | None]:
+        """The result, and the kind of failure when it failed ("connection", "HTTP 503", ...)."""
         self._bind_loop()
         assert self._slots is not None
         reason, kind = "not sent", "none"
@@ -172,7 +231,7 @@ class OpenAIBackend(Backend):
                     kind = f"HTTP {status}"
                     reason = f"{kind}: {self._scrub(_status_message(exc))}"
                     if status not in RETRYABLE_STATUS and status < 500:
-                        return self._give_up(req, reason, attempt, fatal_status=status)
+                        return self._give_up(req, reason, attempt, fatal_status=status), kind
                     retry_after = _retry_after(exc.response.headers)
                 except openai.APITimeoutError:
                     kind, reason = "timeout", f"timeout after {self.timeout_s:g} s"
@@ -181,11 +240,11 @@ class OpenAIBackend(Backend):
                 except (openai.APIResponseValidationError, MalformedResponse) as exc:
                     kind, reason = "malformed", f"malformed response: {self._scrub(str(exc))[:200]}"
                 else:
-                    self._verified = True
+                    self._verified = self._reachable = True
                     self.stats["ok"] += 1
                     if self.token_bucket:
                         self.token_bucket.correct(result.prompt_tokens + result.completion_tokens - estimate)
-                    return result
+                    return result, None
             if attempt == self.max_retries:
                 break
             delay = retry_after if retry_after is not None else self._backoff(attempt)
@@ -193,7 +252,7 @@ class OpenAIBackend(Backend):
             self.stats[f"retry:{kind}"] += 1
             log.info("%s: %s; retry %d/%d in %.2f s", self.where, reason, attempt + 1, self.max_retries, delay)
             await asyncio.sleep(delay)
-        return self._give_up(req, reason, self.max_retries)
+        return self._give_up(req, reason, self.max_retries), kind
 
     def _give_up(self, req: GenRequest, reason: str, attempt: int, fatal_status: int | None = None) -> GenResult:
         if fatal_status in (401, 404) and not self._verified:
@@ -204,7 +263,8 @@ class OpenAIBackend(Backend):
         self.stats["failed"] += 1
         tries = attempt + 1
         error = f"{reason} (after {tries} attempt{'s' if tries > 1 else ''})"
-        log.warning("%s: request failed: %s", self.where, error)
+        # Counted in the failures table and by the breaker; one line per request would drown the terminal.
+        log.info("%s: request failed: %s", self.where, error)
         return GenResult(error=error)
 
     def _backoff(self, attempt: int) -> float:
@@ -242,6 +302,42 @@ class OpenAIBackend(Backend):
             return parse_completion(await self._client.post("/completions", body=params, cast_to=Completion))
         except (AttributeError, TypeError, ValueError, KeyError) as exc:  # a body that is not a completion
             raise MalformedResponse(f"{type(exc).__name__}: {exc}") from exc
+
+
+class _Breaker:
+    """Stops a batch once most of its finished requests have failed the same way."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.finished = 0
+        self.failed: Counter[str] = Counter()
+        self.example: dict[str, str] = {}
+
+    def count(self, result: GenResult, kind: str | None) -> None:
+        self.finished += 1
+        if result.ok or kind is None:
+            return
+        self.failed[kind] += 1
+        self.example.setdefault(kind, result.error or kind)
+        n = self.failed[kind]
+        if n >= BREAKER_MIN and 2 * n > self.finished:
+            raise UserError(f"{self.where}: {n} of {self.finished} requests failed ({self.example[kind]}); "
+                            "stopped - finished work is saved, run the same command again when the endpoint "
+                            "works")
+
+
+def _connection_reason(exc: openai.APIConnectionError) -> str:
+    """The innermost cause of a connection failure: "Connection refused", "Name or service not known"..."""
+    cause: BaseException = exc
+    for _ in range(10):  # a chain is short; the bound only guards against a cycle
+        inner = cause.__cause__ or cause.__context__
+        if inner is None:
+            break
+        cause = inner
+    text = str(cause) or type(cause).__name__
+    if isinstance(cause, OSError) and cause.errno:  # "Connection refused" rather than "[Errno 111] Connect call..."
+        text = os.strerror(cause.errno) if cause.errno > 0 else (cause.strerror or text)
+    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def parse_chat(resp: Any) -> GenResult:
