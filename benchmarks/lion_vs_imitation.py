@@ -70,7 +70,8 @@ from lionkd.lion.imitation import student_dir, training_examples
 from lionkd.lion.loop import run_lion
 from lionkd.lion.prompts import LionPrompts, student_messages
 from lionkd.llm.base import GenRequest
-from lionkd.llm.factory import request_defaults, resolve_model_path
+from lionkd.llm.factory import request_defaults
+from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import DOMAINS, SandboxBackend, parse, sample, test_set
 from lionkd.store import Store
 

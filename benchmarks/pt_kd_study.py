@@ -117,7 +117,7 @@ def as_example(instruction: str, target: str = "") -> Any:
 def train_settings(s: Settings, steps: int, lr: float, seed: int) -> Any:
     from lionkd.config import TrainConfig
 
-    return TrainConfig(max_steps=steps, learning_rate=lr, batch_size=s.batch_size, max_length=96, bf16=False,
+    return TrainConfig(max_steps=steps, learning_rate=lr, batch_size=s.batch_size, max_length=96, precision="fp32",
                        warmup_ratio=0.03, weight_decay=0.01, seed=seed, logging_steps=50, save_steps=10**6)
 
 

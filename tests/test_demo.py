@@ -1,5 +1,6 @@
 """The demo end to end, shortened: the sandbox world over HTTP, the shipped base student, a report."""
 
+import json
 import re
 
 from conftest import run_cli
@@ -8,7 +9,7 @@ from lionkd.store import Store
 
 def test_short_demo_runs_end_to_end_and_resumes(tmp_path):
     run = tmp_path / "demo"
-    args = ("demo", "--run-dir", str(run), "--iterations", "2", "--seeds", "120", "--new", "60",
+    args = ("demo", "--run-dir", str(run), "--student", "tiny", "--iterations", "2", "--seeds", "120", "--new", "60",
             "--epochs", "1", "--test-per-task", "10", "--no-progress")
     result = run_cli(*args, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -32,6 +33,12 @@ def test_short_demo_runs_end_to_end_and_resumes(tmp_path):
         assert all("accuracy" in metrics[k] for k in (1, 2, 3))
         assert 0 <= metrics[1]["hard_ratio"] <= 1
         calls = sum(row["calls"] for row in store.usage())
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["student"] == "sandbox:base-student" and summary["wall_s"] > 0
+    accuracy = summary["accuracy"]
+    assert accuracy["per_iteration"] == [metrics[k]["accuracy"]["overall"] for k in range(4)]
+    assert accuracy["base"] == accuracy["per_iteration"][0] and accuracy["final"] == accuracy["per_iteration"][-1]
+    assert accuracy["per_domain"]["words"] == [metrics[k]["accuracy"]["words"] for k in range(4)]
 
     again = run_cli(*args, timeout=240)  # a finished demo reruns from its store: no call is sent again
     assert again.returncode == 0, again.stderr[-3000:]

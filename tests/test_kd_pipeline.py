@@ -45,8 +45,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                             trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
-    # a short chat template keeps decoder-only prompts to a few tokens
-    fast.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}" + ANSWER
+    # a short chat template keeps decoder-only prompts to a few tokens; a reply ends with EOS
+    fast.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                          "{{ eos_token }}{% endif %} {% endfor %}" + ANSWER)
     return fast
 
 

@@ -80,7 +80,7 @@ class GradRecorder(TrainerCallback):
 
 def first_step_grads(batch_size: int, grad_accum: int, objective: str, out_dir: Path) -> dict[str, torch.Tensor]:
     settings = TrainConfig(
-        max_steps=1, batch_size=batch_size, grad_accum=grad_accum, learning_rate=1e-3, max_length=32, seed=0,
+        precision="fp32", max_steps=1, batch_size=batch_size, grad_accum=grad_accum, learning_rate=1e-3, max_length=32, seed=0,
         warmup_ratio=0.0,
     )
     teacher = tiny_llama(seed=1) if objective != "ce" else None
@@ -141,7 +141,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
 def test_ce_finetune_reduces_loss_and_saves(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
-    settings = TrainConfig(epochs=15, learning_rate=3e-2, batch_size=4, max_length=32, logging_steps=1)
+    settings = TrainConfig(precision="fp32", epochs=15, learning_rate=3e-2, batch_size=4, max_length=32, logging_steps=1)
     metrics = train_student(tiny_llama(), data, tmp_path / "m", settings=settings, tokenizer=tok,
                             template="alpaca", progress=False)
     assert metrics["steps"] == 30 and metrics["tokens_per_s"] > 0
@@ -159,7 +159,7 @@ def test_ce_finetune_reduces_loss_and_saves(tmp_path: Path) -> None:
 def test_logits_kd_moves_student_towards_teacher(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     teacher = tiny_llama(seed=3)
-    settings = TrainConfig(epochs=8, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    settings = TrainConfig(precision="fp32", epochs=8, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
     for divergence in ("forward_kl", "jsd"):
         kd = KDConfig(divergence=divergence)
         metrics = train_student(tiny_llama(), examples(8), tmp_path / divergence, settings=settings,
@@ -172,7 +172,7 @@ def test_weighted_objectives_with_attention_and_noisy(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     teacher = tiny_llama(seed=3, hidden=64)  # wider teacher: relations still comparable
     teacher.config.attention_dropout = 0.1
-    settings = TrainConfig(max_steps=3, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    settings = TrainConfig(precision="fp32", max_steps=3, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
     weights = {"logits": 0.5, "attention": 0.5, "noisy": 0.2, "ce": 0.0}
     metrics = train_student(tiny_llama(), examples(8), tmp_path / "w", settings=settings, teacher=teacher,
                             objective=weights, tokenizer=tok, template="alpaca", progress=False)
@@ -183,7 +183,7 @@ def test_weighted_objectives_with_attention_and_noisy(tmp_path: Path) -> None:
 def test_encoder_decoder_t5(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     data = [TrainExample(prompt="what did the dog do", target="the dog ran to the park")] * 8
-    settings = TrainConfig(epochs=10, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
+    settings = TrainConfig(precision="fp32", epochs=10, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
     metrics = train_student(tiny_t5(), data, tmp_path / "t5", settings=settings, teacher=tiny_t5(seed=5, d_model=64),
                             objective={"ce": 1.0, "logits": 0.5, "attention": 0.5}, tokenizer=tok, progress=False)
     assert metrics["last_losses"]["ce"] < 1.0
@@ -198,7 +198,7 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path: Path) -> None:
     base = tiny_llama()
     before = {n: p.clone() for n, p in base.named_parameters()}
     data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
-    settings = TrainConfig(epochs=3, learning_rate=1e-2, batch_size=4, max_length=32)
+    settings = TrainConfig(precision="fp32", epochs=3, learning_rate=1e-2, batch_size=4, max_length=32)
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
     train_student(base, data, tmp_path / "lora", settings=settings, tokenizer=tok, lora=lora, template="alpaca",
                   progress=False)
@@ -220,7 +220,7 @@ class HeadWidths:
 def one_step_fused_vs_logits(student_fn, teacher_fn, objective, kd: KDConfig, tmp_path: Path, data=None):  # noqa: ANN001, ANN201
     results = {}
     for fuse in (True, False):
-        settings = TrainConfig(max_steps=1, batch_size=8, learning_rate=1e-3, max_length=32, seed=0, warmup_ratio=0.0)
+        settings = TrainConfig(precision="fp32", max_steps=1, batch_size=8, learning_rate=1e-3, max_length=32, seed=0, warmup_ratio=0.0)
         student, teacher = student_fn(), teacher_fn() if teacher_fn else None
         widths = HeadWidths(*(m for m in (student, teacher) if m is not None))
         trainer = build_trainer(student, data or examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,

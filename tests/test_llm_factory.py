@@ -7,7 +7,8 @@ import pytest
 from lionkd.config import EndpointConfig
 from lionkd.errors import UserError
 from lionkd.llm.cache import CachedLLM
-from lionkd.llm.factory import make_backend, open_llm, request_defaults, resolve_model_path
+from lionkd.llm.factory import make_backend, open_llm, request_defaults
+from lionkd.llm.models import resolve_model_path
 from llm_fakes import tiny_model_dir
 
 

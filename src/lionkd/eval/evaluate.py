@@ -31,7 +31,8 @@ from ..errors import UserError
 from ..kd.data import TrainExample
 from ..llm.base import Backend, GenRequest
 from ..llm.cache import CachedLLM
-from ..llm.factory import make_backend, open_llm, request_defaults, resolve_model_path
+from ..llm.factory import make_backend, open_llm, request_defaults
+from ..llm.models import resolve_model_path
 from ..llm.templates import Template
 from ..store import Store
 from . import metrics

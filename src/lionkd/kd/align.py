@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 
 from lionkd.llm.base import TokenLogprob
+from lionkd.llm.templates import answer_end_id
 
 Scheme = Literal["byte_level", "metaspace", "wordpiece", "plain"]
 Span = tuple[int, int]
@@ -422,7 +423,8 @@ def align_teacher_tokens(
 
     `teacher_tokens` are the teacher's tokens in order: `TokenLogprob`s, or the dicts of an OpenAI
     `logprobs.content` list. `k` fixes the row width (default: as wide as the widest row). With
-    `append_eos`, the student's EOS token ends the sequence as an unaligned (cross-entropy) row.
+    `append_eos`, the token that ends a student's answer (its chat template's end of turn, else EOS)
+    ends the sequence as an unaligned (cross-entropy) row.
     """
     scheme = token_scheme(student_tokenizer)
     parsed = [_as_token_logprob(t) for t in teacher_tokens]
@@ -521,9 +523,7 @@ def align_teacher_tokens(
         rows.append(sorted(merged.items(), key=lambda kv: -kv[1]))
 
     if append_eos:
-        eos = student_tokenizer.eos_token_id
-        if eos is None:
-            raise ValueError("append_eos=True but the student tokenizer has no eos_token")
+        eos = answer_end_id(student_tokenizer, "chat")
         s_ids.append(eos)
         rows.append([(eos, 0.0)])
 

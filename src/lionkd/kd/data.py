@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 
 from ..llm.base import Message
-from ..llm.templates import render_prompt
+from ..llm.templates import answer_end_id, render_prompt
 from ..records import content_id, stable_json
 
 PromptTemplate = Literal["chat", "alpaca", "raw"]  # "raw": a text prompt is used verbatim
@@ -81,11 +81,10 @@ def prompt_ids(tokenizer: Any, example: TrainExample, template: PromptTemplate, 
     return tokenizer(text, add_special_tokens=not rendered_by_chat)["input_ids"]
 
 
-def target_ids(tokenizer: Any, text: str) -> list[int]:
+def target_ids(tokenizer: Any, text: str, template: PromptTemplate = "chat") -> list[int]:
+    """The answer's tokens and the token that ends it (the chat template's end of turn, else EOS)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the student tokenizer has no EOS token; a target must end with one")
-    return [*ids, tokenizer.eos_token_id]
+    return [*ids, answer_end_id(tokenizer, template)]
 
 
 def fit_length(prompt: list[int], target: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -107,7 +106,7 @@ def encode_example(
 ) -> dict[str, Any]:
     """Token ids of one example: {"prompt", "target", "weight", "topk_ids"?, "topk_logprobs"?, "id"}."""
     prompt = prompt_ids(tokenizer, example, template, encoder_decoder)
-    target = target_ids(tokenizer, example.target)
+    target = target_ids(tokenizer, example.target, "raw" if encoder_decoder else template)
     if encoder_decoder:
         prompt, target = prompt[:max_length], target[:max_length]
     else:

@@ -53,6 +53,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import KDConfig, LoraConfig, TrainConfig
 from ..errors import UserError
+from ..llm.precision import DTYPES, training_precision
 from .data import (
     Collator,
     EpochDataset,
@@ -90,7 +91,9 @@ def load_model(spec: str | Path | PreTrainedModel, dtype: torch.dtype | None = N
         return spec
     path = str(spec)
     if not Path(path).exists():
-        raise UserError(f"model not found: {path}")
+        from ..llm.models import known_names
+
+        raise UserError(f"model not found: {path} (a model is a folder, a .gguf file or one of: {known_names()})")
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return cls.from_pretrained(path, dtype=dtype) if dtype is not None else cls.from_pretrained(path)
@@ -251,8 +254,8 @@ class KDTrainer(Trainer):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
-            if self.args.bf16:
-                teacher.to(torch.bfloat16)
+            if self.args.bf16 or self.args.fp16:  # the teacher only infers: no master weights needed
+                teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
             teacher.to(self.args.device)
         self.target_tokens = 0  # target tokens this process trained on
         self.input_tokens = 0
@@ -399,12 +402,6 @@ class KDTrainer(Trainer):
 # --------------------------------------------------------------------------- the public entry point
 
 
-def _bf16(setting: Any) -> bool:
-    if setting == "auto":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return bool(setting)
-
-
 def _apply_lora(model: PreTrainedModel, lora: LoraConfig) -> nn.Module:
     from peft import LoraConfig as PeftLoraConfig
     from peft import TaskType, get_peft_model
@@ -460,6 +457,10 @@ def build_trainer(
     weights = resolve_objective(objective, teacher is not None)
 
     model = load_model(student)
+    # Saved as its base was stored (unless configured), trained on fp32 master weights whatever that is.
+    stored = model.dtype if settings.save_dtype == "auto" else DTYPES[settings.save_dtype]
+    model.float()
+    precision = training_precision(settings.precision)
     tok = load_tokenizer(student, tokenizer)
     encdec = is_encoder_decoder(model)
     teacher_model = None
@@ -491,7 +492,8 @@ def build_trainer(
         gradient_accumulation_steps=settings.grad_accum,
         weight_decay=settings.weight_decay,
         seed=settings.seed,
-        bf16=_bf16(settings.bf16),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         logging_steps=settings.logging_steps,
         save_strategy="steps",
         save_steps=settings.save_steps,
@@ -517,6 +519,7 @@ def build_trainer(
         vocab_size=len(tok),
         sampler=sampler,
     )
+    trainer.save_dtype = stored
     for quiet in (PrinterCallback, ProgressCallback):  # they print raw dicts and tqdm bars
         trainer.remove_callback(quiet)
     if progress:
@@ -610,7 +613,7 @@ def train_student(
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
     if trainer.is_world_process_zero():
-        final.save_pretrained(out_dir)
+        final.to(trainer.save_dtype).save_pretrained(out_dir)
         trainer.processing_class.save_pretrained(out_dir)
         done.write_text(json.dumps(metrics, indent=2))
         shutil.rmtree(ckpt_dir, ignore_errors=True)

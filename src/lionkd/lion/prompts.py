@@ -126,6 +126,8 @@ def _placeholders(text: str, key: str) -> set[str]:
         raise UserError(f"{key}: not a valid template ({exc}); write literal braces as {{{{ and }}}}") from None
 
 
-def student_messages(instruction: str) -> list[Message]:
-    """How the student is asked: the instruction alone, as at training time."""
-    return [{"role": "user", "content": instruction}]
+def student_messages(instruction: str, system_prompt: str | None = None) -> list[Message]:
+    """How the student is asked, in training and generation alike: the instruction, after the
+    configured system prompt if there is one."""
+    system: list[Message] = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    return [*system, {"role": "user", "content": instruction}]

@@ -5,7 +5,6 @@ Heavy libraries (torch models, vLLM, the sandbox) are imported only for the back
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from ..config import EndpointConfig
@@ -13,24 +12,7 @@ from ..errors import UserError
 from ..store import Store
 from .base import Backend
 from .cache import CachedLLM
-
-SANDBOX_PREFIX = "sandbox:"
-
-
-def resolve_model_path(name: str) -> str:
-    """A model name as a loader takes it: "sandbox:base-student" becomes the shipped directory."""
-    if not name.startswith(SANDBOX_PREFIX):
-        return str(Path(name).expanduser()) if name.startswith(("~", ".", "/")) else name
-    what = name[len(SANDBOX_PREFIX):]
-    if what != "base-student":
-        raise UserError(f"model '{name}': unknown sandbox model (known: sandbox:base-student)")
-    from ..sandbox.student import base_student_dir
-
-    path = base_student_dir()
-    if not (path / "config.json").is_file():
-        raise UserError(f"model '{name}': the sandbox base student is missing at {path}; build it with "
-                        f"`python -m lionkd.sandbox.student --out {path}`")
-    return str(path)
+from .models import resolve_model_path
 
 
 def make_backend(endpoint: EndpointConfig) -> Backend:

@@ -33,9 +33,9 @@ import torch
 
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
+from .precision import DTYPES
 from .templates import Template, has_chat_template, render_prompt
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
 
@@ -90,9 +90,12 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[An
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
         model = cls.from_pretrained(path, dtype=pick_dtype(dtype, where))
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
+        from .models import known_names
+
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: cannot load a model from here ({first})") from None
+        raise UserError(f"{path}: cannot load a model from here ({first[:200]}); a model is a folder, a .gguf "
+                        f"file, a hub id or one of: {known_names()}") from None
     return model.to(where), tokenizer
 
 

@@ -438,13 +438,13 @@ def build_models(
 
         models.update({m: SandboxBackend(m) for m in MODELS})
     if model_dir is not None:
-        from .factory import resolve_model_path
         from .hf import HFBackend
+        from .models import resolve_model_path, served_name
 
         path = resolve_model_path(model_dir)
         if path.startswith(("/", ".", "~")) and not Path(path).is_dir():
             raise UserError(f"MODEL_DIR: no such directory: {path}")
-        served = name or (model_dir.split(":", 1)[1] if model_dir.startswith("sandbox:") else Path(path).name)
+        served = name or served_name(model_dir, path)
         models[served] = HFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
                                    batch_size=batch_size)
     return models

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from ..errors import UserError
 from .base import Message
 
 Template = Literal["chat", "alpaca"]
@@ -33,6 +34,53 @@ def alpaca_prompt(instruction: str, input_text: str = "") -> str:
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
+
+
+_REPLY_MARK = "lionkd-reply-7f3a"
+
+
+def end_of_turn_ids(tokenizer: Any) -> list[int]:
+    """The special token a chat template writes right after an assistant's reply ([] if none).
+
+    Read from the template itself, by rendering a reply and looking at what follows it: `<|im_end|>`
+    for ChatML, `<|eot_id|>` for Llama 3, `<end_of_turn>` for Gemma. `tokenizer.eos_token` alone is
+    not enough: many chat models' EOS is a document end that their replies never write.
+    """
+    if not has_chat_template(tokenizer):
+        return []
+    turn = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _REPLY_MARK}]
+    try:
+        text = tokenizer.apply_chat_template(turn, tokenize=False)
+    except Exception:  # a template that cannot render a finished turn has no end-of-turn to learn
+        return []
+    at = text.rfind(_REPLY_MARK)
+    if at < 0:
+        return []
+    after = tokenizer(text[at + len(_REPLY_MARK):].lstrip(), add_special_tokens=False)["input_ids"]
+    return after[:1] if after and _is_special(tokenizer, after[0]) else []
+
+
+def _is_special(tokenizer: Any, token_id: int) -> bool:
+    added = getattr(tokenizer, "added_tokens_decoder", {}).get(token_id)
+    return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
+
+
+def answer_end_id(tokenizer: Any, template: str, where: str = "") -> int:
+    """The token a trained answer ends with: the chat template's end of turn, else EOS.
+
+    A chat template that writes no special token after a reply cannot teach the student where to
+    stop, so it is refused rather than trained with a token the template never shows.
+    """
+    where = where or getattr(tokenizer, "name_or_path", "") or "tokenizer"
+    if template == "chat" and has_chat_template(tokenizer):
+        ends = end_of_turn_ids(tokenizer)
+        if not ends:
+            raise UserError(f"{where}: the chat template writes no end-of-turn token after a "
+                            "reply; use a template that does, or `template: alpaca`")
+        return ends[0]
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"{where}: the tokenizer has no EOS token; an answer must end with one")
+    return tokenizer.eos_token_id
 
 
 def render_prompt(tokenizer: Any, messages: Sequence[Message], template: Template = "chat") -> str:

@@ -104,10 +104,11 @@ def base_student_dir() -> Path:
 # ---- base training ---------------------------------------------------------------------------
 
 
-def prompt_text(tokenizer: Any, instruction: str) -> str:
+def prompt_text(tokenizer: Any, instruction: str, system_prompt: str | None = None) -> str:
     """The chat prompt the student answers (what `lionkd.llm.templates.render_prompt` renders too)."""
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
     return tokenizer.apply_chat_template(
-        [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
+        [*system, {"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
     )
 
 
@@ -169,35 +170,49 @@ def train_on_world(
 # ---- evaluation ------------------------------------------------------------------------------
 
 
+def stop_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Every token that ends an answer: the generation config's (end of turn included) and EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids]) | {tokenizer.eos_token_id}
+    return sorted(i for i in ids if i is not None)
+
+
 @torch.no_grad()
 def generate_answers(
-    model: Any, tokenizer: Any, instructions: Sequence[str], batch_size: int = 256, max_new_tokens: int = 32
+    model: Any, tokenizer: Any, instructions: Sequence[str], batch_size: int = 256, max_new_tokens: int = 32,
+    system_prompt: str | None = None,
 ) -> list[str]:
-    """Greedy answers, batched with left padding and the KV cache."""
+    """Greedy answers, batched with left padding and the KV cache, in order of prompt length."""
     model.eval()
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
+    # similar lengths share a batch, so little of it is padding
+    order = sorted(range(len(instructions)), key=lambda i: len(instructions[i]))
     out: list[str] = []
     try:
-        for start in range(0, len(instructions), batch_size):
-            chunk = [prompt_text(tokenizer, q) for q in instructions[start : start + batch_size]]
+        for start in range(0, len(order), batch_size):
+            chunk = [prompt_text(tokenizer, instructions[i], system_prompt) for i in order[start : start + batch_size]]
             enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
             gen = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=stop_ids(model, tokenizer),
             )
             new = gen[:, enc["input_ids"].shape[1] :]
             out += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
-    return [text.strip() for text in out]
+    answers = [""] * len(order)
+    for i, text in zip(order, out, strict=True):
+        answers[i] = text.strip()
+    return answers
 
 
 def evaluate_student(
-    model: Any, tokenizer: Any, items: Sequence[Instance | dict[str, Any]], batch_size: int = 256
+    model: Any, tokenizer: Any, items: Sequence[Instance | dict[str, Any]], batch_size: int = 256,
+    max_new_tokens: int = 32, system_prompt: str | None = None,
 ) -> dict[str, Any]:
     """Greedy exact-match accuracy: {"overall", "by_task", "by_domain", "by_level", "n"}.
 
@@ -206,7 +221,8 @@ def evaluate_student(
     instances = [x if isinstance(x, Instance) else world.parse(x["instruction"]) for x in items]
     if any(x is None for x in instances):
         raise ValueError("evaluate_student: an item's instruction is not a sandbox task")
-    answers = generate_answers(model, tokenizer, [x.instruction for x in instances], batch_size)
+    answers = generate_answers(model, tokenizer, [x.instruction for x in instances], batch_size, max_new_tokens,
+                               system_prompt)
     groups: dict[str, dict[Any, list[bool]]] = {
         "by_task": defaultdict(list),
         "by_domain": defaultdict(list),
