@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import re
+import shutil
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -173,7 +174,7 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def model_path(name: str, key: str) -> str:
-    from ..llm.factory import resolve_model_path
+    from ..llm.models import resolve_model_path
 
     path = resolve_model_path(name)
     if not Path(path).exists() and not HUB_ID.fullmatch(name):
@@ -256,6 +257,7 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
     if kd.student_init == "pretrained":
         return {"init": "pretrained", "path": student_init_path(cfg)}
     out = cfg.run_dir / "student-init"
+    shutil.rmtree(out, ignore_errors=True)  # left by an interrupted try of this stage
     if kd.student_init == "pruned":
         from .prune import prune_layers
 
