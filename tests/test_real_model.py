@@ -141,10 +141,16 @@ def test_bf16_stored_checkpoint_trains_on_fp32_master_weights(smollm, tmp_path):
                            save_dtype="float32", save_steps=1000)
     train_student(tmp_path / "bf16", examples, tmp_path / "master", settings=settings, progress=False)
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "master").state_dict()
+    tok = AutoTokenizer.from_pretrained(tmp_path / "bf16")
+    seen = sorted({t for e in examples for t in encode_example(tok, e, max_length=64)["prompt"]})
     for key, value in before.items():
         if key == "lm_head.weight":  # tied to the embeddings
             continue
-        moved = (after[key].float() != value).float().mean().item()
+        changed = after[key].float() != value
+        if key == "model.embed_tokens.weight":  # rows of tokens never seen get next to no gradient
+            assert changed[seen].any(dim=1).all(), key
+            continue
+        moved = changed.float().mean().item()
         assert moved > 0.95, (key, moved)  # bf16 weights updated in place would mostly stay put at 2e-5
     train_student(tmp_path / "bf16", examples, tmp_path / "kept", settings=settings.model_copy(
         update={"save_dtype": "auto"}), progress=False)
