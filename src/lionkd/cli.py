@@ -201,7 +201,7 @@ def run(
     if dry_run:
         console.print(plan_table(plan_run(cfg)))
         return
-    _on_interrupt(cfg.run_dir, f"lionkd run {config}")
+    _on_interrupt(cfg.run_dir, f"run `lionkd run {config}` again to resume")
     summary = run_lion(cfg, progress=progress, report=report, allow_config_change=allow_config_change)
     if summary.already_finished:
         console.print(f"{summary.run_dir}: the run is already finished; final student: {summary.final_student}")
@@ -225,7 +225,7 @@ def distill(
     from .kd.pipeline import distill as run_distill
 
     cfg = load_config(config)
-    _on_interrupt(cfg.run_dir, f"lionkd distill {config}")
+    _on_interrupt(cfg.run_dir, f"run `lionkd distill {config}` again to resume")
     summary = run_distill(cfg, progress=progress, allow_config_change=allow_config_change)
     console.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
 
@@ -377,7 +377,7 @@ def demo(
     from .lion.demo import DemoSettings, results_table, run_demo
     from .run_guard import hold_run
 
-    _on_interrupt(run_dir, "the same lionkd demo command")
+    _on_interrupt(run_dir, "run the same `lionkd demo` command again to resume")
     with hold_run(run_dir):  # the demo writes its seeds and scores around the run: all of it under one lock
         summary, scores = run_demo(DemoSettings(run_dir, student, iterations, seeds, new, epochs, test_per_task,
                                                 seed, progress))
@@ -389,13 +389,13 @@ def demo(
 # --------------------------------------------------------------------------- entry point
 
 
-_interrupt_note: tuple[Path, str] | None = None  # (run directory, command that resumes it) of a writing command
+_interrupt_note: tuple[Path, str] | None = None  # (run directory, how to resume it) of a writing command
 
 
-def _on_interrupt(run_dir: Path, command: str) -> None:
-    """Name the run a Ctrl-C would interrupt, so the line printed then can say what was kept."""
+def _on_interrupt(run_dir: Path, resume: str) -> None:
+    """Name the run a Ctrl-C would interrupt, so the line printed then says what was kept and how to go on."""
     global _interrupt_note
-    _interrupt_note = (run_dir, command)
+    _interrupt_note = (run_dir, resume)
 
 
 def _interrupted() -> None:
@@ -404,8 +404,8 @@ def _interrupted() -> None:
     else:
         from .run_guard import saved_summary
 
-        run_dir, command = _interrupt_note
-        err_console.print(f"interrupted: {saved_summary(run_dir)}; run `{command}` again to resume",
+        run_dir, resume = _interrupt_note
+        err_console.print(f"interrupted: {saved_summary(run_dir)}; {resume}",
                           markup=False, highlight=False, soft_wrap=True)
     sys.exit(130)
 
