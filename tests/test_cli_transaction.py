@@ -227,7 +227,10 @@ def test_an_empty_api_key_is_one_line(tmp_path: Path) -> None:
     result = run_cli("run", str(write_config(tmp_path, roles=roles)), "--no-progress",
                      env={"LIONKD_TEST_EMPTY_KEY": ""})
     assert result.returncode == 2
-    assert "$LIONKD_TEST_EMPTY_KEY is set but empty" in one_line(result.stderr)
+    assert "teacher.api_key_env: the environment variable $LIONKD_TEST_EMPTY_KEY is set but empty" in one_line(
+        result.stderr)
+    checked = run_cli("config", "check", str(tmp_path / "c.yaml"), env={"LIONKD_TEST_EMPTY_KEY": ""})
+    assert checked.returncode == 2 and "teacher.api_key_env" in one_line(checked.stderr)
 
 
 # --------------------------------------------------------------------------- 7. bad input

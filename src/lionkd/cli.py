@@ -74,7 +74,11 @@ def config_check(path: Path) -> None:
     console.print(yaml.safe_dump(masked_dump(cfg), sort_keys=False), end="", markup=False, highlight=False)
     for role in ("teacher", "referee", "generator"):
         endpoint = getattr(cfg, role)
-        if endpoint.backend == "openai" and endpoint.api_key_env and endpoint.api_key() is None:
+        try:
+            missing = endpoint.backend == "openai" and endpoint.api_key_env and endpoint.api_key() is None
+        except UserError as exc:  # set but empty
+            raise UserError(f"{role}.{exc}") from None
+        if missing:
             err_console.print(f"note: {role}.api_key_env: ${endpoint.api_key_env} is not set")
     err_console.print(f"{path}: ok")
 
