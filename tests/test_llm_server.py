@@ -172,3 +172,13 @@ def test_lionkd_serve_command():
         proc.wait(timeout=30)
     missing = subprocess.run([sys.executable, "-m", "lionkd", "serve"], capture_output=True, text=True)
     assert missing.returncode == 2 and "MODEL_DIR" in missing.stderr
+
+
+def test_serve_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
+    from llm_fakes import tiny_model, tiny_tokenizer
+
+    tiny_model(tiny_tokenizer()).save_pretrained(tmp_path / "bare")
+    result = subprocess.run([sys.executable, "-m", "lionkd", "serve", str(tmp_path / "bare"), "--port", "0"],
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and str(tmp_path / "bare") in lines[0], result.stderr
