@@ -212,3 +212,12 @@ def test_bad_gguf_files_fail_with_one_line(tmp_path, cache):
     assert not [p for p in (cache / "gguf").iterdir() if p.name.startswith((".cut", "cut"))]  # nothing half-written
     unknown = run_cli("prune", "no-such-model.gguf", str(tmp_path / "out"))
     assert unknown.returncode == 2 and "no-such-model.gguf" in unknown.stderr
+
+
+def test_eval_takes_the_named_model(smollm, cache, tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"input": "What is the capital of France?", "target": "Paris"}\n')
+    result = run_cli("eval", "--model", NAME, "--data", str(data), "--metrics", "exact_match", "--max-new-tokens",
+                     "20", "--out", str(tmp_path / "eval"), env={CACHE_ENV: str(cache)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Paris" in (tmp_path / "eval" / "predictions.jsonl").read_text()

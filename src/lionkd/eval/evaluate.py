@@ -135,10 +135,12 @@ def read_examples(s: EvalSettings) -> list[Example]:
 
 
 def _local_path(model: str) -> Path | None:
-    if model.startswith("sandbox:"):
-        return Path(resolve_model_path(model))
+    """A local folder, or a name or GGUF file lionkd turns into one; None otherwise."""
     path = Path(model)
-    return path if path.is_dir() else None
+    if path.is_dir():
+        return path
+    resolved = Path(resolve_model_path(model))  # sandbox:, named models, .gguf files
+    return resolved if resolved.is_dir() else None
 
 
 def open_model(s: EvalSettings) -> Backend:
