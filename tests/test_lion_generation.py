@@ -94,7 +94,8 @@ def test_dry_run_plan(tmp_path: Path) -> None:
 
 def test_cli_dry_run_and_config_errors(tmp_path: Path, cli) -> None:
     seeds = tmp_path / "seeds.jsonl"
-    seeds.write_text('{"instruction": "Name three rivers of Europe."}\n', encoding="utf-8")
+    seeds.write_text('{"instruction": "Name three rivers of Europe."}\n{"instruction": "Name two lakes of Asia."}\n',
+                     encoding="utf-8")
     good = tmp_path / "good.yaml"
     good.write_text("lion: {seed_pool: seeds.jsonl, iterations: 1, new_per_iteration: 5}\n"
                     "teacher: {price: {input: 0.15, output: 0.6}}\n", encoding="utf-8")
@@ -114,3 +115,95 @@ def test_cli_dry_run_and_config_errors(tmp_path: Path, cli) -> None:
     no_seeds.write_text("lion: {iterations: 1}\n", encoding="utf-8")
     result = cli("run", str(no_seeds), "--dry-run")
     assert result.returncode == 2 and "lion.seed_pool" in result.stderr
+
+
+# --------------------------------------------------------------------------- the generation stage
+
+
+class PickyGenerator:
+    """A generator whose hard replies mostly fail the filters (too short), and easy ones never do.
+
+    Good replies are random word strings (novel against each other); `copy` seeds are echoed back
+    word for word, as a lazy generator would.
+    """
+
+    model = "picky"
+
+    def __init__(self, hard_failure: float, copy: str | None = None) -> None:
+        self.hard_failure = hard_failure
+        self.copy = copy
+        self.words = [f"w{k}" for k in range(3000)]
+
+    async def stream(self, requests, iteration=None):
+        from lionkd.llm.base import Choice, GenResult
+
+        for i, req in enumerate(requests):
+            prompt = req.messages[-1][1]
+            rng = random.Random(req.seed)
+            if self.copy is not None and self.copy in prompt:
+                text = self.copy
+            elif "rarer" not in prompt and rng.random() < self.hard_failure:
+                text = "Too short."
+            else:
+                text = "Explain " + " ".join(rng.sample(self.words, 10))
+            yield i, GenResult(choices=[Choice(text)])
+
+    async def aclose(self) -> None:
+        pass
+
+
+def _generation_store(tmp_path: Path, seeds: list[Instruction]):
+    from lionkd.store import Store
+
+    store = Store.open_run(tmp_path / "run")
+    store.add_instructions(seeds)
+    store.set_pool(1, "cache", [s.id for s in seeds])
+    return store
+
+
+def _run_generation(tmp_path: Path, generator, seeds: list[Instruction], hard: list[str], easy: list[str], **lion):
+    from rich.progress import Progress
+
+    from lionkd.lion.generation import generate
+    from lionkd.lion.prompts import LionPrompts
+
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"), "lion": lion})
+    store = _generation_store(tmp_path, seeds)
+    with Progress(disable=True) as progress:
+        out = generate(cfg, store, generator, LionPrompts(), 1, hard=hard, easy=easy, judgements={},
+                       progress=progress)
+    store.close()
+    return out
+
+
+def test_hard_easy_split_holds_in_what_is_kept(tmp_path: Path) -> None:
+    seeds = [Instruction(text=f"Seed task number {k} about topic {k * 7}", domain="d") for k in range(40)]
+    ids = [s.id for s in seeds]
+    out = _run_generation(tmp_path, PickyGenerator(hard_failure=0.7), seeds, ids[:20], ids[20:],
+                          new_per_iteration=200, generation_rounds=4)
+    assert (out.target["hard"], out.target["easy"]) == (100, 100)
+    # 70% of hard replies fail: the hard side is asked again, with more seeds, until it has its 100
+    assert out.kept["hard"] == 100 and out.kept["easy"] == 100
+    assert sum(ins.mode == "hard" for ins in out.new) == 100
+    assert out.seeds["easy"] == 100 and 250 < out.seeds["hard"] <= 4 * 100  # within the rounds x target budget
+    assert out.filter_rejections["too_short"] == out.seeds["hard"] - 100 - out.surplus
+
+
+def test_generation_stops_at_the_budget_of_a_hopeless_side(tmp_path: Path) -> None:
+    seeds = [Instruction(text=f"Seed task number {k} about topic {k * 7}", domain="d") for k in range(40)]
+    ids = [s.id for s in seeds]
+    out = _run_generation(tmp_path, PickyGenerator(hard_failure=1.0), seeds, ids[:20], ids[20:],
+                          new_per_iteration=20, generation_rounds=3)
+    assert out.kept["hard"] == 0 and out.kept["easy"] == 10
+    assert out.seeds["hard"] == 3 * 10 and out.seeds["easy"] == 10  # never more than rounds x target
+
+
+def test_novelty_compares_instruction_text_not_its_input(tmp_path: Path) -> None:
+    # an Alpaca seed with a long input: a copy of its instruction is a copy, whatever the input says
+    seed = Instruction(text="Summarize the following article in three sentences.",
+                       input=" ".join(f"token{k}" for k in range(60)), domain="d")
+    other = Instruction(text="List four uses of copper in electronics.", domain="d")
+    out = _run_generation(tmp_path, PickyGenerator(hard_failure=0.0, copy=seed.text), [seed, other],
+                          [seed.id], [other.id], new_per_iteration=2, generation_rounds=1)
+    assert out.novelty_rejections == 1 and out.kept["hard"] == 0
+    assert all(ins.text != seed.text for ins in out.new)

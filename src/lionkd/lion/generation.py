@@ -9,6 +9,7 @@ resumed run keeps exactly the instructions an uninterrupted one keeps.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -37,6 +38,9 @@ class GenerationOutcome:
     seeds: Counter[str] = field(default_factory=Counter)  # by mode
     filter_rejections: Counter[str] = field(default_factory=Counter)  # by reason
     novelty_rejections: int = 0
+    target: Counter[str] = field(default_factory=Counter)  # by mode: what each side should keep
+    kept: Counter[str] = field(default_factory=Counter)  # by mode
+    surplus: int = 0  # passed the filters after their side was full: not compared, not kept
 
 
 # --------------------------------------------------------------------------- seeds
@@ -150,27 +154,37 @@ async def _ask(llm: Any, requests: list[GenRequest], iteration: int, progress: P
 def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts, iteration: int, *,
              hard: Sequence[str], easy: Sequence[str], judgements: dict[str, Judgement],
              progress: Progress) -> GenerationOutcome:
-    """Up to `lion.new_per_iteration` new, novel instructions, in rounds until enough are kept."""
+    """Up to `lion.new_per_iteration` new, novel instructions, split hard:easy as configured.
+
+    The split holds in what is KEPT, not only in the seeds asked for: each side has its own target
+    and is asked again, round after round, until that target is kept. A side whose replies often fail
+    the filters is asked for more seeds in the next round (its remaining need divided by its yield so
+    far), but never for more than `generation_rounds` times its target in all, so the dry-run bound
+    (N x rounds generator calls) holds.
+    """
     lion = cfg.lion
     cache = store.instructions(store.pool(iteration, "cache"))
     by_id = {ins.id: ins for ins in cache}
     known = set(by_id)
-    novelty = NoveltyFilter([ins.prompt for ins in cache], threshold=lion.rouge_l_max,
+    # The authors compare instruction texts: an Alpaca input (kept apart in `Instruction.input`) would
+    # hide a copied instruction behind its input text.
+    novelty = NoveltyFilter([ins.text for ins in cache], threshold=lion.rouge_l_max,
                             tokenizer=lion.novelty_tokenizer)
+    pools = {"hard": hard, "easy": easy}
     weights: dict[str, list[float] | None] = {"hard": None, "easy": None}
     if lion.seed_weighting == "learnable":
-        for mode, ids in (("hard", hard), ("easy", easy)):
+        for mode, ids in pools.items():
             weights[mode] = learnable_weights([by_id[i] for i in ids], cache, judgements, lion.tau)
+    target = dict(zip(("hard", "easy"), seed_counts(lion.new_per_iteration, lion.hard_fraction, bool(hard), bool(easy)),
+                      strict=True))
     params = request_defaults(cfg.generator)
-    out = GenerationOutcome()
+    out = GenerationOutcome(target=Counter(target))
     for round_ in range(lion.generation_rounds):
-        need = lion.new_per_iteration - len(out.new)
-        if need <= 0:
+        asks = {mode: _seeds_to_ask(out, mode, target[mode], lion.generation_rounds) for mode in pools}
+        if not any(asks.values()):
             break
         rng = random.Random(f"{cfg.seed}-{iteration}-generation-{round_}")
-        n_hard, n_easy = seed_counts(need, lion.hard_fraction, bool(hard), bool(easy))
-        seeds = [(i, "hard") for i in draw_seeds(hard, n_hard, rng, weights["hard"])]
-        seeds += [(i, "easy") for i in draw_seeds(easy, n_easy, rng, weights["easy"])]
+        seeds = [(i, mode) for mode in pools for i in draw_seeds(pools[mode], asks[mode], rng, weights[mode])]
         if not seeds:
             break
         out.rounds += 1
@@ -183,7 +197,7 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
         ]
         results = run_async(_ask(generator, requests, iteration, progress,
                                  f"iteration {iteration}: generator round {round_ + 1}"), generator)
-        candidates = []
+        candidates: dict[str, list[Instruction]] = {"hard": [], "easy": []}
         for (seed_id, mode), result in zip(seeds, results, strict=True):
             text = clean_instruction(result.text)
             reason = reject_reason(text, result.choices[0].finish_reason, lion.min_instruction_words)
@@ -191,11 +205,35 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
                 out.filter_rejections[reason] += 1
                 continue
             parent = by_id[seed_id]
-            candidates.append(Instruction(
+            candidates[mode].append(Instruction(
                 text=text, domain=parent.domain, task=parent.task if mode == "hard" else None, origin="generated",
                 parent_id=seed_id, mode=mode, iteration=iteration, meta={"round": round_},
             ))
-        for ins, (novel, _) in zip(candidates, novelty.add_many([c.text for c in candidates]), strict=True):
+        for mode in pools:
+            _keep_novel(out, novelty, known, candidates[mode], target[mode] - out.kept[mode])
+    return out
+
+
+def _seeds_to_ask(out: GenerationOutcome, mode: str, target: int, rounds: int) -> int:
+    """Seeds of `mode` to ask for this round: the remaining need over the side's yield so far, within budget."""
+    need = target - out.kept[mode]
+    budget = rounds * target - out.seeds[mode]
+    if need <= 0 or budget <= 0:
+        return 0
+    asked, kept = out.seeds[mode], out.kept[mode]
+    want = need if asked == 0 else math.ceil(need * asked / kept) if kept else budget
+    return min(want, budget)
+
+
+def _keep_novel(out: GenerationOutcome, novelty: NoveltyFilter, known: set[str], candidates: list[Instruction],
+                need: int) -> None:
+    """Keep novel candidates in order until `need` are kept; the rest are surplus, never compared."""
+    pos = 0
+    while need > 0 and pos < len(candidates):
+        # at most `need` per batch, so a batch never keeps (and adds to the pool) more than is wanted
+        batch = candidates[pos:pos + need]
+        pos += len(batch)
+        for ins, (novel, _) in zip(batch, novelty.add_many([c.text for c in batch]), strict=True):
             if not novel:
                 out.novelty_rejections += 1
             elif ins.id in known:
@@ -203,4 +241,6 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
             else:
                 known.add(ins.id)
                 out.new.append(ins)
-    return out
+                out.kept[ins.mode or "hard"] += 1
+                need -= 1
+    out.surplus += len(candidates) - pos

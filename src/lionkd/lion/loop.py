@@ -206,7 +206,10 @@ def generation_metrics(outcome: GenerationOutcome) -> dict[str, Any]:
     return {
         "new_instructions": len(outcome.new), "generator_calls": outcome.asked, "generation_rounds": outcome.rounds,
         "seeds_hard": outcome.seeds["hard"], "seeds_easy": outcome.seeds["easy"],
-        "novelty_rejections": outcome.novelty_rejections,
+        # the hard:easy split of what was kept, against what each side should have kept
+        "new_hard": outcome.kept["hard"], "new_easy": outcome.kept["easy"],
+        "target_hard": outcome.target["hard"], "target_easy": outcome.target["easy"],
+        "novelty_rejections": outcome.novelty_rejections, "surplus": outcome.surplus,
         "filter_rejections": dict(sorted(outcome.filter_rejections.items())),
     }
 
@@ -235,7 +238,7 @@ def iteration_line(k: int, m: dict[str, Any]) -> str:
     return (f"iteration {k}: hard {f('hard')} / easy {f('easy')} (ratio {f('hard_ratio', '{:.2f}')}), "
             f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
             f"order agreement {f('order_agreement', '{:.2f}')}, new {f('new_instructions')} "
-            f"(novelty rejections {f('novelty_rejections')})")
+            f"({f('new_hard')} hard + {f('new_easy')} easy; novelty rejections {f('novelty_rejections')})")
 
 
 def write_report(run_dir: Path) -> Path | None:
