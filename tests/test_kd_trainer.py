@@ -104,7 +104,7 @@ def assert_same_grads(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
 @pytest.mark.parametrize("objective", ["ce", "logits"])
 def test_accumulation_matches_one_big_batch(tmp_path: Path, objective: str) -> None:
     big = first_step_grads(8, 1, objective, tmp_path / "big")
-    split = first_step_grads(4, 2, objective, tmp_path / "split")
+    split = first_step_grads(8, 2, objective, tmp_path / "split")  # the same global batch, in 2 micro-batches
     assert_same_grads(big, split)
     # the split must not be trivially equal: per-micro-batch means would differ here
     tok = tiny_tokenizer()
@@ -114,9 +114,9 @@ def test_accumulation_matches_one_big_batch(tmp_path: Path, objective: str) -> N
 
 
 def _ddp_main(out: str) -> None:
-    """Run under torchrun with 2 processes: batch 4 per process, one step."""
+    """Run under torchrun with 2 processes: global batch 8, so 4 per process, one step."""
     assert os.environ.get("WORLD_SIZE") == "2"
-    grads = first_step_grads(4, 1, "logits", Path(out) / "ddp")
+    grads = first_step_grads(8, 1, "logits", Path(out) / "ddp")
     if os.environ["RANK"] == "0":
         torch.save(grads, Path(out) / "ddp_grads.pt")
 

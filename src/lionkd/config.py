@@ -11,7 +11,7 @@ import contextlib
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -105,8 +105,13 @@ class TrainConfig(Strict):
     learning_rate: float = Field(2e-5, gt=0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    batch_size: int = Field(8, ge=1, description="per device")
-    grad_accum: int = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1, description="examples per optimiser step, over all processes and micro-batches")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per process in one optimiser step")
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="training processes: auto = the visible GPUs (1 on CPU); > 1 runs the stage as a "
+        "child job under torchrun, or under accelerate launch with accelerate_config")
+    accelerate_config: Path | None = Field(
+        None, description="an Accelerate config file (DDP, DeepSpeed ZeRO, FSDP2) the training stage is launched with")
     max_length: int = Field(1024, ge=8)
     weight_decay: float = Field(0.0, ge=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -119,6 +124,22 @@ class TrainConfig(Strict):
     seed: int = 0
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(500, ge=1, description="checkpoint every N optimiser steps (resume after a crash)")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "clearml", "neptune", "dvclive",
+                            "trackio", "swanlab"]] = Field(
+        default_factory=list, description="trackers that also get the training logs (each run named for its "
+        "iteration and stage); tensorboard writes into each trained model's folder, under tensorboard/")
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, value: list[str]) -> list[str]:
+        # found here, as one line naming the key, rather than as a traceback once training starts
+        import importlib.util
+
+        package = {"tensorboard": "tensorboard", "comet_ml": "comet_ml", "dvclive": "dvclive"}
+        for name in value:
+            if importlib.util.find_spec(package.get(name, name)) is None:
+                raise ValueError(f"{name} is not installed (pip install {name.replace('_', '-')})")
+        return value
 
 
 class GenerationConfig(Strict):
@@ -167,6 +188,9 @@ class LionConfig(Strict):
     novelty_tokenizer: Literal["rouge", "unicode"] = "rouge"
     seed_weighting: Literal["uniform", "learnable"] = "uniform"
     referee_retries: int = Field(2, ge=0)
+    referee_order: Literal["explanation_first", "scores_first"] = Field(
+        "explanation_first", description="what the referee writes first: its explanation (the paper's order), "
+        "then the two score lines; or the score lines first")
     generation_rounds: int = Field(4, ge=1, description="rounds of generation to fill N after filters")
     min_instruction_words: int = Field(4, ge=1)
     prompts: PromptOverrides = Field(default_factory=PromptOverrides)
@@ -366,6 +390,12 @@ def resolve_paths(cfg: RunConfig, base: Path, check_paths: bool = True) -> RunCo
             cfg.lion.seed_pool = base / cfg.lion.seed_pool
         if check_paths and not cfg.lion.seed_pool.exists():
             raise UserError(f"lion.seed_pool: file not found: {cfg.lion.seed_pool}")
+    for key, train in (("student.train", cfg.student.train), ("kd.teacher_train", cfg.kd.teacher_train)):
+        if train is not None and train.accelerate_config is not None:
+            if not train.accelerate_config.is_absolute():
+                train.accelerate_config = base / train.accelerate_config
+            if check_paths and not train.accelerate_config.is_file():
+                raise UserError(f"{key}.accelerate_config: file not found: {train.accelerate_config}")
     for data in (cfg.kd.labeled, cfg.kd.unlabeled, cfg.kd.eval):
         if data is not None and data.path and not Path(data.path).is_absolute():
             local = base / data.path

@@ -45,8 +45,9 @@ _ENDPOINT_OPERATIONAL = ("concurrency", "requests_per_minute", "tokens_per_minut
 NON_RESULT_KEYS = frozenset({
     "run_dir",  # the run's own address: a rerun reaches the same store only through it
     *(f"{role}.{key}" for role in _ENDPOINT_ROLES for key in _ENDPOINT_OPERATIONAL),
-    "student.train.logging_steps",
-    "kd.teacher_train.logging_steps",
+    # how a training stage is spread over processes: `batch_size` is global, so the model is the same
+    *(f"{train}.{key}" for train in ("student.train", "kd.teacher_train")
+      for key in ("logging_steps", "processes", "accelerate_config")),
 })
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..llm.templates import end_of_turn_ids
 from .data import is_encoder_decoder
 
 
@@ -53,7 +54,7 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
     ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    return ids
+    return ids | set(end_of_turn_ids(tokenizer))  # a chat model's reply ends there
 
 
 @torch.no_grad()
@@ -69,6 +70,7 @@ def generate_token_ids(
     num_beams: int = 1,
     num_return_sequences: int = 1,
     batch_size: int = 16,
+    synced_gpus: bool = False,
 ) -> list[list[list[int]]]:
     """For each prompt, `num_return_sequences` continuations as token ids (ending at EOS if reached).
 
@@ -92,6 +94,8 @@ def generate_token_ids(
                 "pad_token_id": pad_id,
                 "eos_token_id": sorted(eos_ids) or None,
             }
+            if synced_gpus:  # sharded parameters: keep stepping until every process is done
+                params["synced_gpus"] = True
             if do_sample:
                 params.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:

@@ -47,16 +47,22 @@ class StudentSampler:
         self.replaced = 0
         self.generated = 0
 
-    def mix(self, model: Any, features: Sequence[dict[str, Any]], step: int) -> list[dict[str, Any]]:
-        """The batch's features with about alpha of them carrying a student sample as target."""
+    def mix(self, model: Any, features: Sequence[dict[str, Any]], step: int, synced: bool = False
+            ) -> list[dict[str, Any]]:
+        """The batch's features with about alpha of them carrying a student sample as target.
+
+        `synced`: parameters are sharded over processes, so sampling runs in step with the others.
+        """
         chosen = [i for i in range(len(features)) if self.rng.random() < self.settings.alpha]
-        if not chosen:
+        if not chosen and not synced:
             return list(features)
         stale = [
             i for i in chosen
             if features[i]["id"] not in self.cache
             or step - self.cache[features[i]["id"]][0] >= self.settings.refresh_every
         ]
+        if synced:  # every process must make the same generate calls: sample the whole (equal-sized) batch
+            stale = list(range(len(features)))
         if stale:
             samples = generate_token_ids(
                 model,
@@ -66,6 +72,7 @@ class StudentSampler:
                 do_sample=True,
                 temperature=self.settings.temperature,
                 top_p=self.settings.top_p,
+                synced_gpus=synced,
             )
             for i, sample in zip(stale, samples, strict=True):
                 self.cache[features[i]["id"]] = (step, sample[0])

@@ -64,6 +64,7 @@ from .data import (
     is_encoder_decoder,
 )
 from .joint_teaching import JointTeaching, StudentSampler
+from .launch import needs_launch, process_count, run_training_job, world_size
 from .losses import (
     HeadTerm,
     LinearHead,
@@ -274,10 +275,18 @@ class KDTrainer(Trainer):
             count = self.accelerator.gather(count.reshape(1)).sum()
         return batches, count.clamp_min(1)
 
+    @property
+    def params_sharded(self) -> bool:
+        """Whether parameters are split over processes (ZeRO-3, FSDP): a weight is whole only inside a forward."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3))
+
     def _with_student_samples(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         assert self.sampler is not None
+        # Sharded parameters are gathered by the model's own hooks at each forward; every process must
+        # then run as many forwards as the longest sample takes (`synced`), or the gathers deadlock.
         model = self.accelerator.unwrap_model(self.model)
-        features = self.sampler.mix(model, batch["features"], self.state.global_step)
+        features = self.sampler.mix(model, batch["features"], self.state.global_step, synced=self.params_sharded)
         new = self.data_collator(features)
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in new.items()}
 
@@ -346,7 +355,9 @@ class KDTrainer(Trainer):
         return (loss, out) if return_outputs else loss
 
     def _fusable_head(self, model: nn.Module) -> nn.Linear | None:
-        if not self.fuse_head or not set(self.objective) & {"ce", "logits", "noisy"}:
+        # The fused loss reads the output layer's weight outside the forward, where a sharded one is
+        # only this process's slice: sharded models compute the logits-based losses instead.
+        if not self.fuse_head or self.params_sharded or not set(self.objective) & {"ce", "logits", "noisy"}:
             return None
         return plain_linear_head(model)
 
@@ -434,6 +445,30 @@ def _encode_all(
     return EpochDataset([encode(epoch) for epoch in examples])  # type: ignore[arg-type]
 
 
+def per_device_batch(settings: TrainConfig) -> int:
+    """Examples per micro-batch on one process: `batch_size` is the global batch of one optimiser step."""
+    split = world_size() * settings.grad_accum
+    if settings.batch_size % split:
+        raise UserError(f"student.train.batch_size: {settings.batch_size} is not divisible by processes x grad_accum "
+                        f"= {world_size()} x {settings.grad_accum}")
+    return settings.batch_size // split
+
+
+class EpochSwitch(TrainerCallback):
+    """Tells an `EpochDataset` which epoch begins, on every process.
+
+    The Trainer's own `set_epoch` reaches the dataset only on one process: under a distributed
+    sampler Accelerate's `DataLoaderShard.set_epoch` stops at the sampler, so every rank would read
+    pseudo-target 0 in every epoch.
+    """
+
+    def __init__(self, dataset: EpochDataset) -> None:
+        self.dataset = dataset
+
+    def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+
 def build_trainer(
     student: str | Path | PreTrainedModel,
     examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
@@ -475,6 +510,7 @@ def build_trainer(
     if lora is not None:
         model = _apply_lora(model, lora)
 
+    per_device = per_device_batch(settings)
     dataset = _encode_all(examples, tok, template, settings.max_length, encdec)
     collator = Collator(
         pad_token_id=tok.pad_token_id,
@@ -488,7 +524,7 @@ def build_trainer(
         learning_rate=settings.learning_rate,
         lr_scheduler_type=settings.lr_scheduler,
         warmup_steps=settings.warmup_ratio,
-        per_device_train_batch_size=settings.batch_size,
+        per_device_train_batch_size=per_device,
         gradient_accumulation_steps=settings.grad_accum,
         weight_decay=settings.weight_decay,
         seed=settings.seed,
@@ -498,7 +534,8 @@ def build_trainer(
         save_strategy="steps",
         save_steps=settings.save_steps,
         save_total_limit=1,
-        report_to="none",
+        report_to=list(settings.report_to) or "none",
+        run_name=run_name(out_dir),
         remove_unused_columns=False,
         disable_tqdm=True,  # progress is drawn by TrainingProgress, in the style of every other stage
         use_cpu=not torch.cuda.is_available(),
@@ -520,11 +557,29 @@ def build_trainer(
         sampler=sampler,
     )
     trainer.save_dtype = stored
+    if isinstance(dataset, EpochDataset):
+        trainer.add_callback(EpochSwitch(dataset))
+    for callback in trainer.callback_handler.callbacks:  # its default folder is under checkpoints/, deleted at the end
+        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
+            callback.logging_dir = str(Path(out_dir) / "tensorboard")
     for quiet in (PrinterCallback, ProgressCallback):  # they print raw dicts and tqdm bars
         trainer.remove_callback(quiet)
     if progress:
         trainer.add_callback(TrainingProgress())
     return trainer
+
+
+def run_name(out_dir: str | Path) -> str:
+    """What trackers (tensorboard, wandb, ...) call one training: run folder, iteration and stage.
+
+    Read from the folder the pipelines train into: RUN/students/iter-K (Lion imitation) or
+    RUN/teacher, RUN/student-kd, RUN/student (the distill stages, iteration 0 in the run store).
+    """
+    out = Path(out_dir).absolute()
+    if out.name.startswith("iter-") and out.name[5:].isdigit():
+        return f"{out.parent.parent.name}/iteration-{out.name[5:]}/imitation"
+    stage = {"teacher": "teacher_finetune", "student-kd": "kd_train", "student": "final_ce"}.get(out.name, out.name)
+    return f"{out.parent.name}/iteration-0/{stage}"
 
 
 class TrainingProgress(TrainerCallback):
@@ -585,6 +640,13 @@ def train_student(
     done = out_dir / METRICS_FILE
     if resume and done.exists():
         return json.loads(done.read_text())
+    settings = settings or TrainConfig()
+    if needs_launch(settings.processes, settings.accelerate_config):
+        run_training_job(out_dir, process_count(settings.processes), settings.accelerate_config, student=student,
+                         examples=examples, settings=settings, teacher=teacher, objective=objective, kd=kd,
+                         template=template, lora=lora, joint=joint, tokenizer=tokenizer, resume=resume,
+                         progress=progress)
+        return json.loads(done.read_text())
     trainer = build_trainer(
         student, examples, out_dir, settings=settings, teacher=teacher, objective=objective, kd=kd,
         template=template, lora=lora, joint=joint, tokenizer=tokenizer, progress=progress,
@@ -609,6 +671,8 @@ def train_student(
         "objective": trainer.objective,
         "last_losses": trainer.last_parts,
         "final_logged_loss": _last_logged_loss(trainer),
+        # the loss curve the report draws: the checkpoints holding the Trainer's log are removed below
+        "loss_history": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e and "step" in e],
     }
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
@@ -617,6 +681,7 @@ def train_student(
         trainer.processing_class.save_pretrained(out_dir)
         done.write_text(json.dumps(metrics, indent=2))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the saved student is whole
     return metrics
 
 

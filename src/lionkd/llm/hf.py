@@ -34,7 +34,7 @@ import torch
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .precision import DTYPES
-from .templates import Template, has_chat_template, render_prompt
+from .templates import Template, end_of_turn_ids, has_chat_template, render_prompt
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
@@ -372,4 +372,5 @@ def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
         eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("HFBackend: the model and tokenizer define no EOS token")
-    return set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
+    return ids | set(end_of_turn_ids(tokenizer))  # a chat model's reply ends there, whatever its config says
