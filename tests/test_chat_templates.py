@@ -1,11 +1,11 @@
 """The end of an answer is read from the chat template, not assumed to be EOS."""
 
 import pytest
-from llm_fakes import tiny_tokenizer
 
 from lionkd.errors import UserError
 from lionkd.kd.data import TrainExample, encode_example
 from lionkd.llm.templates import answer_end_id, end_of_turn_ids
+from llm_fakes import tiny_tokenizer
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from conftest import run_cli
 from lionkd.config import TrainConfig
