@@ -38,6 +38,44 @@ def test_parse_scores_corpus(row: dict) -> None:
     assert parse_scores(row["reply"]) == expected
 
 
+GPT_CORPUS = Path(__file__).parent / "data" / "referee_replies_gpt.jsonl"
+
+
+def test_gpt_style_reviews_are_read_and_never_misread() -> None:
+    """Pairwise reviews as GPT-3.5/GPT-4 referees write them (scores first or last, sections, tables,
+    prose, long worked solutions, explanations full of counts and percentages): at least 99% of the
+    readable ones read, and none read wrong, whether readable or not."""
+    rows = [json.loads(line) for line in GPT_CORPUS.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(rows) >= 250 and sum(r["expected"] is None for r in rows) >= 20
+    readable = [r for r in rows if r["expected"] is not None]
+    got = [parse_scores(r["reply"]) for r in rows]
+    misread = [r["reply"][:80] for r, g in zip(rows, got, strict=True)
+               if g is not None and (r["expected"] is None or g != tuple(r["expected"]))]
+    read = sum(g is not None for r, g in zip(rows, got, strict=True) if r["expected"] is not None)
+    assert misread == []
+    assert read / len(readable) >= 0.99, [r["reply"][-80:] for r, g in zip(rows, got, strict=True)
+                                          if r["expected"] is not None and g is None]
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    # counts, shares and differences about an assistant beside its score lines
+    ("Assistant 1: 8\nAssistant 2: 6\n\nAssistant 1 is 100% correct; Assistant 2 is 50% right.", (8, 6)),
+    ("Assistant 1 gets 3 of the 3 steps right.\n\nAssistant 1: 9\nAssistant 2: 5", (9, 5)),
+    ("Assistant 2 is 3 sentences shorter.\nAssistant 1: 7\nAssistant 2: 7", (7, 7)),
+    ("Assistant 2 is 2 points better on accuracy.\n\nAssistant 1: 6\nAssistant 2: 8", (6, 8)),
+    ("Assistant 1: 12 * 4 = 48, correct.\nAssistant 2: 40, wrong.\n\nAssistant 1: 9\nAssistant 2: 2", (9, 2)),
+    ("I would rate Assistant 1's code a 7 out of 10 and Assistant 2's a 9 out of 10.", (7, 9)),
+    ("Long explanation.\n\n8 6", (8, 6)),
+    # ... and alone they are not scores
+    ("Assistant 1 is 100% correct, while Assistant 2 is 50% correct.", None),
+    ("Assistant 1 gets 3 of the 3 steps; Assistant 2 gets 2 of the 3 steps.", None),
+    ("| | Assistant 1 | Assistant 2 |\n|---|---|---|\n| Score | 7 | 9 |", (7, 9)),
+    ("| | Assistant 1 | Assistant 2 |\n|---|---|---|\n| Helpfulness | 7 | 9 |\n| Accuracy | 8 | 5 |", None),
+])
+def test_hard_replies(reply: str, expected: tuple[float, float] | None) -> None:
+    assert parse_scores(reply) == expected
+
+
 # --------------------------------------------------------------------------- prompts
 
 
@@ -54,6 +92,35 @@ def test_prompts_carry_the_shared_markers() -> None:
     assert not re.search("rare", hard, re.I)
     assert re.search("rare", easy, re.I)
     assert p.teacher_messages("Hi")[-1] == {"role": "user", "content": "Hi"}
+
+
+def test_referee_order_is_a_choice_and_the_sandbox_follows_it() -> None:
+    import random
+
+    from lionkd.lion.prompts import REFEREE, REFEREE_EXPLANATION_FIRST, REFEREE_SCORES_FIRST
+    from lionkd.sandbox.oracle import asks_explanation_first, referee_reply
+
+    assert REFEREE is REFEREE_EXPLANATION_FIRST  # the paper's order is the default
+    first = LionPrompts.from_config(PromptOverrides(), "explanation_first")
+    scores = LionPrompts.from_config(PromptOverrides(), "scores_first")
+    assert first.referee == REFEREE_EXPLANATION_FIRST and scores.referee == REFEREE_SCORES_FIRST
+    text = first.referee
+    assert text.index("explain") < text.index("Assistant 1: <score>")
+    assert scores.referee.index("Assistant 1: <score>") < scores.referee.index("justification")
+    # an override wins over the order
+    assert LionPrompts.from_config(PromptOverrides(referee="{instruction}{answer_1}{answer_2}"),
+                                   "scores_first").referee == "{instruction}{answer_1}{answer_2}"
+    for prompts, explanation_first in ((first, True), (scores, False)):
+        message = prompts.referee_messages("Add 2 and 3.", "5", "6")[-1]["content"]
+        assert asks_explanation_first(message) == explanation_first
+        for k in range(20):
+            reply = referee_reply(message, random.Random(k))
+            lines = [line for line in reply.splitlines() if line.strip()]
+            assert parse_scores(reply) is not None and parse_scores(reply)[0] == 10, reply
+            score_line = re.compile(r"^\**Assistant [12]\W*\d+(?:\.\d)?(?:/10| out of 10)?$")
+            # the score lines end the reply when the explanation comes first, and open it otherwise
+            assert all(score_line.match(line) for line in (lines[-2:] if explanation_first else lines[:2])), reply
+            assert not score_line.match(lines[0]) if explanation_first else not score_line.match(lines[-1]), reply
 
 
 def test_prompt_overrides_are_checked() -> None:

@@ -282,7 +282,7 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
                      progress: Progress | None) -> list[str | None]:
     from ..lion.prompts import LionPrompts
 
-    prompts = LionPrompts.from_config(cfg.lion.prompts) if cfg is not None else LionPrompts()
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order) if cfg is not None else LionPrompts()
     if s.teacher is not None:
         from ..llm.hf import HFBackend
 
@@ -313,7 +313,8 @@ def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[
         raise UserError("--judge: no reference answers (the data has no target column; try --reference teacher)")
     endpoint = referee_endpoint(s, cfg)
     referee = open_llm(endpoint, store, "referee")
-    prompt = (LionPrompts.from_config(cfg.lion.prompts) if cfg is not None else LionPrompts()).referee
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order) if cfg is not None else LionPrompts()
+    prompt = prompts.referee
     retries = cfg.lion.referee_retries if cfg is not None else 2
     items = [JudgeItem(examples[i].input, predictions[i], references[i] or "", examples[i].category) for i in chosen]
     done = [0]

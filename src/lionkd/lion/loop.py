@@ -37,7 +37,7 @@ from .discrimination import Split, discriminate, split_hard_easy
 from .generation import GenerationOutcome, generate
 from .imitation import answer_train_pool, student_dir, student_init, train
 from .prompts import LionPrompts
-from .referee import PairVerdict, summarise
+from .referee import PairVerdict, parse_scores, summarise
 
 ROLES = ("teacher", "referee", "generator")
 # Fewer seeds cannot split into hard and easy, and the generator would only ever rewrite one instruction.
@@ -64,7 +64,8 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
     run started with unless `allow_config_change` (see `lionkd.run_guard`).
     """
-    prompts = LionPrompts.from_config(cfg.lion.prompts)  # a bad prompt override fails before any work
+    # a bad prompt override fails before any work
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
     run_dir = Path(cfg.run_dir)
     console = Console(stderr=True, quiet=not progress)
     last = cfg.lion.iterations + 1
@@ -198,8 +199,19 @@ def discrimination_metrics(split: Split, judgements: dict[str, Any]) -> dict[str
         "hard_ratio": len(split.hard) / judged if judged else None,
         "teacher_score": s.mean_a, "student_score": s.mean_b, "score_gap": gap,
         "order_agreement": s.order_agreement, "first_position_advantage": s.first_position_advantage,
-        "parse_failures": s.parse_failures,
+        "parse_failures": s.parse_failures, "parse_rate": parse_rate(judgements.values()),
     }
+
+
+def parse_rate(judgements: Any) -> float | None:
+    """Share of the referee's replies that were read (each unreadable one is a parse failure; the last
+    reply of each order is stored, and read unless the item was excluded for it)."""
+    read = 0
+    failures = 0
+    for j in judgements:
+        failures += j.parse_failures
+        read += 2 if j.ok else sum(parse_scores(r) is not None for r in (j.raw_teacher_first, j.raw_student_first) if r)
+    return read / (read + failures) if read + failures else None
 
 
 def generation_metrics(outcome: GenerationOutcome) -> dict[str, Any]:
@@ -278,7 +290,7 @@ def plan_run(cfg: RunConfig) -> list[PlanRow]:
     Cached calls are free, so the teacher pays only for each new Train Pool (Cache Pool answers were
     given when those instructions were trained on); the referee bound counts every retry.
     """
-    prompts = LionPrompts.from_config(cfg.lion.prompts)
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
     seeds = load_seed_pool(cfg)
     s, n, K = len(seeds), cfg.lion.new_per_iteration, cfg.lion.iterations
     instruction = sum(len(ins.prompt) for ins in seeds) / len(seeds)

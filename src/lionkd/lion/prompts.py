@@ -17,7 +17,7 @@ from ..llm.base import Message
 
 TEACHER_SYSTEM = "You are a knowledgeable assistant. Answer the user's request accurately, clearly and completely."
 
-REFEREE = """\
+_REFEREE_TASK = """\
 Two AI assistants were given the same request. Compare how well each one responded.
 
 [Instruction]
@@ -34,11 +34,26 @@ Two AI assistants were given the same request. Compare how well each one respond
 Rate each response on a scale from 1 to 10, where 10 is best, taking into account how helpful, \
 relevant and accurate it is and how much useful detail it gives. Judge the content only: neither the \
 order of the responses nor their length should sway you.
+"""
+
+# The paper's order: the referee reasons before it commits to numbers.
+REFEREE_EXPLANATION_FIRST = _REFEREE_TASK + """\
+First explain your assessment of the two responses in a few sentences. Then end your reply with \
+exactly two lines, and nothing after them:
+Assistant 1: <score>
+Assistant 2: <score>"""
+
+REFEREE_SCORES_FIRST = _REFEREE_TASK + """\
 Reply with exactly two lines first:
 Assistant 1: <score>
 Assistant 2: <score>
 Then give a brief justification of the scores."""
 
+REFEREE_ORDERS = {"explanation_first": REFEREE_EXPLANATION_FIRST, "scores_first": REFEREE_SCORES_FIRST}
+REFEREE = REFEREE_EXPLANATION_FIRST  # the default (`lion.referee_order`)
+
+# The authors ask for a new task of similar length and difficulty: "at least as demanding" would let
+# the tasks drift harder with every iteration, away from what the student is being tested on.
 GENERATOR_HARD = """\
 You write new tasks for training an AI assistant. Below is an example task.
 
@@ -47,9 +62,9 @@ You write new tasks for training an AI assistant. Below is an example task.
 [End of seed instruction]
 
 Write one new task that belongs to the same subject area and asks for the same kind of work as the \
-example (the same task type), but is a different request, not a rewording of it. It should be at \
-least as demanding as the example and answerable on its own. Reply with the new task text only, \
-without a title, numbering or commentary."""
+example (the same task type), but is a different request, not a rewording of it. Keep it about as \
+long and about as difficult as the example, and answerable on its own. Reply with the new task text \
+only, without a title, numbering or commentary."""
 
 GENERATOR_EASY = """\
 You write new tasks for training an AI assistant. Below is an example task.
@@ -87,9 +102,10 @@ class LionPrompts:
     generator_easy: str = GENERATOR_EASY
 
     @classmethod
-    def from_config(cls, overrides: PromptOverrides) -> LionPrompts:
-        """The built-in prompts with the config's overrides; an override must keep its placeholders."""
-        chosen = {}
+    def from_config(cls, overrides: PromptOverrides, referee_order: str = "explanation_first") -> LionPrompts:
+        """The built-in prompts (the referee's in `referee_order`) with the config's overrides; an
+        override must keep its placeholders."""
+        chosen = {"referee": REFEREE_ORDERS[referee_order]}
         for key, required in PLACEHOLDERS.items():
             text = getattr(overrides, key)
             if text is None:

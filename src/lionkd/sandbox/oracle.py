@@ -30,6 +30,17 @@ _REFEREE_FORMATS = (
     "Assistant 2: {s2}\nAssistant 1: {s1}\n{e}",
     "Assistant 1: {s1} out of 10\nAssistant 2: {s2} out of 10\n{e}",
 )
+# The same when the prompt asks for the explanation first ({n} names the assistants in it, as real
+# referees do, so a parser must tell a score line from a sentence about an assistant).
+_REFEREE_FORMATS_EXPLANATION_FIRST = (
+    "{n}\n\nAssistant 1: {s1}\nAssistant 2: {s2}",
+    "{n}\n\n**Assistant 1:** {s1}/10\n**Assistant 2:** {s2}/10",
+    "{e}\n\nAssistant 1: {s1}\nAssistant 2: {s2}",
+    "{n} Scores follow.\n\nAssistant 1: {s1} out of 10\nAssistant 2: {s2} out of 10",
+)
+# After the answers, a prompt that mentions an explanation before its first score line asks for it first.
+_EXPLANATION_WORD = re.compile(r"explain|explanation|justif|reasoning", re.I)
+_SCORE_TEMPLATE = re.compile(r"assistant\s*1\W*<score>", re.I)
 # Replies a parser cannot read: no scores, scores in words, one score missing.
 _MALFORMED_FORMATS = (
     "Both answers address the question; each has its strengths and weaknesses.",
@@ -82,6 +93,26 @@ def _explain(p1: float, p2: float) -> str:
     return f"Neither answer is correct, but the {closer} one is closer."
 
 
+def _explain_named(p1: float, p2: float) -> str:
+    if p1 == p2 == 10:
+        return "Assistant 1 and Assistant 2 both give the correct answer."
+    if p1 == 10:
+        return "Assistant 1 is 100% correct, while Assistant 2 gets it wrong."
+    if p2 == 10:
+        return "Assistant 2 is correct; Assistant 1 is not."
+    if p1 == p2:
+        return "Assistant 1 and Assistant 2 are equally far from the correct answer."
+    closer = "Assistant 1" if p1 > p2 else "Assistant 2"
+    return f"Neither is correct, but {closer} is closer: 1 of the 2 parts is right."
+
+
+def asks_explanation_first(prompt: str) -> bool:
+    """Does the referee prompt ask for the explanation before the score lines?"""
+    tail = prompt[prompt.find("[End of Assistant 2]"):]
+    m = _SCORE_TEMPLATE.search(tail)
+    return m is not None and _EXPLANATION_WORD.search(tail[: m.start()]) is not None
+
+
 def _fmt(score: float) -> str:
     return str(int(score)) if float(score).is_integer() else f"{score:.1f}"
 
@@ -89,7 +120,7 @@ def _fmt(score: float) -> str:
 def referee_reply(
     prompt: str, rng: random.Random, position_bias: float = 0.0, malformed_rate: float = 0.0
 ) -> str:
-    """Two score lines (surface form varies), then a one-sentence explanation."""
+    """Two score lines (surface form varies) and a one-sentence explanation, in the order the prompt asks."""
     blocks = parse_referee_prompt(prompt)
     if blocks is None:
         return "I could not find an instruction and two answers to compare."
@@ -100,7 +131,8 @@ def referee_reply(
     s1 = min(10.0, max(1.0, p1 + position_bias))
     if rng.random() < malformed_rate:
         return rng.choice(_MALFORMED_FORMATS).format(s1=_fmt(s1), s2=_fmt(p2), e=e)
-    return rng.choice(_REFEREE_FORMATS).format(s1=_fmt(s1), s2=_fmt(p2), e=e)
+    formats = _REFEREE_FORMATS_EXPLANATION_FIRST if asks_explanation_first(prompt) else _REFEREE_FORMATS
+    return rng.choice(formats).format(s1=_fmt(s1), s2=_fmt(p2), e=e, n=_explain_named(p1, p2))
 
 
 # ---- generator -------------------------------------------------------------------------------
