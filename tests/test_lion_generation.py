@@ -207,3 +207,29 @@ def test_novelty_compares_instruction_text_not_its_input(tmp_path: Path) -> None
                           [seed.id], [other.id], new_per_iteration=2, generation_rounds=1)
     assert out.novelty_rejections == 1 and out.kept["hard"] == 0
     assert all(ins.text != seed.text for ins in out.new)
+
+
+def test_student_answers_as_long_as_the_teacher_and_cut_answers_are_counted(tmp_path: Path) -> None:
+    from lionkd.lion.discrimination import Split, student_max_tokens
+    from lionkd.lion.loop import truncation_metrics
+    from lionkd.records import Response
+    from lionkd.store import Store
+
+    cfg = RunConfig.model_validate({"teacher": {"max_tokens": 700}})
+    assert cfg.student.generation.max_new_tokens is None and student_max_tokens(cfg) == 700
+    cfg = RunConfig.model_validate({"teacher": {"max_tokens": 700}, "student": {"generation": {"max_new_tokens": 64}}})
+    assert student_max_tokens(cfg) == 64
+
+    store = Store.open_run(tmp_path / "run")
+    seeds = [Instruction(text=f"Task {k}") for k in range(4)]
+    store.add_instructions(seeds)
+    store.set_pool(1, "cache", [s.id for s in seeds])
+    for k, s in enumerate(seeds):
+        store.add_response(Response(instruction_id=s.id, role="student", model="m", iteration=1, text="x",
+                                    finish_reason="length" if k < 2 else "stop"))
+        store.add_response(Response(instruction_id=s.id, role="teacher", model="t", iteration=1, text="y"))
+    m = truncation_metrics(store, 1, Split(hard=[seeds[0].id, seeds[3].id], easy=[seeds[1].id, seeds[2].id],
+                                           excluded=[]))
+    assert m["student_truncated"] == 2 and m["student_truncated_ratio"] == 0.5
+    assert m["hard_with_truncated_student"] == 1 and m["teacher_truncated"] == 0
+    store.close()

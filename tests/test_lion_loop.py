@@ -133,7 +133,7 @@ def test_two_iterations_over_http(tmp_path: Path, student_dir: Path, world_serve
         metrics = store.metrics()
         for key in ("hard_ratio", "teacher_score", "student_score", "score_gap", "order_agreement",
                     "parse_failures", "parse_rate", "excluded", "novelty_rejections", "filter_rejections", "new_instructions",
-                    "new_hard", "new_easy", "target_hard", "target_easy",
+                    "new_hard", "new_easy", "target_hard", "target_easy", "student_truncated", "hard_with_truncated_student",
                     "train_loss", "usage_teacher", "usage_referee", "usage_generator"):
             assert key in metrics[1], key
         assert metrics[1]["parse_failures"] > 0  # the garbled referee replies were seen and re-asked

@@ -90,6 +90,8 @@ def test_prompts_carry_the_shared_markers() -> None:
     for text in (hard, easy):
         assert "[Seed instruction]\nSort 3, 1, 2.\n[End of seed instruction]" in text
     assert not re.search("rare", hard, re.I)
+    # the paper asks for similar length and difficulty: no drift towards ever harder tasks
+    assert re.search(r"about as\s+long and about as difficult", hard) and "at least as" not in hard
     assert re.search("rare", easy, re.I)
     assert p.teacher_messages("Hi")[-1] == {"role": "user", "content": "Hi"}
 

@@ -145,7 +145,9 @@ class TrainConfig(Strict):
 class GenerationConfig(Strict):
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    max_new_tokens: int = Field(512, ge=1)
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="null: the teacher's max_tokens, so that the student is not judged on answers "
+        "cut shorter than the teacher's")
     batch_size: int = Field(16, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights while generating; auto: fp32 on CPU, bf16 (or fp16) on a GPU")

@@ -55,6 +55,12 @@ def judgement_from(instruction_id: str, iteration: int, v: PairVerdict) -> Judge
     )
 
 
+def student_max_tokens(cfg: RunConfig) -> int:
+    """The student's answer length limit: its own setting, else the teacher's (a shorter limit cuts
+    answers the teacher would have finished, and the referee calls them worse)."""
+    return cfg.student.generation.max_new_tokens or cfg.teacher.max_tokens
+
+
 def open_student(cfg: RunConfig, iteration: int) -> Any:
     """The student trained in `iteration`, as a local backend."""
     from ..llm.hf import HFBackend
@@ -99,7 +105,7 @@ def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, promp
     gen = cfg.student.generation
     student_answers = run_async(collect_answers(
         student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt, cfg.student.system_prompt),
-        params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": gen.max_new_tokens,
+        params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": student_max_tokens(cfg),
                 "seed": cfg.seed},
         iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",
     ), student)

@@ -33,7 +33,7 @@ from ..progress import progress_bars
 from ..records import Instruction
 from ..run_guard import bind_config, hold_run
 from ..store import Store
-from .discrimination import Split, discriminate, split_hard_easy
+from .discrimination import Split, discriminate, split_hard_easy, student_max_tokens
 from .generation import GenerationOutcome, generate
 from .imitation import answer_train_pool, student_dir, student_init, train
 from .prompts import LionPrompts
@@ -160,7 +160,7 @@ def discrimination_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], pro
         return split_hard_easy(store.pool(k, "cache"), judgements, cfg.lion.tau), judgements
     with progress_bars(progress) as p:
         split, judgements = discriminate(cfg, store, llms["teacher"], llms["referee"], prompts, k, p)
-    store.put_metrics(k, discrimination_metrics(split, judgements))
+    store.put_metrics(k, discrimination_metrics(split, judgements) | truncation_metrics(store, k, split))
     store.finish_stage(k, "discrimination", {"hard": len(split.hard), "easy": len(split.easy),
                                              "excluded": len(split.excluded)})
     return split, judgements
@@ -212,6 +212,21 @@ def parse_rate(judgements: Any) -> float | None:
         failures += j.parse_failures
         read += 2 if j.ok else sum(parse_scores(r) is not None for r in (j.raw_teacher_first, j.raw_student_first) if r)
     return read / (read + failures) if read + failures else None
+
+
+def truncation_metrics(store: Store, k: int, split: Split) -> dict[str, Any]:
+    """Cache Pool answers cut off at the length limit (finish reason "length"). A cut student answer
+    is judged as it is, so it can make an instruction "hard" for want of tokens rather than skill."""
+    out: dict[str, Any] = {}
+    cache = set(store.pool(k, "cache"))
+    for role in ("student", "teacher"):
+        answers = {i: r for i, r in store.responses(role, k).items() if i in cache}
+        cut = {i for i, r in answers.items() if r.finish_reason == "length"}
+        out[f"{role}_truncated"] = len(cut)
+        out[f"{role}_truncated_ratio"] = len(cut) / len(answers) if answers else None
+        if role == "student":
+            out["hard_with_truncated_student"] = len(cut.intersection(split.hard))
+    return out
 
 
 def generation_metrics(outcome: GenerationOutcome) -> dict[str, Any]:
@@ -294,11 +309,10 @@ def plan_run(cfg: RunConfig) -> list[PlanRow]:
     seeds = load_seed_pool(cfg)
     s, n, K = len(seeds), cfg.lion.new_per_iteration, cfg.lion.iterations
     instruction = sum(len(ins.prompt) for ins in seeds) / len(seeds)
-    gen = cfg.student.generation
     per_call = {
         "teacher": (_tokens(len(prompts.teacher_system) + instruction) + 4, cfg.teacher.max_tokens),
-        "student": (_tokens(instruction) + 8, gen.max_new_tokens),
-        "referee": (_tokens(len(prompts.referee) + instruction) + cfg.teacher.max_tokens + gen.max_new_tokens,
+        "student": (_tokens(instruction) + 8, student_max_tokens(cfg)),
+        "referee": (_tokens(len(prompts.referee) + instruction) + cfg.teacher.max_tokens + student_max_tokens(cfg),
                     cfg.referee.max_tokens),
         "generator": (_tokens(max(len(prompts.generator_hard), len(prompts.generator_easy)) + instruction),
                       cfg.generator.max_tokens),
