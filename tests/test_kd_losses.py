@@ -293,6 +293,23 @@ def test_fused_terms_share_one_pass_and_report_parts() -> None:
         torch.testing.assert_close(got, want)
 
 
+def test_fused_ce_with_its_own_rows_equals_masked_ce() -> None:
+    """Joint-Teaching: CE on some rows only, normalised by their own count, inside a pass over all rows."""
+    hidden, (weight, _) = logits(2, 7, 8, seed=3), head(10, 8, seed=5, bias=False)
+    targets = torch.randint(0, 10, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = ragged_mask()
+    ce_mask = mask.clone()
+    ce_mask[1] = 0  # row 1 is the student's own sample
+    n, ce_n = mask.ne(0).sum(), ce_mask.ne(0).sum()
+    params = leaves(hidden, weight)
+    ref = ce_loss(project(hidden, weight, None), targets, ce_mask, ce_n)
+    total, _ = fused_head_loss(LinearHead(hidden, weight), mask, n,
+                               terms={"ce": (1.0, ce_term(targets, ce_mask.ne(0).float() * (n / ce_n)))}, chunk_size=3)
+    torch.testing.assert_close(total, ref)
+    for got, want in zip(torch.autograd.grad(total, params), torch.autograd.grad(ref, params), strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_fused_kd_edge_cases() -> None:
     hidden, (weight, _) = logits(2, 7, 8, seed=3), head(10, 8, seed=5, bias=False)
     t_hidden, (t_weight, _) = logits(2, 7, 8, seed=4), head(10, 8, seed=6, bias=False)

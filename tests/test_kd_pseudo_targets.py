@@ -148,3 +148,25 @@ def test_joint_teaching_trains(tmp_path: Path, family: str) -> None:
                             template="alpaca", progress=False)
     assert metrics["student_samples"]["replaced"] > 0
     assert metrics["steps"] == 4 and metrics["last_losses"]["logits"] > 0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_joint_teaching_has_no_cross_entropy_on_student_samples(tmp_path: Path, fused: bool) -> None:
+    """Cross-entropy on the student's own samples would be self-training: "ce" sees gold and teacher PTs only."""
+    from lionkd.kd import trainer as trainer_module
+
+    tok = tiny_tokenizer()
+    settings = TrainConfig(max_steps=2, batch_size=4, max_length=32)
+
+    def train(alpha: float, name: str) -> dict:
+        trainer = trainer_module.build_trainer(
+            tiny_llama(), examples(8), tmp_path / name, settings=settings, teacher=tiny_llama(seed=4),
+            objective={"ce": 1.0, "logits": 1.0}, joint=JointTeaching(alpha=alpha, max_new_tokens=4) if alpha else None,
+            tokenizer=tok, template="alpaca", progress=False)
+        trainer.fuse_head = fused
+        trainer.train()
+        return trainer.last_parts
+
+    only_samples = train(1.0, "all-student")
+    assert only_samples["ce"] == 0.0 and only_samples["logits"] > 0
+    assert train(0.0, "no-joint")["ce"] > 1.0  # a random student's CE on gold: far from zero

@@ -481,9 +481,11 @@ def _with_autograd(row_loss: Callable[[torch.Tensor], torch.Tensor], z: torch.Te
     return loss.detach(), grad
 
 
-def ce_term(targets: torch.Tensor) -> HeadTerm:
-    """Cross-entropy of `targets` (the shape of the mask), as `ce_loss`."""
+def ce_term(targets: torch.Tensor, row_scale: torch.Tensor | None = None) -> HeadTerm:
+    """Cross-entropy of `targets` (the shape of the mask), as `ce_loss`; `row_scale` (the same shape)
+    rescales or drops positions for this term alone (Joint-Teaching: no CE on the student's samples)."""
     flat_targets = targets.reshape(-1)
+    flat_scale = row_scale.reshape(-1) if row_scale is not None else None
 
     def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = flat_targets.index_select(0, pos.to(flat_targets.device)).to(z.device).long().unsqueeze(-1)
@@ -491,6 +493,9 @@ def ce_term(targets: torch.Tensor) -> HeadTerm:
         loss = (lse - z.gather(-1, y)).squeeze(-1)
         grad = (z - lse).exp_()  # softmax - one_hot(y)
         grad.scatter_add_(-1, y, torch.full_like(lse, -1.0))
+        if flat_scale is not None:
+            scale = flat_scale.index_select(0, pos.to(flat_scale.device)).to(z.device, z.dtype)
+            loss, grad = loss * scale, grad.mul_(scale.unsqueeze(-1))
         return loss, grad
 
     return term

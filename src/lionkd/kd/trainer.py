@@ -258,6 +258,10 @@ class KDTrainer(Trainer):
             if self.args.bf16 or self.args.fp16:  # the teacher only infers: no master weights needed
                 teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
             teacher.to(self.args.device)
+        # Our losses are already divided by the step's token count; transformers releases without
+        # `loss_is_scaled_for_ga` read this flag instead before dividing by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+        self.ce_items: torch.Tensor | None = None  # Joint-Teaching: the step's target tokens not sampled by the student
         self.target_tokens = 0  # target tokens this process trained on
         self.input_tokens = 0
         self.last_parts: dict[str, float] = {}
@@ -271,6 +275,11 @@ class KDTrainer(Trainer):
         count = torch.as_tensor(count, device=device)
         self.target_tokens += int(count)
         self.input_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        if self.sampler is not None:
+            ce = torch.as_tensor(sum(int(b["ce_mask"].ne(0).sum()) for b in batches), device=device)
+            if self.accelerator.num_processes > 1:
+                ce = self.accelerator.gather(ce.reshape(1)).sum()
+            self.ce_items = ce.clamp_min(1)
         if self.accelerator.num_processes > 1:
             count = self.accelerator.gather(count.reshape(1)).sum()
         return batches, count.clamp_min(1)
@@ -288,6 +297,10 @@ class KDTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         features = self.sampler.mix(model, batch["features"], self.state.global_step, synced=self.params_sharded)
         new = self.data_collator(features)
+        # Joint-Teaching teaches the teacher's word-level view of the student's samples; cross-entropy
+        # on them would be self-training, so "ce" sees only gold and teacher pseudo-targets.
+        teacher_rows = torch.tensor([f.get("source") != "student" for f in features], dtype=new["target_mask"].dtype)
+        new["ce_mask"] = new["target_mask"] * teacher_rows[:, None]
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in new.items()}
 
     def compute_loss(
@@ -315,10 +328,12 @@ class KDTrainer(Trainer):
         kd_options = {"divergence": kd.divergence, "temperature": kd.temperature, "beta": kd.jsd_beta,
                       "alpha": kd.skew_alpha}
         if "ce" in w:
+            ce_mask, ce_n = self._ce_mask(inputs, num_items_in_batch)
             if student is not None:
-                terms["ce"] = ce_term(inputs["target_ids"])
+                row_scale = None if ce_mask is mask else ce_mask.ne(0).float() * (n / ce_n)
+                terms["ce"] = ce_term(inputs["target_ids"], row_scale)
             else:
-                parts["ce"] = ce_loss(out.logits, inputs["target_ids"], mask, n)
+                parts["ce"] = ce_loss(out.logits, inputs["target_ids"], ce_mask, ce_n)
         t_states: dict[tuple[str, str], torch.Tensor] = {}
         teacher_runs: list[tuple[str | None, bool]] = [(k, k == "noisy") for k in ("logits", "noisy") if k in w]
         if "attention" in w and not teacher_runs:
@@ -353,6 +368,17 @@ class KDTrainer(Trainer):
         # DDP averages gradients over processes; the token count already spans all of them.
         loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
+
+    def _ce_mask(self, inputs: dict[str, Any], num_items: torch.Tensor | int | None
+                 ) -> tuple[torch.Tensor, torch.Tensor | int]:
+        """The positions cross-entropy trains on, and their count for the step (Joint-Teaching: not the
+        student's own samples); without student samples, every target position."""
+        mask = inputs["target_mask"]
+        if "ce_mask" not in inputs:
+            return mask, num_items if num_items is not None else mask.ne(0).sum()
+        ce_mask = inputs["ce_mask"]
+        count = self.ce_items if num_items is not None and self.ce_items is not None else ce_mask.ne(0).sum()
+        return ce_mask, count.clamp_min(1) if isinstance(count, torch.Tensor) else max(count, 1)
 
     def _fusable_head(self, model: nn.Module) -> nn.Linear | None:
         # The fused loss reads the output layer's weight outside the forward, where a sharded one is
