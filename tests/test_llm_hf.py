@@ -98,6 +98,20 @@ def test_sampling_is_seeded_and_returns_n(llama, tok):
     assert 3 <= first.completion_tokens <= 24
 
 
+def test_a_seeded_sample_does_not_depend_on_its_batch(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok, batch_size=8)
+
+    def sample(prompt: str, seed: int = 7) -> GenRequest:
+        return GenRequest(prompt=prompt, temperature=1.0, top_p=0.9, max_tokens=8, n=2, seed=seed)
+
+    alone = backend.generate([sample(PROMPTS[1])])[0]
+    crowd = backend.generate([sample(p) for p in PROMPTS])[1]  # other prompts, other lengths, other padding
+    assert [c.text for c in alone.choices] == [c.text for c in crowd.choices]
+    assert alone.choices[0].text != alone.choices[1].text or alone.choices[0].text == ""  # n draws, not copies
+    others = {c.text for seed in range(1, 6) for c in backend.generate([sample(PROMPTS[1], seed)])[0].choices}
+    assert len(others) > 1  # the seed matters: this is sampling, not greedy decoding
+
+
 def test_beam_search_returns_n_best_beams(llama, tok):
     backend = HFBackend(llama, tokenizer=tok)
     result = backend.generate([greedy("sort the list", num_beams=4, n=2, max_tokens=6, logprobs=0)])[0]

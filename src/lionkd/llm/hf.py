@@ -188,19 +188,21 @@ class HFBackend(Backend):
         beams = max(req.num_beams, req.n) if req.num_beams > 1 else 1
         sampling = not greedy and beams == 1
         rows = 1 if greedy else req.n  # greedy decoding gives n identical copies of one answer
-        inputs = self._pad(prompts)
+        # a sample's rows are rows of the batch (greedy decoding returns one sequence per input row)
+        inputs = self._pad([p for p in prompts for _ in range(rows)] if sampling else prompts)
         config = copy.deepcopy(self.net.generation_config)
+        # Sampling is greedy decoding over Gumbel-perturbed logits (the Gumbel-max trick), with noise drawn
+        # per row from a generator seeded by the request: a sample does not depend on which other
+        # requests share its batch, so a resumed run asks the same questions an uninterrupted one did.
         config.update(
-            max_new_tokens=req.max_tokens, min_new_tokens=0, do_sample=sampling,
-            temperature=req.temperature if sampling else 1.0, top_p=req.top_p if sampling else 1.0,
-            top_k=0 if sampling else None, num_beams=beams, num_return_sequences=rows, early_stopping=beams > 1,
+            max_new_tokens=req.max_tokens, min_new_tokens=0, do_sample=False, temperature=1.0, top_p=1.0,
+            top_k=None, num_beams=beams, num_return_sequences=1 if sampling else rows, early_stopping=beams > 1,
             pad_token_id=self.pad_id, eos_token_id=sorted(self.eos_ids), stop_strings=list(req.stop) or None,
             output_logits=req.logprobs is not None, return_dict_in_generate=True,
         )
+        processors = sampling_processors(req, prompts, rows) if sampling else None
         with self._lock:
-            if req.seed is not None:
-                torch.manual_seed(req.seed)
-            out = self.net.generate(**inputs, generation_config=config,
+            out = self.net.generate(**inputs, generation_config=config, logits_processor=processors,
                                     tokenizer=self.tokenizer if req.stop else None)
         start = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
         generated = out.sequences[:, start:].cpu()
@@ -333,6 +335,43 @@ class HFBackend(Backend):
                 text = tok.decode([self._anchor, token_id])[len(tok.decode([self._anchor])):]
             self._pieces[token_id] = text
         return text
+
+
+class RowSeededGumbel:
+    """Adds Gumbel noise to each row's scores from that row's own generator (see `sampling_processors`)."""
+
+    def __init__(self, seeds: list[int]) -> None:
+        self.generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g, dtype=torch.float64)
+                               for g in self.generators]).clamp_(1e-300, 1.0)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores.float() + gumbel.to(device=scores.device, dtype=torch.float32)
+
+
+def sampling_processors(req: GenRequest, prompts: list[list[int]], rows: int) -> Any:
+    """Temperature, top-p and per-row Gumbel noise: greedy decoding over them samples from the model.
+
+    Row j of prompt p is seeded by (request seed, p, j), so its sample is the same in any batch; a
+    request without a seed gets fresh randomness, as before.
+    """
+    import hashlib
+    import random
+
+    from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    def seed_of(prompt: list[int], j: int) -> int:
+        if req.seed is None:
+            return random.getrandbits(63)
+        key = f"{req.seed}|{j}|{','.join(map(str, prompt))}".encode()
+        return int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+
+    chain = [TemperatureLogitsWarper(req.temperature)]
+    if req.top_p < 1.0:
+        chain.append(TopPLogitsWarper(req.top_p))
+    chain.append(RowSeededGumbel([seed_of(p, j) for p in prompts for j in range(rows)]))
+    return LogitsProcessorList(chain)
 
 
 def _cut_at_characters(raw: list[bytes], text: str) -> list[str] | None:
