@@ -301,3 +301,55 @@ def test_eos_is_learned_when_pad_equals_eos() -> None:
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+
+
+# --------------------------------------------------------------------------- attention relations
+
+
+def test_attention_stacks_include_cross_attention() -> None:
+    from lionkd.kd.trainer import last_self_attentions
+
+    assert set(last_self_attentions(tiny_t5())) == {"encoder", "decoder", "cross"}
+    assert set(last_self_attentions(tiny_llama())) == {"decoder"}
+
+
+def _attention_trainer(tmp_path: Path, **kd: object):
+    from lionkd.config import KDConfig
+    from lionkd.kd.trainer import build_trainer
+
+    data = [TrainExample(prompt="what did the dog do", target="the dog ran")] * 4
+    return build_trainer(tiny_t5(), data, tmp_path, settings=TrainConfig(precision="fp32"), teacher=tiny_t5(seed=5),
+                         objective={"logits": 0.5, "attention": 0.5}, kd=KDConfig(**kd), tokenizer=tiny_tokenizer(),
+                         progress=False)
+
+
+def test_encoder_relations_are_a_mean_per_row_whatever_the_target_length(tmp_path: Path) -> None:
+    trainer = _attention_trainer(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    s = {("encoder", k): torch.randn(2, 5, 32, generator=g) for k in "qkv"}
+    t = {("encoder", k): torch.randn(2, 5, 32, generator=g) for k in "qkv"}
+    source = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+
+    def loss(target_len: int, student: dict) -> float:
+        inputs = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": source,
+                  "decoder_input_ids": torch.zeros(2, target_len, dtype=torch.long),
+                  "decoder_attention_mask": torch.ones(2, target_len, dtype=torch.long),
+                  "token_mask": torch.ones(2, target_len)}
+        return float(trainer._attention_loss(student, t, inputs, step_counts=False))
+
+    assert loss(3, t) == pytest.approx(0.0, abs=1e-6)  # identical states: nothing to learn
+    short, long = loss(3, s), loss(21, s)
+    assert short > 0.05 and short == pytest.approx(long, rel=1e-6)  # 3 or 21 target tokens: the same
+
+
+def test_attention_term_is_scaled_to_its_share(tmp_path: Path) -> None:
+    trainer = _attention_trainer(tmp_path)
+    trainer.state.global_step = 0
+    # a relation KL 20x smaller than the logits KD: 0.5/0.5 must still be half and half
+    assert trainer._attention_scale(torch.tensor(0.1), {"logits": torch.tensor(2.0)}) == pytest.approx(20.0)
+    # fixed within a step, whatever a later micro-batch measures
+    assert trainer._attention_scale(torch.tensor(1.0), {"logits": torch.tensor(1.0)}) == pytest.approx(20.0)
+    trainer.state.global_step = 1  # the finished step's sizes (3.0 vs 1.1) become the running ratio
+    assert trainer._attention_scale(torch.tensor(5.0), {"logits": torch.tensor(1.0)}) == pytest.approx(3.0 / 1.1)
+    raw = _attention_trainer(tmp_path / "raw", attention_scale="raw")
+    assert raw._attention_scale(torch.tensor(0.1), {"logits": torch.tensor(2.0)}) == 1.0

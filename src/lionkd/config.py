@@ -243,6 +243,12 @@ class KDConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     jsd_beta: float = Field(0.5, ge=0, le=1)
     skew_alpha: float = Field(0.1, ge=0, le=1)
+    attention_scale: Literal["balanced", "raw"] = Field(
+        "balanced", description="'attention' objective: balanced rescales it to the running size of the other "
+        "objectives, so that the weights are shares of the loss; raw adds the relation KL as it is")
+    noisy_input_rate: float = Field(
+        0.1, ge=0, lt=1, description="'noisy' objective: share of the student's prompt tokens replaced by random "
+        "tokens (the paper's noisy student input); the teacher sees the clean input")
     final_ce_epochs: float = Field(1.0, ge=0)
     topk_tail: Literal["rest", "renorm"] = Field(
         "rest", description="teacher mass outside a sparse top-k: a 'rest' bucket, or renormalise the top-k"

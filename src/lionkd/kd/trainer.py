@@ -180,16 +180,23 @@ def head_inputs(head: nn.Module | None) -> Iterator[list[torch.Tensor]]:
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("q", "k", "v"))
 
 
+SELF_ATTENTION = ("self_attn", "SelfAttention")
+CROSS_ATTENTION = ("encoder_attn", "EncDecAttention", "crossattention")
+
+
 def last_self_attentions(model: nn.Module) -> dict[str, tuple[nn.Module, nn.Module, nn.Module]]:
-    """The Q, K, V projections of the last self-attention layer of each stack ("encoder", "decoder")."""
+    """The Q, K, V projections of the last attention layer of each stack: "encoder" and "decoder"
+    self-attention, and the decoder's "cross" attention of encoder-decoder models."""
     found: dict[str, tuple[nn.Module, nn.Module, nn.Module]] = {}
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] not in ("self_attn", "SelfAttention"):
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf not in SELF_ATTENTION + CROSS_ATTENTION:
             continue
         for names in QKV_NAMES:
             parts = [getattr(module, n, None) for n in names]
             if all(isinstance(p, nn.Module) for p in parts):
-                stack = "encoder" if "encoder" in name.split(".") else "decoder"
+                stack = ("cross" if leaf in CROSS_ATTENTION else
+                         "encoder" if "encoder" in name.split(".") else "decoder")
                 found[stack] = tuple(parts)  # type: ignore[assignment]  # later layers overwrite
     return found
 
@@ -218,6 +225,7 @@ def capture_qkv(model: nn.Module) -> Iterator[dict[tuple[str, str], torch.Tensor
 
 def relation_heads(config: Any, stack: str) -> tuple[int, int]:
     """(heads for Q, heads for K and V) of the teacher: relation heads follow the teacher."""
+    stack = "decoder" if stack == "cross" else stack
     q = (
         getattr(config, f"{stack}_attention_heads", None)
         or getattr(config, "num_attention_heads", None)
@@ -275,6 +283,8 @@ class KDTrainer(Trainer):
         count = torch.as_tensor(count, device=device)
         self.target_tokens += int(count)
         self.input_tokens += sum(int(b["attention_mask"].sum()) for b in batches)
+        if "attention" in self.objective:
+            self.relation_rows = self._step_rows(batches, device)
         if self.sampler is not None:
             ce = torch.as_tensor(sum(int(b["ce_mask"].ne(0).sum()) for b in batches), device=device)
             if self.accelerator.num_processes > 1:
@@ -289,6 +299,16 @@ class KDTrainer(Trainer):
         """Whether parameters are split over processes (ZeRO-3, FSDP): a weight is whole only inside a forward."""
         plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
         return bool(self.is_fsdp_enabled or (self.is_deepspeed_enabled and plugin is not None and plugin.zero_stage == 3))
+
+    def _step_rows(self, batches: list[dict[str, Any]], device: torch.device) -> dict[str, torch.Tensor]:
+        """Relation rows of the whole step (every micro-batch and process): each relation KL is a mean per
+        row, as MiniLM's, whatever the number of target tokens."""
+        source = torch.as_tensor(sum(int(b["attention_mask"].sum()) for b in batches), device=device)
+        target = torch.as_tensor(sum(int(b["token_mask"].ne(0).sum()) for b in batches), device=device)
+        rows = torch.stack([source, target]).float()
+        if self.accelerator.num_processes > 1:
+            rows = self.accelerator.gather(rows.reshape(1, 2)).sum(0)
+        return {"source": rows[0].clamp_min(1), "target": rows[1].clamp_min(1)}
 
     def _with_student_samples(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         assert self.sampler is not None
@@ -356,14 +376,18 @@ class KDTrainer(Trainer):
                 terms[name] = kd_term(teacher_out, **kd_options, vocab_size=self.vocab_size)
             else:
                 parts[name] = kd_loss(out.logits, teacher_out, mask, n, **kd_options, vocab_size=self.vocab_size)
+        attention = None
         if "attention" in w:
-            parts["attention"] = self._attention_loss(s_states, t_states, inputs, n)
+            attention = self._attention_loss(s_states, t_states, inputs, num_items_in_batch is not None)
         loss = sum(w[k] * v for k, v in parts.items())
         if terms:
             assert student is not None
             total, fused_parts = fused_head_loss(student, mask, n, terms={k: (w[k], t) for k, t in terms.items()})
             loss = loss + total
             parts.update(fused_parts)
+        if attention is not None:
+            loss = loss + w["attention"] * attention * self._attention_scale(attention, parts)
+            parts["attention"] = attention
         self.last_parts = {k: float(v.detach()) for k, v in parts.items()}
         # DDP averages gradients over processes; the token count already spans all of them.
         loss = loss * self.accelerator.num_processes
@@ -413,27 +437,61 @@ class KDTrainer(Trainer):
         s_states: dict[tuple[str, str], torch.Tensor],
         t_states: dict[tuple[str, str], torch.Tensor],
         inputs: dict[str, Any],
-        n: torch.Tensor | int,
+        step_counts: bool,
     ) -> torch.Tensor:
+        """The mean over every relation (stack x Q/K/V) of its KL, each a mean per relation row."""
         assert self.teacher is not None
         total = torch.zeros((), device=inputs["input_ids"].device)
         stacks = sorted({stack for stack, _ in t_states} & {stack for stack, _ in s_states})
         if not stacks:
             raise UserError("attention objective: teacher and student share no self-attention stack")
         encdec = "decoder_input_ids" in inputs
+        source = (inputs["attention_mask"], inputs["attention_mask"], False, "source")
+        target = (inputs["decoder_attention_mask"] if encdec else inputs["attention_mask"], inputs["token_mask"],
+                  True, "target")
+        rows = getattr(self, "relation_rows", None) if step_counts else None
+        count = 0
         for stack in stacks:
             q_heads, kv_heads = relation_heads(self.teacher.config, stack)
-            if stack == "encoder":
-                key_mask, row_mask, causal = inputs["attention_mask"], inputs["attention_mask"], False
-            else:
-                key_mask = inputs["decoder_attention_mask"] if encdec else inputs["attention_mask"]
-                row_mask, causal = inputs["token_mask"], True
             for kind in "qkv":
                 heads = q_heads if kind == "q" else kv_heads
+                # cross-attention: Q lives on the decoder's positions, K and V on the encoder's
+                on_source = stack == "encoder" or (stack == "cross" and kind != "q")
+                key_mask, row_mask, causal, side = source if on_source else target
                 total = total + relation_kl_loss(
-                    s_states[(stack, kind)], t_states[(stack, kind)], heads, key_mask, row_mask, n, causal=causal
-                ) / 3
-        return total
+                    s_states[(stack, kind)], t_states[(stack, kind)], heads, key_mask, row_mask,
+                    rows[side] if rows is not None else None, causal=causal,
+                )
+                count += 1
+        return total / count
+
+    def _attention_scale(self, attention: torch.Tensor, parts: dict[str, torch.Tensor]) -> float:
+        """How much the attention term is multiplied by so that its weight is its share of the loss.
+
+        Relation KLs and token KLs live on different scales (a 0.5/0.5 mix would otherwise be mostly
+        one of them); as the authors normalise each loss's scale, the attention term is rescaled to the
+        running size of the other terms (a mean over earlier steps, fixed within a step so that splitting
+        a step into micro-batches changes nothing after the first step). 1 with `kd.attention_scale: raw`
+        or when attention is the only objective.
+        """
+        others = [k for k in parts if k != "attention"]
+        if self.kd.attention_scale == "raw" or not others:
+            return 1.0
+        weight = sum(self.objective[k] for k in others)
+        reference = sum(self.objective[k] * float(parts[k]) for k in others) / weight
+        value = float(attention.detach())
+        step = self.state.global_step
+        if getattr(self, "_scale_step", None) != step:
+            sums = getattr(self, "_scale_sums", None)
+            if sums is not None and sums[1] > 0:  # the finished step joins the running sizes
+                ema = getattr(self, "_scale_ema", None)
+                self._scale_ema = sums if ema is None else (0.9 * ema[0] + 0.1 * sums[0], 0.9 * ema[1] + 0.1 * sums[1])
+            ema = getattr(self, "_scale_ema", None)
+            self._scale_factor = ema[0] / ema[1] if ema is not None and ema[1] > 0 else (
+                reference / value if value > 0 else 1.0)
+            self._scale_step, self._scale_sums = step, (0.0, 0.0)
+        self._scale_sums = (self._scale_sums[0] + reference, self._scale_sums[1] + value)
+        return self._scale_factor
 
 
 # --------------------------------------------------------------------------- the public entry point
