@@ -353,3 +353,34 @@ def test_attention_term_is_scaled_to_its_share(tmp_path: Path) -> None:
     assert trainer._attention_scale(torch.tensor(5.0), {"logits": torch.tensor(1.0)}) == pytest.approx(3.0 / 1.1)
     raw = _attention_trainer(tmp_path / "raw", attention_scale="raw")
     assert raw._attention_scale(torch.tensor(0.1), {"logits": torch.tensor(2.0)}) == 1.0
+
+
+# --------------------------------------------------------------------------- noisy KD
+
+
+def test_noisy_kd_input_noise_and_teacher_dropout(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    from lionkd.kd.trainer import has_dropout, noisy_input_ids
+
+    llama = tiny_llama()
+    assert not has_dropout(llama)  # Llama-family configs: every dropout is 0
+    llama.config.attention_dropout = 0.1
+    assert has_dropout(llama) and has_dropout(torch.nn.Sequential(torch.nn.Dropout(0.1)))
+    assert not has_dropout(tiny_t5())  # built with dropout_rate 0
+
+    torch.manual_seed(0)
+    ids = torch.randint(4, 64, (8, 50))
+    ids[:, 0] = 1  # a special token (BOS) opens every row
+    where = torch.zeros(8, 50, dtype=torch.bool)
+    where[:, :30] = True  # the prompt; the rest is the target
+    assert torch.equal(noisy_input_ids(ids, where, 0.0, 64, [0, 1, 2, 3]), ids)
+    noised = noisy_input_ids(ids, where, 0.5, 64, [0, 1, 2, 3])
+    changed = noised != ids
+    assert not changed[:, 30:].any() and not changed[:, 0].any()  # targets and special tokens stay
+    assert 0.3 < changed[:, 1:30].float().mean() < 0.55  # about half, less the draws of the same token
+    assert not torch.isin(noised[changed], torch.tensor([0, 1, 2, 3])).any()
+
+    settings = TrainConfig(precision="fp32", max_steps=1, batch_size=4, max_length=32)
+    metrics = train_student(tiny_llama(), examples(4), tmp_path / "noisy", settings=settings, teacher=tiny_llama(seed=2),
+                            objective="noisy", tokenizer=tiny_tokenizer(), template="alpaca", progress=False)
+    assert metrics["noisy_teacher_dropout"] is False
+    assert "the teacher has no dropout" in capfd.readouterr().err

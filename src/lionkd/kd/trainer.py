@@ -4,7 +4,8 @@ Objectives (weighted sum, e.g. {"logits": 0.5, "attention": 0.5}):
 - "ce":        cross-entropy on the target tokens (plain fine-tuning)
 - "logits":    word-level KD against the teacher (eval mode), divergence from `KDConfig`;
                uses cached teacher top-k when every example carries it (no teacher forward)
-- "noisy":     the same with the teacher in train mode (dropout on)
+- "noisy":     the same with the teacher in train mode (dropout on) and the student's prompt tokens
+               noised (`kd.noisy_input_rate`); a teacher without dropout is reported, not hidden
 - "attention": MiniLM self-relation KD of Q, K and V of the last self-attention layer(s)
 
 Every loss is a sum over target tokens divided by the number of target tokens of the whole
@@ -234,6 +235,31 @@ def relation_heads(config: Any, stack: str) -> tuple[int, int]:
     return q, getattr(config, "num_key_value_heads", None) or q
 
 
+# --------------------------------------------------------------------------- noisy KD
+
+DROPOUT_SETTINGS = ("dropout", "attention_dropout", "hidden_dropout", "dropout_rate", "attention_probs_dropout_prob",
+                    "hidden_dropout_prob", "activation_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Does `model` drop anything in train mode? (Llama-family configs set every dropout to 0.)"""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, k, None), float) and getattr(config, k) > 0 for k in DROPOUT_SETTINGS)
+
+
+def noisy_input_ids(input_ids: torch.Tensor, where: torch.Tensor, rate: float, vocab: int,
+                    special_ids: Sequence[int]) -> torch.Tensor:
+    """`input_ids` with each position of `where` replaced, with probability `rate`, by a random ordinary
+    token (the noisy student input of Noisy KD; special tokens such as a chat template's stay)."""
+    special = torch.tensor(sorted(set(special_ids)), dtype=input_ids.dtype, device=input_ids.device)
+    hit = where.bool() & (torch.rand(input_ids.shape, device=input_ids.device) < rate) & ~torch.isin(input_ids, special)
+    random_ids = torch.randint(0, vocab, input_ids.shape, device=input_ids.device)
+    bad = torch.isin(random_ids, special)
+    return torch.where(hit & ~bad, random_ids, input_ids)
+
+
 # --------------------------------------------------------------------------- trainer
 
 
@@ -266,6 +292,14 @@ class KDTrainer(Trainer):
             if self.args.bf16 or self.args.fp16:  # the teacher only infers: no master weights needed
                 teacher.to(torch.bfloat16 if self.args.bf16 else torch.float16)
             teacher.to(self.args.device)
+        # Noisy KD needs a teacher that drops something: without dropout its "noisy" forward is the
+        # clean one, and only the student's input noise (kd.noisy_input_rate) is left of the method.
+        self.noisy_teacher_dropout = has_dropout(teacher) if teacher is not None and "noisy" in self.objective else None
+        if self.noisy_teacher_dropout is False:
+            Console(stderr=True).print(
+                "noisy objective: the teacher has no dropout (all its dropout settings are 0), so its noisy pass "
+                f"equals the clean one; only the student's input noise (kd.noisy_input_rate={self.kd.noisy_input_rate}) "
+                "makes it differ from logits KD", markup=False, highlight=False, soft_wrap=True)
         # Our losses are already divided by the step's token count; transformers releases without
         # `loss_is_scaled_for_ga` read this flag instead before dividing by the accumulation steps.
         self.model_accepts_loss_kwargs = True
@@ -340,7 +374,7 @@ class KDTrainer(Trainer):
             capture_qkv(model) if "attention" in w else contextlib.nullcontext({}) as s_states,
             head_inputs(head) as s_hidden,
         ):
-            out = model(**model_inputs, use_cache=False)
+            out = model(**self._student_inputs(model_inputs, inputs, model), use_cache=False)
         # with a fused head, every logits-based loss becomes a term of one fused pass over the student's head
         student = LinearHead(s_hidden[-1], head.weight, head.bias) if head is not None else None
         terms: dict[str, HeadTerm] = {}
@@ -392,6 +426,20 @@ class KDTrainer(Trainer):
         # DDP averages gradients over processes; the token count already spans all of them.
         loss = loss * self.accelerator.num_processes
         return (loss, out) if return_outputs else loss
+
+    def _student_inputs(self, model_inputs: dict[str, torch.Tensor], inputs: dict[str, Any],
+                        model: nn.Module) -> dict[str, torch.Tensor]:
+        """Noisy KD (paper): the student reads a noised input, the teacher the clean one. Only the input
+        text (the prompt) is noised; the targets stay, since they are what is being scored."""
+        rate = self.kd.noisy_input_rate
+        if "noisy" not in self.objective or rate <= 0 or not model.training:
+            return model_inputs
+        prompt = inputs["attention_mask"].bool()
+        if "decoder_input_ids" not in model_inputs:
+            prompt = prompt & inputs["token_mask"].eq(0)
+        tok = self.processing_class
+        noised = noisy_input_ids(model_inputs["input_ids"], prompt, rate, len(tok), tok.all_special_ids)
+        return {**model_inputs, "input_ids": noised}
 
     def _ce_mask(self, inputs: dict[str, Any], num_items: torch.Tensor | int | None
                  ) -> tuple[torch.Tensor, torch.Tensor | int]:
@@ -758,6 +806,8 @@ def train_student(
         # the loss curve the report draws: the checkpoints holding the Trainer's log are removed below
         "loss_history": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e and "step" in e],
     }
+    if trainer.noisy_teacher_dropout is not None:
+        metrics["noisy_teacher_dropout"] = trainer.noisy_teacher_dropout
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
     if trainer.is_world_process_zero():
