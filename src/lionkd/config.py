@@ -45,6 +45,18 @@ class SandboxOptions(Strict):
     malformed_rate: float = Field(0.0, ge=0, le=1)
 
 
+class VLLMOptions(Strict):
+    """Engine settings of a vLLM backend (`backend: vllm`)."""
+
+    tensor_parallel_size: int = Field(1, ge=1)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    max_model_len: int | None = Field(None, ge=1)
+
+    def engine_args(self) -> dict[str, Any]:
+        args = self.model_dump()
+        return {k: v for k, v in args.items() if v is not None}
+
+
 class EndpointConfig(Strict):
     """A model reached through one backend. A role is an endpoint plus a prompt."""
 
@@ -67,6 +79,7 @@ class EndpointConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = "auto"
     batch_size: int = Field(16, ge=1)
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
     def api_key(self) -> str | None:
@@ -151,6 +164,14 @@ class GenerationConfig(Strict):
     batch_size: int = Field(16, ge=1)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights while generating; auto: fp32 on CPU, bf16 (or fp16) on a GPU")
+    backend: Literal["hf", "vllm", "server"] = Field(
+        "hf", description="how the student answers the Cache Pool: transformers in process, vLLM in process "
+        "(shut down before training), or a server started for the stage with server_command")
+    server_command: str = Field(
+        "{python} -m lionkd serve {model} --name {model} --port {port}",
+        description="backend server: a command serving {model} (the checkpoint folder) under that name at "
+        "{port} over an OpenAI-compatible API, e.g. 'vllm serve {model} --port {port} --tensor-parallel-size 8'")
+    vllm: VLLMOptions = Field(default_factory=VLLMOptions)
 
 
 class StudentConfig(Strict):

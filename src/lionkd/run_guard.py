@@ -41,10 +41,12 @@ _ENDPOINT_ROLES = ("teacher", "referee", "generator")
 # and `api_key_env` say where the model is and which variable holds its key, not which model it is
 # (that is `model`); the demo serves its world on a fresh port every time it runs.
 _ENDPOINT_OPERATIONAL = ("concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout_s",
-                         "base_url", "api_key_env")
+                         "base_url", "api_key_env", "vllm")
 NON_RESULT_KEYS = frozenset({
     "run_dir",  # the run's own address: a rerun reaches the same store only through it
     *(f"{role}.{key}" for role in _ENDPOINT_ROLES for key in _ENDPOINT_OPERATIONAL),
+    # where the student's answers are computed, not what they are
+    "student.generation.server_command", "student.generation.vllm",
     # how a training stage is spread over processes: `batch_size` is global, so the model is the same
     *(f"{train}.{key}" for train in ("student.train", "kd.teacher_train")
       for key in ("logging_steps", "processes", "accelerate_config")),

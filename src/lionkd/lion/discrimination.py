@@ -8,7 +8,8 @@ be read on (after retries) is left out of both sets and counted, never scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,13 +62,34 @@ def student_max_tokens(cfg: RunConfig) -> int:
     return cfg.student.generation.max_new_tokens or cfg.teacher.max_tokens
 
 
-def open_student(cfg: RunConfig, iteration: int) -> Any:
-    """The student trained in `iteration`, as a local backend."""
-    from ..llm.hf import HFBackend
+@contextmanager
+def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
+    """The student trained in `iteration` as a backend (`student.generation.backend`), released on exit.
 
+    Released means its memory is free for the referee's turn and the next training stage: the
+    transformers model is dropped, the vLLM engine shut down, a served model's process stopped.
+    """
     gen = cfg.student.generation
-    return HFBackend(str(student_dir(cfg, iteration).resolve()), template=cfg.student.template,
-                     batch_size=gen.batch_size, dtype=gen.dtype)
+    path = str(student_dir(cfg, iteration).resolve())  # also the model's name: unique per iteration
+    if gen.backend == "server":
+        from ..llm.openai_backend import OpenAIBackend
+        from ..llm.served import ServedModel
+
+        with ServedModel(gen.server_command, path) as served:
+            yield OpenAIBackend(path, base_url=served.base_url, api_key="unused", concurrency=gen.batch_size)
+        return
+    if gen.backend == "vllm":
+        from ..llm.vllm_backend import VLLMBackend
+
+        backend: Any = VLLMBackend(path, template=cfg.student.template, dtype=gen.dtype, **gen.vllm.engine_args())
+    else:
+        from ..llm.hf import HFBackend
+
+        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype)
+    try:
+        yield backend
+    finally:
+        backend.release()
 
 
 async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction], teacher: dict[str, Response],
@@ -101,15 +123,16 @@ def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, promp
         params=request_defaults(cfg.teacher), iteration=iteration, progress=progress,
         label=f"iteration {iteration}: teacher answers the cache pool",
     ), teacher)
-    student = CachedLLM(open_student(cfg, iteration), store, role="student")
     gen = cfg.student.generation
-    student_answers = run_async(collect_answers(
-        student, store, instructions, role="student", messages=lambda ins: student_messages(ins.prompt, cfg.student.system_prompt),
-        params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": student_max_tokens(cfg),
-                "seed": cfg.seed},
-        iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",
-    ), student)
-    del student  # free the model before the referee's turn
+    with open_student(cfg, iteration) as backend:
+        student = CachedLLM(backend, store, role="student")
+        student_answers = run_async(collect_answers(
+            student, store, instructions, role="student",
+            messages=lambda ins: student_messages(ins.prompt, cfg.student.system_prompt),
+            params={"temperature": gen.temperature, "top_p": gen.top_p, "max_tokens": student_max_tokens(cfg),
+                    "seed": cfg.seed},
+            iteration=iteration, progress=progress, label=f"iteration {iteration}: student answers the cache pool",
+        ), student)
     run_async(_judge(referee, store, instructions, teacher_answers, student_answers, prompts=prompts, cfg=cfg,
                      iteration=iteration, progress=progress), referee)
     judgements = store.judgements(iteration)

@@ -130,5 +130,8 @@ class Backend(abc.ABC):
     def generate(self, requests: Sequence[GenRequest]) -> list[GenResult]:
         return asyncio.run(self.agenerate(requests))
 
+    def release(self) -> None:  # noqa: B027 - optional hook
+        """Free the memory a local model holds (before a training stage); the backend is unusable after."""
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections or models."""

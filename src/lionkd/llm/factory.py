@@ -37,7 +37,7 @@ def make_backend(endpoint: EndpointConfig) -> Backend:
     if endpoint.backend == "vllm":
         from .vllm_backend import VLLMBackend
 
-        return VLLMBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype)
+        return VLLMBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, **endpoint.vllm.engine_args())
     if endpoint.backend == "sandbox":
         from ..sandbox.backend import SandboxBackend
 

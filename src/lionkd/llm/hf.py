@@ -139,6 +139,14 @@ class HFBackend(Backend):
         self._bytes: dict[int, bytes] = {}
         self._anchor = (tokenizer.encode("a", add_special_tokens=False) or [0])[-1]
 
+    def release(self) -> None:
+        import gc
+
+        self.net = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device

@@ -34,6 +34,27 @@ class VLLMBackend(Backend):
         self.template = template
         self.chunk_size = chunk_size  # requests per engine call: results are handed back chunk by chunk
 
+    def release(self) -> None:
+        """Shut the engine down so that its GPU memory is free for training."""
+        import gc
+
+        import torch
+
+        self.engine = None
+        try:  # the engine's process group and workers outlive `del` otherwise
+            from vllm.distributed.parallel_state import (
+                destroy_distributed_environment,
+                destroy_model_parallel,
+            )
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except ImportError:
+            pass
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     async def stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
         for start in range(0, len(requests), self.chunk_size):
             chunk = list(requests[start : start + self.chunk_size])
