@@ -96,11 +96,11 @@ def write_jsonl_exports(out_dir: Path, judged: Sequence[dict[str, Any]],
     write_jsonl(out_dir / GENERATED_JSONL, generated)
 
 
-def sample(rows: Sequence[dict[str, Any]], cap: int = CAP_PER_ITERATION) -> tuple[list[dict[str, Any]], dict[int, int]]:
-    """At most `cap` rows per iteration, chosen by id (a content hash: an even, stable sample).
-
-    Returns the rows kept and, per iteration that was cut, how many it had.
+def sample(rows: Sequence[dict[str, Any]], cap: int | None = None) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """At most `cap` (default CAP_PER_ITERATION) rows per iteration, chosen by id (a content hash: an even,
+    stable sample). Returns the rows kept and, per iteration that was cut, how many it had.
     """
+    cap = CAP_PER_ITERATION if cap is None else cap
     by_iteration: dict[int, list[dict[str, Any]]] = {}
     for r in rows:
         by_iteration.setdefault(r["iteration"], []).append(r)

@@ -107,8 +107,9 @@ def headline(run_dir: Path, store: Store, led: Ledger, evaluations: list[tuple[s
 
 def lion_warnings(store: Store, metrics: dict[int, dict[str, Any]], led: Ledger) -> list[str]:
     out = []
-    failures = sum(int(m.get("parse_failures") or 0) for m in metrics.values())
-    excluded = sum(int(m.get("excluded") or 0) for m in metrics.values())
+    verdicts = [j for it in store.pool_iterations() for j in store.judgements(it).values()]
+    failures = sum(j.parse_failures for j in verdicts)
+    excluded = sum(not j.ok for j in verdicts)
     if failures or excluded:
         out.append(f"{failures} unreadable referee replies (retried); {excluded} instructions left out of the "
                    "hard/easy split because no readable verdict came back")
