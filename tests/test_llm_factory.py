@@ -56,3 +56,20 @@ def test_model_paths():
         assert "python -m lionkd.sandbox.student" in str(exc)
     else:
         assert path.endswith("base-student")
+
+
+def test_roles_on_one_local_model_share_one_copy_that_training_releases(tmp_path):
+    from lionkd.llm.factory import RoleModels
+
+    path = str(tiny_model_dir(tmp_path / "m"))
+    local = EndpointConfig(backend="hf", model=path, api_key_env=None)
+    roles = RoleModels({"teacher": local, "referee": local.model_copy(update={"temperature": 0.2}),
+                        "generator": EndpointConfig(model="gpt-x", base_url="http://127.0.0.1:9/v1")}, None)
+    assert set(roles._roles) == {"generator"}  # remote endpoints open at once, local models on first use
+    teacher, referee = roles["teacher"], roles["referee"]
+    assert teacher.backend is referee.backend and teacher.role == "teacher" and referee.role == "referee"
+    net = teacher.backend.net
+    roles.release_local()
+    assert teacher.backend.net is None  # the copy is gone before training
+    again = roles["teacher"]
+    assert again.backend is not teacher.backend and again.backend.net is not net and again.backend.net is not None

@@ -29,6 +29,7 @@ from rich.table import Table
 
 from ..config import EndpointConfig, RunConfig
 from ..errors import UserError
+from ..llm.factory import RoleModels
 from ..progress import progress_bars
 from ..records import Instruction
 from ..run_guard import bind_config, hold_run
@@ -131,19 +132,18 @@ def load_seed_pool(cfg: RunConfig) -> list[Instruction]:
     return seeds
 
 
-def open_roles(cfg: RunConfig, store: Store) -> dict[str, Any]:
-    from ..llm.factory import open_llm
-
-    return {role: open_llm(getattr(cfg, role), store, role) for role in ROLES}
+def open_roles(cfg: RunConfig, store: Store) -> RoleModels:
+    return RoleModels({role: getattr(cfg, role) for role in ROLES}, store)
 
 
-def imitation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+def imitation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: LionPrompts, k: int,
                     progress: bool) -> None:
     if store.stage_done(k, "imitation") and student_dir(cfg, k).is_dir():
         return
     with progress_bars(progress) as p:
         instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
     if answers:
+        llms.release_local()  # the GPU is the training stage's now: local role models load again when used
         info = train(cfg, store, instructions, answers, k, show_progress=progress)
     else:  # nothing new survived the filters: the student stays as it was
         shutil.copytree(student_init(cfg, k), student_dir(cfg, k), dirs_exist_ok=True)
@@ -153,7 +153,7 @@ def imitation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts:
     store.finish_stage(k, "imitation", info)
 
 
-def discrimination_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+def discrimination_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: LionPrompts, k: int,
                          progress: bool) -> tuple[Split, dict[str, Any]]:
     if store.stage_done(k, "discrimination"):
         judgements = store.judgements(k)
@@ -166,7 +166,7 @@ def discrimination_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], pro
     return split, judgements
 
 
-def generation_stage(cfg: RunConfig, store: Store, llms: dict[str, Any], prompts: LionPrompts, k: int,
+def generation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: LionPrompts, k: int,
                      split: Split, judgements: dict[str, Any], progress: bool) -> None:
     if store.stage_done(k, "generation"):
         return
