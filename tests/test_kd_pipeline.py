@@ -31,7 +31,9 @@ from lionkd.config import load_config
 from lionkd.errors import UserError
 from lionkd.eval.report import build_report
 from lionkd.kd.pipeline import distill
+from lionkd.kd.trainer import run_name
 from lionkd.store import Store
+from report_checks import check_report, parse
 
 WORDS = ["cat", "dog", "bird", "fish", "red", "blue", "green", "big", "small", "one", "two", "three", "runs", "sits",
          "eats", "sleeps", "park", "house", "tree", "car"]
@@ -143,7 +145,13 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_distill_end_to_end(tmp_path: Path, teachers: dict[str, Path], case: str) -> None:
     family, kd = CASES[case]
-    cfg = load_config(write_config(tmp_path, teachers[family], **kd))
+    path = write_config(tmp_path, teachers[family], **kd)
+    tracked = case == "llama-sample"
+    if tracked:  # training logs also go to TensorBoard, named for iteration and stage
+        data = yaml.safe_load(path.read_text())
+        data["student"]["train"]["report_to"] = ["tensorboard"]
+        path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
     summary = distill(cfg, progress=False)
     run = cfg.run_dir
 
@@ -205,6 +213,8 @@ def test_distill_end_to_end(tmp_path: Path, teachers: dict[str, Path], case: str
     assert saved["kd"]["pt_method"] == kd["pt_method"]
     html, _ = build_report(run)
     assert "Pseudo-targets" in html.read_text() and "rouge_mean" in html.read_text()
+    if tracked:
+        check_distill_outputs(run, html, tmp_path, k)
 
     # a rerun finds every stage done and does nothing again
     again = distill(load_config(tmp_path / "distill.yaml"), progress=False)
@@ -212,6 +222,32 @@ def test_distill_end_to_end(tmp_path: Path, teachers: dict[str, Path], case: str
     assert again.student_metrics == summary.student_metrics
     with Store.open_existing(run) as store:
         assert len(store.pseudo_targets()) == 20 * k
+
+
+def check_distill_outputs(run: Path, html: Path, tmp_path: Path, k: int) -> None:
+    """The report, `lionkd status` and `lionkd export` of a distill run, and its TensorBoard logs."""
+    page = parse(html)
+    assert page.h2[:4] == ["Headline", "Pseudo-targets", "Training", "Student vs teacher"], page.h2
+    text = html.read_text()
+    assert str(run / "student") in text and "of it)" in text  # the student's metrics as a share of the teacher's
+    check_report(html, tmp_path / "profile", {"training-loss", "versus"}, hard_set=False)
+    curve = json.loads((run / "student-kd" / "train_metrics.json").read_text())["loss_history"]
+    assert len(curve) == json.loads((run / "student-kd" / "train_metrics.json").read_text())["steps"]
+    for stage in ("student-kd", "student"):
+        assert list((run / stage / "tensorboard").glob("events.out.tfevents.*")), stage
+    assert run_name(run / "student-kd") == "run/iteration-0/kd_train"
+
+    status = run_cli("status", str(run))
+    assert status.returncode == 0, status.stderr
+    assert "Distill run" in status.stdout and "kd_train" in status.stdout and "instructions" not in status.stdout
+    out = tmp_path / "pts.jsonl"
+    export = run_cli("export", str(run), "--out", str(out), "--format", "chat")
+    assert export.returncode == 0, export.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == 20 * k and f"wrote {20 * k} records" in export.stdout
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][-1]["role"] == "assistant" for r in records)
+    wrong = run_cli("export", str(run), "--out", str(tmp_path / "x.jsonl"), "--role", "student")
+    assert wrong.returncode == 2 and "pseudo-targets" in wrong.stderr and "Traceback" not in wrong.stderr
 
 
 def test_sampled_pts_differ_per_input(tmp_path: Path, teachers: dict[str, Path]) -> None:

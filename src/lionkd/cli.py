@@ -113,9 +113,13 @@ def usage_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> Table:
 @app.command()
 def status(run_dir: Path) -> None:
     """Show what each stage of each iteration has done: counts, dynamics, tokens and cost."""
+    from .eval.distill_run import is_distill_run
     from .store import Store
 
     with Store.open_existing(run_dir) as store:
+        if is_distill_run(store):
+            distill_status(run_dir, store)
+            return
         stages, metrics = store.stages(), store.metrics()
         iterations = sorted({*store.pool_iterations(), *(s["iteration"] for s in stages), *metrics})
         table = Table(title=f"Run {run_dir}: {store.count_instructions()} instructions")
@@ -126,6 +130,32 @@ def status(run_dir: Path) -> None:
             table.add_row(str(it), str(len(store.pool(it, "train"))), str(len(store.pool(it, "cache"))), done)
         console.print(table)
         console.print(dynamics_table(metrics, iterations))
+        console.print(usage_table(store.usage(), _run_prices(run_dir)))
+
+
+def distill_status(run_dir: Path, store: Any) -> None:
+    """A distill run: its stages in order with what each recorded, its pseudo-targets, metrics and calls."""
+    from .eval.distill_run import pt_statistics, stage_rows
+
+    table = Table(title=f"Distill run {run_dir}: {len(store.pseudo_targets())} pseudo-targets")
+    for col in ("stage", "state", "recorded"):
+        table.add_column(col)
+    for row in stage_rows(store):
+        table.add_row(*row)
+    console.print(table)
+    pts = pt_statistics(store)
+    if pts:
+        kinds = Table(title="Pseudo-targets")
+        for col in ("method", "teacher", "count", "inputs", "per input", "mean words", "cut off"):
+            kinds.add_column(col, justify="left" if col in ("method", "teacher") else "right")
+        for p in pts:
+            kinds.add_row(p["method"], p["teacher"], str(p["pseudo_targets"]), str(p["inputs"]), str(p["per_input"]),
+                          f"{p['mean_words']:.1f}", _fmt(p["cut_off"]))
+        console.print(kinds)
+    metrics = store.metrics()
+    if metrics:
+        console.print(dynamics_table(metrics, sorted(metrics)))
+    if store.usage():
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
 
 
@@ -160,6 +190,7 @@ def export(
 ) -> None:
     """Export a run's instructions with their answers (Alpaca JSON/JSONL, chat JSONL, or a HF dataset)."""
     from .data import alpaca_record, chat_record, to_hf_dataset, write_json, write_jsonl
+    from .eval.distill_run import export_records, is_distill_run
     from .run_guard import check_export_target
     from .store import Store
 
@@ -167,14 +198,23 @@ def export(
         raise UserError(f"--format: unknown format '{fmt}' (alpaca, chat or hf)")
     check_export_target(run_dir, out)
     with Store.open_existing(run_dir) as store:
+        if is_distill_run(store):
+            if role != "teacher":
+                raise UserError(f"--role: a distill run holds the teacher's pseudo-targets only; use --role teacher "
+                                f"(the student's predictions are in {run_dir / 'predictions-student.jsonl'})")
+            records = export_records(run_dir, store, chat=fmt == "chat")
+            instructions = None
+        else:
+            instructions = store.instructions()
         roles = store.response_roles()
-        if role not in roles:
-            raise UserError(f"--role: no answers by '{role}' in {run_dir} "
-                            f"(roles with answers: {', '.join(roles) or 'none yet'})")
-        answers = store.latest_responses(role)
-        instructions = store.instructions()
-    make = chat_record if fmt == "chat" else alpaca_record
-    records = [make(ins, answers.get(ins.id)) for ins in instructions]
+        if instructions is not None:
+            if role not in roles:
+                raise UserError(f"--role: no answers by '{role}' in {run_dir} "
+                                f"(roles with answers: {', '.join(roles) or 'none yet'})")
+            answers = store.latest_responses(role)
+    if instructions is not None:
+        make = chat_record if fmt == "chat" else alpaca_record
+        records = [make(ins, answers.get(ins.id)) for ins in instructions]
     if fmt == "hf":
         to_hf_dataset(records).save_to_disk(str(out))
     elif out.suffix == ".json":

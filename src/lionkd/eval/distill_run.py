@@ -93,9 +93,12 @@ def pt_statistics(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def export_records(run_dir: Path, store: Store) -> list[tuple[list[dict[str, str]], str, dict[str, Any]]]:
-    """(input messages, pseudo-target text, provenance) for every stored pseudo-target whose input the
-    run's data files still hold; errors name the config key or file."""
+def export_records(run_dir: Path, store: Store, chat: bool = False) -> list[dict[str, Any]]:
+    """One training record per stored pseudo-target: its input (read again from the run's data files) as the
+    instruction or user turn, the pseudo-target as the output or assistant turn, and its provenance.
+
+    Errors (no pseudo-targets, data files changed or gone) are one line naming the file or key.
+    """
     from ..config import load_config
     from ..kd.pipeline import load_task_data
 
@@ -113,8 +116,11 @@ def export_records(run_dir: Path, store: Store) -> list[tuple[list[dict[str, str
     for p in sorted(pts, key=lambda p: (p.input_id, p.method, p.index)):
         x = inputs[p.input_id]
         messages = x.messages or [{"role": "user", "content": x.source_text()}]
-        out.append((messages, p.text, {"input_id": p.input_id, "k": p.index, "method": p.method,
-                                       "teacher": p.teacher}))
+        where = {"input_id": p.input_id, "k": p.index, "method": p.method, "teacher": p.teacher}
+        if chat:
+            out.append({"messages": [*messages, {"role": "assistant", "content": p.text}], **where})
+        else:
+            out.append({"instruction": x.source_text(), "input": "", "output": p.text, **where})
     return out
 
 
