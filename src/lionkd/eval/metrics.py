@@ -17,9 +17,11 @@ import torch
 
 from ..errors import UserError
 from ..kd.data import Collator, PromptTemplate, TrainExample, encode_example, is_encoder_decoder
+from ..kd.trainer import head_inputs, plain_linear_head
 
 TASK_METRICS = ("bleu", "rouge", "exact_match")
 ALL_METRICS = (*TASK_METRICS, "perplexity", "bertscore")
+SCORE_CHUNK = 1024  # target positions projected onto the vocabulary at once in `perplexity`
 
 
 def _check_lengths(predictions: Sequence[Any], references: Sequence[Any]) -> None:
@@ -104,6 +106,7 @@ def target_perplexity(
     start = getattr(model.config, "decoder_start_token_id", None)
     collate = Collator(pad, encoder_decoder=encoder_decoder, decoder_start_token_id=start, features_key=False)
     device = next(model.parameters()).device
+    head = plain_linear_head(model)  # its input is captured and projected at the target positions only
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0.0
@@ -114,13 +117,18 @@ def target_perplexity(
             if encoder_decoder:
                 inputs["decoder_input_ids"] = batch["decoder_input_ids"].to(device)
                 inputs["decoder_attention_mask"] = batch["decoder_attention_mask"].to(device)
-            logits = model(**inputs).logits.float()
-            log_probs = torch.log_softmax(logits, dim=-1)
-            targets = batch["target_ids"].to(device)
-            mask = (batch["target_mask"].to(device) > 0).float()
-            nll = -log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            total_nll += float((nll * mask).sum())
-            total_tokens += float(mask.sum())
+            chosen = batch["target_mask"].to(device) > 0
+            targets = batch["target_ids"].to(device)[chosen]
+            with torch.no_grad(), head_inputs(head) as hidden:
+                out = model(**inputs)
+            # Only target positions are scored, a chunk at a time: fp32 logits of a whole batch over a
+            # 150K vocabulary would take tens of GB.
+            rows = hidden[-1][chosen] if head is not None else out.logits[chosen]
+            for c in range(0, len(rows), SCORE_CHUNK):
+                logits = head(rows[c : c + SCORE_CHUNK]) if head is not None else rows[c : c + SCORE_CHUNK]
+                total_nll += float(torch.nn.functional.cross_entropy(
+                    logits.float(), targets[c : c + SCORE_CHUNK], reduction="sum"))
+            total_tokens += float(chosen.sum())
     finally:
         model.train(was_training)
     return math.exp(total_nll / total_tokens) if total_tokens else float("nan")
