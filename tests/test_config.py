@@ -86,3 +86,15 @@ def test_presets_are_valid_configs(tmp_path, preset):
 def test_unknown_preset_is_a_user_error():
     result = run_cli("init", "--preset", "nope")
     assert result.returncode == 2 and "unknown preset" in result.stderr
+
+
+def test_report_to_takes_known_trackers_that_are_installed(tmp_path):
+    import importlib.util
+
+    cfg = load_config(write(tmp_path, "student:\n  train:\n    report_to: [tensorboard]\n"))
+    assert cfg.student.train.report_to == ["tensorboard"]
+    with pytest.raises(UserError, match=r"student\.train\.report_to\.0"):
+        load_config(write(tmp_path, "student:\n  train:\n    report_to: [tensorbored]\n"))
+    if importlib.util.find_spec("wandb") is None:  # optional: then the key says how to get it
+        with pytest.raises(UserError, match=r"student\.train\.report_to.*pip install wandb"):
+            load_config(write(tmp_path, "student:\n  train:\n    report_to: [wandb]\n"))

@@ -26,7 +26,13 @@ class Training:
 
     @property
     def curve(self) -> list[tuple[float, float]]:
-        return [(float(step), float(loss)) for step, loss in self.metrics.get("loss_history") or []]
+        """(step, loss) per logged step; a training shorter than logging_steps logged none, and shows its
+        mean loss at its last step instead."""
+        logged = [(float(step), float(loss)) for step, loss in self.metrics.get("loss_history") or []]
+        steps, mean = self.metrics.get("steps"), self.metrics.get("loss")
+        if not logged and "loss_history" in self.metrics and steps and isinstance(mean, (int, float)):
+            return [(float(steps), float(mean))]
+        return logged
 
 
 def _read(folder: Path) -> dict[str, Any] | None:
