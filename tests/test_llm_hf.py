@@ -164,3 +164,17 @@ def test_the_event_loop_stays_responsive(llama, tok):
 
     ticks, elapsed = asyncio.run(main())
     assert ticks >= 3 and ticks >= elapsed / 0.01 / 4  # the loop kept ticking while the model worked
+
+
+def test_batches_respect_a_token_budget(llama, tok):
+    backend = HFBackend(llama, tokenizer=tok, batch_size=16, batch_tokens=60)
+    requests = [greedy(p, max_tokens=10) for p in PROMPTS * 3]
+    prompts = [backend.encode(r) for r in requests]
+    batches = backend._plan(requests, prompts)
+    assert sorted(i for b in batches for i in b) == list(range(len(requests)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(len(prompts[i]) + 10 for i in batch) <= 60
+    assert len(batches) > 1 and max(map(len, batches)) > 1
+    unbounded = HFBackend(llama, tokenizer=tok, batch_size=16)
+    assert len(unbounded._plan(requests, prompts)) == 1
+    assert [r.text for r in backend.generate(requests)] == [r.text for r in unbounded.generate(requests)]

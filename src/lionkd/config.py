@@ -77,8 +77,9 @@ class EndpointConfig(Strict):
     price: Price | None = None
     # local backends (hf, vllm)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = "auto"
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | map (spread over the visible GPUs)")
     batch_size: int = Field(16, ge=1)
+    batch_tokens: int | None = Field(None, ge=1, description="hf: also cap a batch at this many padded tokens")
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
@@ -162,6 +163,8 @@ class GenerationConfig(Strict):
         None, ge=1, description="null: the teacher's max_tokens, so that the student is not judged on answers "
         "cut shorter than the teacher's")
     batch_size: int = Field(16, ge=1)
+    batch_tokens: int | None = Field(None, ge=1, description="hf: also cap a batch at this many padded tokens")
+    device: str = Field("auto", description="hf: auto | cpu | cuda | cuda:N | map (spread over the visible GPUs)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights while generating; auto: fp32 on CPU, bf16 (or fp16) on a GPU")
     backend: Literal["hf", "vllm", "server"] = Field(

@@ -85,7 +85,8 @@ def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
     else:
         from ..llm.hf import HFBackend
 
-        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype)
+        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype,
+                            device=gen.device, batch_tokens=gen.batch_tokens)
     try:
         yield backend
     finally:

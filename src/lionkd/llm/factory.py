@@ -33,7 +33,7 @@ def make_backend(endpoint: EndpointConfig) -> Backend:
         from .hf import HFBackend
 
         return HFBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, device=endpoint.device,
-                         batch_size=endpoint.batch_size)
+                         batch_size=endpoint.batch_size, batch_tokens=endpoint.batch_tokens)
     if endpoint.backend == "vllm":
         from .vllm_backend import VLLMBackend
 
@@ -83,7 +83,7 @@ class RoleModels:
     def __getitem__(self, role: str) -> CachedLLM:
         if role not in self._roles:
             endpoint = self.endpoints[role]
-            key = endpoint.model_dump_json(include={"backend", "model", "dtype", "device", "batch_size", "vllm"})
+            key = endpoint.model_dump_json(include={"backend", "model", "dtype", "device", "batch_size", "batch_tokens", "vllm"})
             if key not in self._local:
                 self._local[key] = open_llm(endpoint, self.store, role).backend
             self._roles[role] = CachedLLM(self._local[key], self.store, role=role)

@@ -84,11 +84,12 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[An
     """(model, tokenizer) from a local directory or hub id, seq2seq when the config says so."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    where = pick_device(device)
+    spread = device == "map"  # over every visible GPU (then CPU): a model larger than one device
+    where = pick_device("auto" if spread else device)
     try:
         config = AutoConfig.from_pretrained(path)
         cls = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=pick_dtype(dtype, where))
+        model = cls.from_pretrained(path, dtype=pick_dtype(dtype, where), **({"device_map": "auto"} if spread else {}))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
         from .models import known_names
@@ -96,7 +97,7 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[An
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{path}: cannot load a model from here ({first[:200]}); a model is a folder, a .gguf "
                         f"file, a hub id or one of: {known_names()}") from None
-    return model.to(where), tokenizer
+    return (model if spread else model.to(where)), tokenizer
 
 
 class HFBackend(Backend):
@@ -111,6 +112,7 @@ class HFBackend(Backend):
         dtype: str = "auto",
         device: str = "auto",
         batch_size: int = 16,
+        batch_tokens: int | None = None,
     ) -> None:
         if isinstance(model_path_or_model, (str, Path)):
             name = str(model_path_or_model)
@@ -121,7 +123,7 @@ class HFBackend(Backend):
             if tokenizer is None:
                 raise ValueError("HFBackend: pass the tokenizer along with an already-loaded model")
             name = str(getattr(model.config, "name_or_path", "") or type(model).__name__)
-            if device != "auto":
+            if device not in ("auto", "map"):
                 model = model.to(pick_device(device))
             if dtype != "auto":
                 model = model.to(DTYPES[dtype])
@@ -130,6 +132,7 @@ class HFBackend(Backend):
         self.tokenizer = tokenizer
         self.template = template
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self.eos_ids = _eos_ids(model, tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -177,15 +180,25 @@ class HFBackend(Backend):
         return ids
 
     def _plan(self, requests: Sequence[GenRequest], prompts: list[list[int]]) -> list[list[int]]:
-        """Batches of request indices: same settings, similar lengths, at most ~batch_size rows each."""
+        """Batches of request indices: same settings, similar lengths, at most batch_size rows each and, with
+        `batch_tokens`, at most that many padded tokens (rows x (longest prompt + max_tokens))."""
         by_settings: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             by_settings[(r.temperature, r.top_p, r.max_tokens, r.n, r.stop, r.seed, r.logprobs, r.num_beams)].append(i)
         batches = []
-        for (*_, n, _stop, _seed, _lp, beams), indices in by_settings.items():
-            size = max(1, self.batch_size // max(1, beams, n if beams > 1 else 1))
+        for (temperature, _top_p, max_tokens, n, _stop, _seed, _lp, beams), indices in by_settings.items():
+            per_request = beams if beams > 1 else (n if temperature > 0 else 1)  # rows one request takes
+            size = max(1, self.batch_size // per_request)
             indices.sort(key=lambda i: len(prompts[i]))
-            batches += [indices[s : s + size] for s in range(0, len(indices), size)]
+            batch: list[int] = []
+            for i in indices:  # ascending length: i is the longest of its batch so far
+                tokens = (len(batch) + 1) * per_request * (len(prompts[i]) + max_tokens)
+                if batch and (len(batch) >= size or (self.batch_tokens and tokens > self.batch_tokens)):
+                    batches.append(batch)
+                    batch = []
+                batch.append(i)
+            if batch:
+                batches.append(batch)
         return batches
 
     # ------------------------------------------------------------------ one batch (worker thread)
