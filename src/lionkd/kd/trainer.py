@@ -689,6 +689,9 @@ def build_trainer(
         sampler=sampler,
     )
     trainer.save_dtype = stored
+    if lora is not None and trainer.params_sharded:  # the adapters could not be merged into a sharded model
+        raise UserError("student.lora: LoRA under ZeRO-3 or FSDP is not supported; use DDP "
+                        "(examples/accelerate/ddp.yaml) or ZeRO-2, or full fine-tuning")
     if isinstance(dataset, EpochDataset):
         trainer.add_callback(EpochSwitch(dataset))
     for callback in trainer.callback_handler.callbacks:  # its default folder is under checkpoints/, deleted at the end
@@ -790,7 +793,7 @@ def train_student(
     elapsed = time.perf_counter() - start
 
     final = trainer.accelerator.unwrap_model(trainer.model)
-    if lora is not None:
+    if lora is not None and not trainer.params_sharded:
         final = final.merge_and_unload()
     processes = trainer.accelerator.num_processes
     metrics: dict[str, Any] = {
@@ -810,8 +813,11 @@ def train_student(
         metrics["noisy_teacher_dropout"] = trainer.noisy_teacher_dropout
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
+    if trainer.params_sharded:  # every process takes part: the shards are gathered into one checkpoint
+        trainer.save_model(str(out_dir))
     if trainer.is_world_process_zero():
-        final.to(trainer.save_dtype).save_pretrained(out_dir)
+        if not trainer.params_sharded:
+            final.to(trainer.save_dtype).save_pretrained(out_dir)
         trainer.processing_class.save_pretrained(out_dir)
         done.write_text(json.dumps(metrics, indent=2))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
