@@ -187,7 +187,7 @@ def _write_rows(path, rows):
 
 def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypatch):
     import lionkd.kd.trainer as trainer_module
-    from lionkd.kd.pipeline import distill
+    from lionkd.distill.pipeline import distill
 
     teacher_tok, student_tok = tiny_tokenizer(), wordpiece_tokenizer()
     backend = Counting(HFBackend(word_teacher(teacher_tok), tokenizer=teacher_tok))

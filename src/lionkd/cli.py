@@ -266,7 +266,7 @@ def distill(
 ) -> None:
     """Run (or resume) task-specific KD: teacher PTs, KD training, final fine-tuning, evaluation."""
     from .config import load_config
-    from .kd.pipeline import distill as run_distill
+    from .distill.pipeline import distill as run_distill
 
     cfg = load_config(config)
     _on_interrupt(cfg.run_dir, f"run `lionkd distill {config}` again to resume")

@@ -33,12 +33,12 @@ from typing import Any
 from ..config import DataConfig, RunConfig, TrainConfig
 from ..data import load_table, write_jsonl
 from ..errors import UserError
+from ..kd.data import TrainExample, prompt_ids
+from ..kd.joint_teaching import JointTeaching
+from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
 from ..records import PseudoTarget, content_id
 from ..store import Store
-from .data import TrainExample, prompt_ids
-from .joint_teaching import JointTeaching
-from .pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 
 ITERATION = 0  # a distill run has one iteration in the store
 EVAL_METRICS = ("bleu", "rouge", "exact_match")
@@ -155,7 +155,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def check_config(cfg: RunConfig) -> None:
     """Mistakes found before any work, each a one-line error naming its key."""
-    from .trainer import resolve_objective
+    from ..kd.trainer import resolve_objective
 
     if cfg.teacher.backend not in ("hf", "openai"):
         raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf) or an "
@@ -164,7 +164,7 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError("kd.labeled.path: lionkd distill needs labeled data (a file or dataset name)")
     resolve_objective(cfg.kd.objective, has_teacher=True)
     if api_teacher(cfg):
-        from .blackbox import check_api_teacher
+        from ..kd.blackbox import check_api_teacher
 
         check_api_teacher(cfg)
     else:
@@ -242,7 +242,7 @@ class Stages:
 
 
 def finetune_teacher(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from .trainer import train_student
+    from ..kd.trainer import train_student
 
     settings = cfg.kd.teacher_train or cfg.student.train
     metrics = train_student(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
@@ -259,7 +259,7 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
     out = cfg.run_dir / "student-init"
     shutil.rmtree(out, ignore_errors=True)  # left by an interrupted try of this stage
     if kd.student_init == "pruned":
-        from .prune import prune_layers
+        from ..kd.prune import prune_layers
 
         info = prune_layers(teacher_path(cfg), out, kd.prune_keep, encoder_keep=kd.prune_encoder_keep)
         return {"init": "pruned", "path": str(out), "kept": info["kept"], "encoder_kept": info["encoder_kept"]}
@@ -279,8 +279,8 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
 
 def check_vocabularies(cfg: RunConfig) -> None:
     """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
-    from .blackbox import cross_tokenizer_allowed
-    from .trainer import check_same_vocab, load_tokenizer
+    from ..kd.blackbox import cross_tokenizer_allowed
+    from ..kd.trainer import check_same_vocab, load_tokenizer
 
     if set(cfg.kd.objective) <= {"ce"} or api_teacher(cfg) or cross_tokenizer_allowed(cfg):
         return  # other vocabularies then teach through aligned sparse targets
@@ -358,7 +358,7 @@ def pt_records(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample]) -> 
 def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample],
                      labeled: Sequence[TrainExample], progress: bool) -> dict[str, Any]:
     """K PTs with top-k log-probabilities per input from an API teacher, through the run's call cache."""
-    from .blackbox import api_pseudo_targets_stage
+    from ..kd.blackbox import api_pseudo_targets_stage
 
     with progress_bars(progress) as bars:
         task = bars.add_task(f"pseudo-targets (API, K={cfg.kd.pt_count})", total=len(inputs))
@@ -367,7 +367,7 @@ def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample
 
 
 def _same_vocabulary(cfg: RunConfig) -> bool:
-    from .trainer import load_tokenizer
+    from ..kd.trainer import load_tokenizer
 
     return load_tokenizer(student_init_path(cfg)).get_vocab() == load_tokenizer(teacher_path(cfg)).get_vocab()
 
@@ -386,7 +386,7 @@ def with_teacher_topk(cfg: RunConfig, schedule: list[list[TrainExample]]) -> lis
 
 
 def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> dict[str, Any]:
-    from .trainer import train_student
+    from ..kd.trainer import train_student
 
     kd = cfg.kd
     records = pt_records(cfg, store, data.pt_inputs())
@@ -396,13 +396,13 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
     schedule = pt_schedule(data.labeled, records)
     objective, alignment = kd.objective, None
     if api_teacher(cfg):
-        from .blackbox import api_schedule
+        from ..kd.blackbox import api_schedule
 
         pts = [p for ps in _matching(store, cfg).values() for p in ps]
         schedule, objective, alignment = api_schedule(cfg, data.labeled, pts, data.pt_inputs(), schedule,
                                                       student_init_path(cfg))
     elif "logits" in kd.objective and not _same_vocabulary(cfg):
-        from .blackbox import cross_tokenizer_schedule
+        from ..kd.blackbox import cross_tokenizer_schedule
 
         schedule, alignment = cross_tokenizer_schedule(cfg, schedule, teacher_path(cfg), student_init_path(cfg))
     elif kd.teacher_topk > 0 and "logits" in kd.objective:
@@ -429,7 +429,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
 
 
 def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from .trainer import train_student
+    from ..kd.trainer import train_student
 
     settings: TrainConfig = cfg.student.train.model_copy(update={"epochs": cfg.kd.final_ce_epochs, "max_steps": -1})
     metrics = train_student(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,
@@ -445,9 +445,9 @@ def evaluate_model(cfg: RunConfig, path: str, examples: Sequence[TrainExample], 
                    device: str = "auto", bars: Any = None, label: str = "eval") -> tuple[dict[str, Any], list[str]]:
     """Beam-search answers to `examples` and their task metrics and target perplexity."""
     from ..eval.metrics import target_perplexity, text_metrics
+    from ..kd.data import is_encoder_decoder
+    from ..kd.generation import generate_token_ids
     from ..llm.hf import load_model
-    from .data import is_encoder_decoder
-    from .generation import generate_token_ids
 
     kd = cfg.kd
     model, tokenizer = load_model(path, dtype, device)

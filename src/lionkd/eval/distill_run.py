@@ -100,7 +100,7 @@ def export_records(run_dir: Path, store: Store, chat: bool = False) -> list[dict
     Errors (no pseudo-targets, data files changed or gone) are one line naming the file or key.
     """
     from ..config import load_config
-    from ..kd.pipeline import load_task_data
+    from ..distill.pipeline import load_task_data
 
     pts = store.pseudo_targets()
     if not pts:
