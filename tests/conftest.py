@@ -20,3 +20,16 @@ def run_cli(*args: str, env: dict | None = None, cwd=None, timeout: float = 300)
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def sandbox_run_config(path, run_dir, *, train: dict, generation: dict, seeds: int, new: int):
+    """A one-iteration Lion run config on the in-process sandbox world with the shipped base student."""
+    import yaml
+
+    world = {role: {"backend": "sandbox", "model": role, "api_key_env": None}
+             for role in ("teacher", "referee", "generator")}
+    cfg = {"run_dir": str(run_dir), "seed": 0, **world,
+           "student": {"model": "sandbox:base-student", "train": train, "generation": generation},
+           "lion": {"seed_pool_size": seeds, "iterations": 1, "new_per_iteration": new}}
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -11,10 +11,9 @@ import sys
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import load_file
 
-from conftest import run_cli
+from conftest import run_cli, sandbox_run_config
 from lionkd.config import TrainConfig
 from lionkd.kd.data import TrainExample
 from lionkd.kd.trainer import build_trainer, train_student
@@ -93,19 +92,10 @@ def test_pseudo_targets_rotate_on_every_rank(tmp_path):
 
 
 def lion_config(path: Path, run_dir: Path, processes: int) -> Path:
-    cfg = {
-        "run_dir": str(run_dir), "seed": 0,
-        "teacher": {"backend": "sandbox", "model": "teacher", "api_key_env": None},
-        "referee": {"backend": "sandbox", "model": "referee", "api_key_env": None},
-        "generator": {"backend": "sandbox", "model": "generator", "api_key_env": None},
-        "student": {"model": "sandbox:base-student",
-                    "train": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant",
-                              "warmup_ratio": 0.0, "max_length": 64, "precision": "fp32", "processes": processes},
-                    "generation": {"temperature": 0, "max_new_tokens": 16, "batch_size": 64}},
-        "lion": {"seed_pool_size": 48, "iterations": 1, "new_per_iteration": 16},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    train = {"epochs": 1, "batch_size": 16, "learning_rate": 1e-3, "lr_scheduler": "constant", "warmup_ratio": 0.0,
+             "max_length": 64, "precision": "fp32", "processes": processes}
+    return sandbox_run_config(path, run_dir, train=train, seeds=48, new=16,
+                              generation={"temperature": 0, "max_new_tokens": 16, "batch_size": 64})
 
 
 def test_a_lion_run_with_two_training_processes_matches_one(tmp_path):

@@ -6,27 +6,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from conftest import run_cli
+from conftest import run_cli, sandbox_run_config
 from lionkd.errors import UserError
 from lionkd.llm.served import ServedModel
 from lionkd.store import Store
 
 
 def config(path: Path, run_dir: Path, generation: dict) -> Path:
-    cfg = {
-        "run_dir": str(run_dir), "seed": 0,
-        "teacher": {"backend": "sandbox", "model": "teacher", "api_key_env": None},
-        "referee": {"backend": "sandbox", "model": "referee", "api_key_env": None},
-        "generator": {"backend": "sandbox", "model": "generator", "api_key_env": None},
-        "student": {"model": "sandbox:base-student",
-                    "train": {"epochs": 1, "batch_size": 16, "learning_rate": 1e-4, "max_length": 64},
-                    "generation": {"temperature": 0, "max_new_tokens": 16, "batch_size": 32, **generation}},
-        "lion": {"seed_pool_size": 40, "iterations": 1, "new_per_iteration": 10},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return sandbox_run_config(path, run_dir, seeds=40, new=10,
+                              train={"epochs": 1, "batch_size": 16, "learning_rate": 1e-4, "max_length": 64},
+                              generation={"temperature": 0, "max_new_tokens": 16, "batch_size": 32, **generation})
 
 
 def student_answers(run_dir: Path) -> dict[str, str]:
