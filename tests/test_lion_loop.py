@@ -148,6 +148,26 @@ def test_two_iterations_over_http(tmp_path: Path, student_dir: Path, world_serve
     assert again.metrics == metrics
 
 
+def test_uniform_selection_is_self_instruct(tmp_path: Path, student_dir: Path,
+                                            world_server: tuple[str, list]) -> None:
+    """`lion.selection: uniform`: no student answers and no referee; seeds come from the whole Cache Pool."""
+    base_url, log = world_server
+    cfg = load_config(write_config(tmp_path, base_url, student_dir, iterations=2))
+    cfg = cfg.model_copy(update={"lion": cfg.lion.model_copy(update={"selection": "uniform"})})
+    run_lion(cfg, progress=False, report=False)
+    assert not [m for m, _, _ in log if m == "referee"]
+    with Store.open_existing(tmp_path / "run") as store:
+        for k in (1, 2):
+            cache, new = store.pool(k, "cache"), store.pool(k + 1, "train")
+            assert 0 < len(new) <= NEW and store.pool(k + 1, "cache") == cache + new
+            assert not store.judgements(k) and not store.responses("student", k)
+            assert all(ins.parent_id in cache for ins in store.instructions(new))
+        metrics = store.metrics()
+        assert "usage_referee" not in metrics[1] and metrics[1]["usage_generator"]["calls"] > 0
+        assert "hard_ratio" not in metrics[1]
+    assert (tmp_path / "run" / "students" / "iter-3" / "config.json").is_file()
+
+
 def _progress(store_path: Path) -> int:
     """How many records the run has written (read from outside, while it runs)."""
     if not store_path.is_file():

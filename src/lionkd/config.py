@@ -213,6 +213,10 @@ class LionConfig(Strict):
     rouge_l_max: float = Field(0.7, gt=0, le=1)
     novelty_tokenizer: Literal["rouge", "unicode"] = "rouge"
     seed_weighting: Literal["uniform", "learnable"] = "uniform"
+    selection: Literal["referee", "uniform"] = Field(
+        "referee", description="how generation seeds are chosen: referee (Lion: teacher and student answer the "
+        "Cache Pool, the referee splits it into hard and easy) or uniform (self-instruct, as Alpaca: no "
+        "discrimination, seeds drawn uniformly from the whole Cache Pool for both generator prompts)")
     referee_retries: int = Field(2, ge=0)
     referee_order: Literal["explanation_first", "scores_first"] = Field(
         "explanation_first", description="what the referee writes first: its explanation (the paper's order), "

@@ -83,7 +83,11 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
             imitation_stage(cfg, store, llms, prompts, k, progress)
             if k == last:
                 break
-            split, judgements = discrimination_stage(cfg, store, llms, prompts, k, progress)
+            if cfg.lion.selection == "uniform":  # self-instruct: no referee, every Cache Pool item is a seed
+                cache = store.pool(k, "cache")
+                split, judgements = Split(hard=list(cache), easy=list(cache), excluded=[]), {}
+            else:
+                split, judgements = discrimination_stage(cfg, store, llms, prompts, k, progress)
             generation_stage(cfg, store, llms, prompts, k, split, judgements, progress)
             console.print(iteration_line(k, store.metrics().get(k, {})))
         store.put_metrics(last, usage_metrics(cfg, store, last))
@@ -321,9 +325,10 @@ def plan_run(cfg: RunConfig) -> list[PlanRow]:
     for k in range(1, K + 2):
         cache = s + (k - 1) * n
         calls = {"teacher": s if k == 1 else n}
+        if k <= K and cfg.lion.selection == "referee":
+            calls |= {"student": cache, "referee": 2 * cache * (1 + cfg.lion.referee_retries)}
         if k <= K:
-            calls |= {"student": cache, "referee": 2 * cache * (1 + cfg.lion.referee_retries),
-                      "generator": n * cfg.lion.generation_rounds}
+            calls |= {"generator": n * cfg.lion.generation_rounds}
         for role, count in calls.items():
             prompt, completion = per_call[role][0] * count, per_call[role][1] * count
             endpoint = getattr(cfg, role) if role in ROLES else None
