@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__
-from .errors import UserError
+from .errors import BudgetExceeded, UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Distil large language models into small ones.")
 config_app = typer.Typer(no_args_is_help=True, help="Work with run configuration files.")
@@ -239,11 +239,14 @@ def run(
 ) -> None:
     """Run (or resume) the Lion loop of a config: imitation, discrimination, generation per iteration."""
     from .config import load_config
-    from .lion.loop import plan_run, plan_table, run_lion
+    from .lion.loop import budget_lines, plan_run, plan_table, run_lion
 
     cfg = load_config(config)
     if dry_run:
-        console.print(plan_table(plan_run(cfg)))
+        rows = plan_run(cfg)
+        console.print(plan_table(rows))
+        for line in budget_lines(cfg, rows):
+            console.print(line, markup=False, highlight=False)
         return
     _on_interrupt(cfg.run_dir, f"run `lionkd run {config}` again to resume")
     summary = run_lion(cfg, progress=progress, report=report, allow_config_change=allow_config_change)
@@ -469,6 +472,12 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         _interrupted()
+    except BudgetExceeded as exc:
+        if _debug:
+            raise
+        err_console.print(f"stopped: {exc}; finished calls are stored: raise the budget and run the same command "
+                          "again to go on (nothing is sent twice)", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(3)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (typer.Abort, EOFError):

@@ -37,6 +37,16 @@ class Price(Strict):
         return (prompt_tokens * self.input + completion_tokens * self.output) / 1e6
 
 
+class BudgetConfig(Strict):
+    """The most a run, or one role, may spend on model calls (null: no limit). A call that could pass a
+    limit is never started: the run stops with exit code 3, and a rerun with a larger budget goes on."""
+
+    max_calls: int | None = Field(
+        None, ge=0, description="calls sent to teacher, referee and generator: one per answer (a request for n "
+        "samples counts n), a call that failed counts too")
+    max_cost: float | None = Field(None, ge=0, allow_inf_nan=False, description="US dollars, at the roles' prices")
+
+
 class SandboxOptions(Strict):
     """Knobs of the offline task world when it plays a role (`backend: sandbox`)."""
 
@@ -75,6 +85,7 @@ class EndpointConfig(Strict):
     max_retries: int = Field(6, ge=0)
     timeout_s: float = Field(120.0, gt=0)
     price: Price | None = None
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="this role's own limits, within the run's")
     # local backends (hf, vllm)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | map (spread over the visible GPUs)")
@@ -307,6 +318,7 @@ class KDConfig(Strict):
 class RunConfig(Strict):
     run_dir: Path = Path("runs/lion")
     seed: int = 0
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="limits of the whole run, all roles together")
     teacher: EndpointConfig = _endpoint(temperature=0.7, max_tokens=1024)
     referee: EndpointConfig = _endpoint(temperature=0.2, max_tokens=512)
     generator: EndpointConfig = _endpoint(temperature=1.0, top_p=1.0, max_tokens=256)

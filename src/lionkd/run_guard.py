@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from .budget import Budget
 from .config import RunConfig, masked_dump
 from .errors import UserError
 from .store import STORE_NAME, Store
@@ -40,10 +41,12 @@ _ENDPOINT_ROLES = ("teacher", "referee", "generator")
 # How fast and how patiently a model is reached, and where: none of it changes an answer. `base_url`
 # and `api_key_env` say where the model is and which variable holds its key, not which model it is
 # (that is `model`); the demo serves its world on a fresh port every time it runs.
+# A budget says how far a run may go, not what it finds: a rerun with a larger one continues the run.
 _ENDPOINT_OPERATIONAL = ("concurrency", "requests_per_minute", "tokens_per_minute", "max_retries", "timeout_s",
-                         "base_url", "api_key_env", "vllm")
+                         "base_url", "api_key_env", "vllm", "budget")
 NON_RESULT_KEYS = frozenset({
     "run_dir",  # the run's own address: a rerun reaches the same store only through it
+    "budget",
     *(f"{role}.{key}" for role in _ENDPOINT_ROLES for key in _ENDPOINT_OPERATIONAL),
     # where the student's answers are computed, not what they are
     "student.generation.server_command", "student.generation.vllm",
@@ -218,8 +221,16 @@ def _started_with(store: Store, run_dir: Path) -> dict[str, Any] | None:
 def bind_config(store: Store, cfg: RunConfig, *, allow_change: bool = False) -> list[ConfigChange]:
     """Bind the run to its config at the start; on a rerun, refuse (or, if allowed, record) result changes.
 
-    Returns the changes applied now. Call with the run's lock held.
+    Returns the changes applied now. Call with the run's lock held. The budget is the one setting taken
+    from this invocation's config whatever the run started with: every call made through `store` from
+    now on keeps to it.
     """
+    changes = _bind(store, cfg, allow_change)
+    store.budget = Budget.for_run(cfg, store)
+    return changes
+
+
+def _bind(store: Store, cfg: RunConfig, allow_change: bool) -> list[ConfigChange]:
     run_dir = Path(cfg.run_dir)
     current = masked_dump(cfg)
     started = _started_with(store, run_dir)

@@ -83,6 +83,9 @@ class Store:
         self._lock = threading.RLock()
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         self._db.row_factory = sqlite3.Row
+        # The run's spending limits (a `lionkd.budget.Budget`), set when a command binds the run to its
+        # config; every call cache opened on this store keeps to it.
+        self.budget: Any = None
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")

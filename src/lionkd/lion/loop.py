@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..config import EndpointConfig, RunConfig
-from ..errors import UserError
+from ..errors import BudgetExceeded, UserError
 from ..llm.factory import RoleModels
 from ..progress import progress_bars
 from ..records import Instruction
@@ -79,17 +79,21 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
                               already_finished=True)
         setup(cfg, store)
         llms = open_roles(cfg, store)
-        for k in range(1, last + 1):
-            imitation_stage(cfg, store, llms, prompts, k, progress)
-            if k == last:
-                break
-            if cfg.lion.selection == "uniform":  # self-instruct: no referee, every Cache Pool item is a seed
-                cache = store.pool(k, "cache")
-                split, judgements = Split(hard=list(cache), easy=list(cache), excluded=[]), {}
-            else:
-                split, judgements = discrimination_stage(cfg, store, llms, prompts, k, progress)
-            generation_stage(cfg, store, llms, prompts, k, split, judgements, progress)
-            console.print(iteration_line(k, store.metrics().get(k, {})))
+        try:
+            for k in range(1, last + 1):
+                imitation_stage(cfg, store, llms, prompts, k, progress)
+                if k == last:
+                    break
+                if cfg.lion.selection == "uniform":  # self-instruct: no referee, every Cache Pool item is a seed
+                    cache = store.pool(k, "cache")
+                    split, judgements = Split(hard=list(cache), easy=list(cache), excluded=[]), {}
+                else:
+                    split, judgements = discrimination_stage(cfg, store, llms, prompts, k, progress)
+                generation_stage(cfg, store, llms, prompts, k, split, judgements, progress)
+                console.print(iteration_line(k, store.metrics().get(k, {})))
+        except BudgetExceeded as exc:
+            raise BudgetExceeded(f"{exc}; {rest_of_run(cfg, store)}", role=exc.role, calls_left=exc.calls_left,
+                                 cost_left=exc.cost_left) from None
         store.put_metrics(last, usage_metrics(cfg, store, last))
         summary = RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
     if report:
@@ -335,6 +339,40 @@ def plan_run(cfg: RunConfig) -> list[PlanRow]:
             rows.append(PlanRow(k, role, count, prompt, completion,
                                 _cost(endpoint, prompt, completion) if endpoint else None))
     return rows
+
+
+STAGE_OF_ROLE = {"teacher": "imitation", "student": "discrimination", "referee": "discrimination",
+                 "generator": "generation"}
+
+
+def rest_of_run(cfg: RunConfig, store: Store) -> str:
+    """What the stages not yet finished may still spend, by the --dry-run bound (budgeted roles only)."""
+    rows = [r for r in plan_run(cfg) if r.role in ROLES and not store.stage_done(r.iteration, STAGE_OF_ROLE[r.role])]
+    costs = [r.cost for r in rows if r.cost is not None]
+    cost = f", ${sum(costs):.4f}" if costs else ""
+    return f"the unfinished stages may need up to {sum(r.calls for r in rows):,} calls{cost} (the --dry-run bound)"
+
+
+def budget_lines(cfg: RunConfig, rows: list[PlanRow]) -> list[str]:
+    """The dry run's estimate against each limit of the budget: within it, or where the run would stop."""
+    out = []
+    limits = [("budget", cfg.budget, [r for r in rows if r.role in ROLES])]
+    limits += [(f"{role}.budget", getattr(cfg, role).budget, [r for r in rows if r.role == role]) for role in ROLES]
+    for name, limit, mine in limits:
+        calls = sum(r.calls for r in mine)
+        costs = [r.cost for r in mine if r.cost is not None]
+        checks = []
+        if limit.max_calls is not None:
+            checks.append((f"max_calls {limit.max_calls:,}", f"{calls:,} calls", calls > limit.max_calls))
+        if limit.max_cost is not None:
+            cost = sum(costs) if costs else None
+            checks.append((f"max_cost ${limit.max_cost:g}", f"${cost:.2f}" if cost is not None else "an unknown cost "
+                           "(no price)", cost is None or cost > limit.max_cost))
+        for what, need, over in checks:
+            verdict = ("the run may stop there (exit code 3; a rerun with a larger budget goes on)" if over
+                       else "within it")
+            out.append(f"{name} {what}: the estimate is up to {need}; {verdict}")
+    return out
 
 
 def plan_table(rows: list[PlanRow]) -> Table:

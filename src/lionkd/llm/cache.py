@@ -81,7 +81,7 @@ class CachedLLM:
             for i in g.indices:
                 yield i, _assemble(g.samples, requests[i].n, cached=True)
         asked = [dataclasses.replace(g.request, n=len(g.missing)) for g in to_send]
-        async for j, result in self._backend_stream(asked):
+        async for j, result in self._budgeted_stream(asked):
             g = to_send[j]
             if result.ok:
                 self._keep(g, asked[j], result, iteration)
@@ -135,6 +135,36 @@ class CachedLLM:
                 completion_tokens=completion, role=self.role, iteration=iteration,
             )
             g.samples[k] = sample
+
+    async def _budgeted_stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
+        """Send `requests` within the run's budget (see `lionkd.budget`): as many as fit at their worst
+        case go out together; when they are through, their actual cost frees room for the next ones; when
+        not one more fits and nothing is in flight, BudgetExceeded stops the stage (what came back is stored)."""
+        budget = getattr(self.store, "budget", None)
+        if budget is None or not budget.applies(self.role):
+            async for item in self._backend_stream(requests):
+                yield item
+            return
+        role: str = self.role  # type: ignore[assignment]
+        pending = list(range(len(requests)))
+        while pending:
+            admitted = budget.admit(role, [requests[j] for j in pending])
+            while not admitted and budget.in_flight():  # other calls of this run may leave room when they end
+                await asyncio.sleep(0.05)
+                admitted = budget.admit(role, [requests[j] for j in pending])
+            if not admitted:
+                raise budget.exceeded(role, [requests[j] for j in pending])
+            batch, pending = pending[:len(admitted)], pending[len(admitted):]
+            open_ = dict(enumerate(admitted))
+            try:
+                async for b, result in self._backend_stream([requests[j] for j in batch]):
+                    spent = (budget.actual(role, len(result.choices), result.prompt_tokens, result.completion_tokens)
+                             if result.ok else budget.actual(role, 1, 0, 0))
+                    budget.settle(role, open_.pop(b), spent)
+                    yield batch[b], result
+            finally:
+                for reserved in open_.values():  # stopped early (an error, Ctrl-C): nothing came back for these
+                    budget.settle(role, reserved, None)
 
     async def _backend_stream(self, requests: Sequence[GenRequest]) -> AsyncIterator[tuple[int, GenResult]]:
         if not requests:
