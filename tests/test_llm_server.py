@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 
@@ -182,3 +184,119 @@ def test_serve_a_model_folder_without_a_tokenizer_is_one_line(tmp_path):
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and str(tmp_path / "bare") in lines[0], result.stderr
+
+
+# --------------------------------------------------------------------------- limits, errors, live streams
+
+
+def test_a_prompt_that_does_not_fit_the_context_is_a_400_naming_the_limit(server, student):
+    limit = student.max_positions  # 256 positions in the tiny model
+    fits = GenRequest(prompt="the quick brown", temperature=0, max_tokens=8)
+    assert client(server).generate([fits])[0].ok
+    prompt = len(student.encode(fits))
+    url = f"{server.base_url}/completions"
+    over = httpx.post(url, json={"model": "student", "prompt": "the quick brown", "max_tokens": limit - prompt + 1})
+    assert over.status_code == 400
+    error = over.json()["error"]
+    assert error["code"] == "context_length_exceeded" and error["type"] == "invalid_request_error"
+    assert f"maximum context length is {limit} tokens" in error["message"]
+    assert f"{limit + 1} tokens ({prompt} in the prompt" in error["message"]
+    long = httpx.post(f"{server.base_url}/chat/completions", json={
+        "model": "student", "messages": [{"role": "user", "content": "word " * 2000}], "max_tokens": 1})
+    assert long.status_code == 400 and f"at least {limit} in the prompt" in long.json()["error"]["message"]
+    streamed = httpx.post(url, json={"model": "student", "prompt": "x " * 2000, "stream": True})
+    assert streamed.status_code == 400  # refused before the stream starts
+    refused = client(server).generate([GenRequest(prompt="word " * 2000, max_tokens=4)])[0]
+    assert not refused.ok and "maximum context length" in refused.error  # lionkd's client says why
+
+
+def test_unknown_routes_methods_and_roles_use_the_openai_error_body(server):
+    url = server.base_url
+    for response, status in ((httpx.get(f"{url}/nowhere"), 404), (httpx.get(f"{url}/chat/completions"), 405),
+                             (httpx.delete(f"{url}/models"), 405)):
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    bogus = httpx.post(f"{url}/chat/completions", json={
+        "model": "student", "messages": [{"role": "wizard", "content": "hi"}], "max_tokens": 2})
+    assert bogus.status_code == 400 and "unknown role 'wizard'" in bogus.json()["error"]["message"]
+    developer = httpx.post(f"{url}/chat/completions", json={
+        "model": "student", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+        "max_tokens": 2, "temperature": 0})
+    assert developer.status_code == 200
+
+
+class Live(Backend):
+    """A model whose second piece waits until the client has received the first one."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        super().__init__("live")
+        self.first_received = threading.Event()
+
+    async def stream(self, requests):  # pragma: no cover - only the live path is used
+        raise AssertionError("the live stream was not used")
+        yield
+
+    async def stream_text(self, request):
+        yield "first "
+        received = await asyncio.to_thread(self.first_received.wait, 30)
+        yield "second" if received else "sent-late"
+        yield GenResult([Choice("first second", "stop")], prompt_tokens=3, completion_tokens=2)
+
+
+def test_a_stream_sends_each_piece_as_it_is_generated():
+    live = Live()
+    with ServerThread(create_app({"live": live})) as srv:
+        body = {"model": "live", "messages": [{"role": "user", "content": "go"}], "stream": True,
+                "stream_options": {"include_usage": True}}
+        pieces, finish, usage = [], None, None
+        with httpx.stream("POST", f"{srv.base_url}/chat/completions", json=body, timeout=60) as resp:
+            for line in resp.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[len("data: "):])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                for choice in chunk["choices"]:
+                    if choice["delta"].get("content"):
+                        pieces.append(choice["delta"]["content"])
+                        live.first_received.set()  # only now may the model go on
+                    finish = choice["finish_reason"] or finish
+    assert pieces == ["first ", "second"] and finish == "stop" and usage["completion_tokens"] == 2
+
+
+def test_a_served_model_folder_streams_what_it_would_have_answered(tmp_path):
+    from lionkd.llm.hf_streaming import StreamingHFBackend
+
+    backend = StreamingHFBackend(str(tiny_model_dir(tmp_path / "m")), batch_size=4)
+    sdk_kw = {"model": "m", "messages": MESSAGES, "max_tokens": 12}
+    with ServerThread(create_app({"m": backend})) as srv:
+        sdk = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
+        for params in ({"temperature": 0}, {"temperature": 1.0, "seed": 7}, {"temperature": 1.0, "seed": 7, "stop": ["e"]}):
+            whole = sdk.chat.completions.create(**sdk_kw, **params)
+            chunks = list(sdk.chat.completions.create(**sdk_kw, **params, stream=True,
+                                                      stream_options={"include_usage": True}))
+            pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+            assert "".join(pieces) == whole.choices[0].message.content, params
+            assert len(pieces) > 1 or len(whole.choices[0].message.content) < 4  # pieces, not one block
+            assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+            assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+            if "stop" in params:
+                assert "e" not in "".join(pieces)
+        legacy = list(sdk.completions.create(model="m", prompt="the quick", temperature=0, max_tokens=6, stream=True))
+        whole_legacy = sdk.completions.create(model="m", prompt="the quick", temperature=0, max_tokens=6)
+        assert "".join(c.choices[0].text for c in legacy) == whole_legacy.choices[0].text
+
+
+def test_serve_on_a_port_in_use_is_one_line_and_exit_2():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "lionkd", "serve", "--sandbox", "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert f"127.0.0.1:{port} is already in use" in lines[0] and "serving" not in result.stdout

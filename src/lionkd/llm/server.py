@@ -3,17 +3,22 @@
 Routes: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with `n`, `stop`,
 `seed`, logprobs in OpenAI's formats (chat: `logprobs.content[]`; completions: the legacy lists),
 `usage`, and server-sent events when `stream` is true. Errors use OpenAI's error body: 400 for a bad
-body, 401 for a missing or wrong bearer key, 404 for an unknown model.
+body (an unknown message role; a prompt that with `max_tokens` does not fit the model's context, as
+vLLM answers it, never cut to fit), 401 for a missing or wrong bearer key, 404 for an unknown model or
+route, 405 for a wrong method.
 
 Requests that arrive within a few milliseconds of each other are handed to the backend as one batch
 (`MicroBatcher`), one batch at a time per model: a local model then runs batched generation for
-concurrent clients instead of one request after another. A streamed reply is generated first and then
-sent in token-sized pieces.
+concurrent clients instead of one request after another. A streamed plain request (one sample, no
+beams or logprobs) to a model folder is sent as it is generated (`StreamingHFBackend`); any other
+streamed reply is generated first and then sent in token-sized pieces.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import errno
 import hmac
 import json
 import os
@@ -29,7 +34,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
@@ -80,11 +86,23 @@ class _Body(BaseModel):
         return bool((self.stream_options or {}).get("include_usage"))
 
 
+ROLES = ("system", "user", "assistant")  # what the chat templates render; "developer" is OpenAI's new "system"
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role == "developer":
+            return "system"
+        if role not in ROLES:
+            raise ValueError(f"unknown role '{role}' (this server reads {', '.join(ROLES)} and developer)")
+        return role
 
     def text(self) -> str:
         if isinstance(self.content, list):  # content parts: keep the text ones
@@ -252,6 +270,13 @@ def create_app(
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # an unknown route or a wrong method: OpenAI's error body, like every other error here
+        what = {404: f"unknown route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return APIError(exc.status_code, what.get(exc.status_code, str(exc.detail)), code=code).response()
+
     @app.middleware("http")
     async def _check_key(request: Request, call_next: Any) -> Any:
         if api_key is not None:
@@ -267,6 +292,8 @@ def create_app(
         return batchers[model]
 
     async def run(model: str, requests: list[GenRequest]) -> list[GenResult]:
+        for req in requests:
+            check_context(models.get(model), req)
         try:
             results = await batcher(model).submit(requests)
         except APIError:
@@ -284,11 +311,24 @@ def create_app(
             {"id": name, "object": "model", "created": 0, "owned_by": "lionkd"} for name in models
         ]}
 
+    def live(model: str, req: GenRequest) -> Any:
+        """The backend's live text stream for `req`, or None (then a reply is generated, then streamed)."""
+        batcher(model)  # 404 for an unknown model
+        stream_text = getattr(models[model], "stream_text", None)
+        if stream_text is None or not (req.n == 1 and req.num_beams == 1 and req.logprobs is None):
+            return None
+        check_context(models[model], req)
+        return stream_text(req)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body: ChatBody = await _parse(request, ChatBody)
-        (result,) = await run(body.model, [body.request()])
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        pieces = live(body.model, body.request()) if body.stream else None
+        if pieces is not None:
+            return StreamingResponse(_live_chat_events(head, pieces, body.include_usage),
+                                     media_type="text/event-stream")
+        (result,) = await run(body.model, [body.request()])
         if body.stream:
             return StreamingResponse(_chat_events(head, result, body.include_usage), media_type="text/event-stream")
         return head | {
@@ -305,8 +345,13 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body: CompletionBody = await _parse(request, CompletionBody)
-        results = await run(body.model, body.requests())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        requests = body.requests()
+        pieces = live(body.model, requests[0]) if body.stream and len(requests) == 1 else None
+        if pieces is not None:
+            return StreamingResponse(_live_completion_events(head, pieces, body.include_usage),
+                                     media_type="text/event-stream")
+        results = await run(body.model, requests)
         choices = [c for r in results for c in r.choices]
         if body.stream:
             return StreamingResponse(_completion_events(head, choices, results, body.include_usage),
@@ -322,6 +367,54 @@ def create_app(
         }
 
     return app
+
+
+def check_context(backend: Backend | None, req: GenRequest) -> None:
+    """A 400 naming the limit when the prompt plus `max_tokens` does not fit the model's context (as vLLM
+    answers); the backend would otherwise cut the prompt to fit and answer another question."""
+    limit = getattr(backend, "max_positions", None)
+    encode = getattr(backend, "encode", None)
+    if not limit or encode is None:
+        return
+    # with max_tokens 0 the backend cuts nothing shorter than its whole context: a prompt that long is too long
+    prompt = len(encode(dataclasses.replace(req, max_tokens=0)))
+    if prompt + req.max_tokens > limit:
+        given = f"{prompt}" if prompt < limit else f"at least {prompt}"
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{'at least ' if prompt >= limit else ''}{prompt + req.max_tokens} tokens ({given} in "
+                            f"the prompt, {req.max_tokens} in the completion). Please reduce the length of the "
+                            "prompt or max_tokens.", code="context_length_exceeded")
+
+
+async def _live_chat_events(head: dict[str, Any], pieces: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse(head | {"object": "chat.completion.chunk", "choices": choices} | extra)
+
+    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+    async for piece in pieces:
+        if isinstance(piece, GenResult):
+            yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": piece.choices[0].finish_reason}])
+            if include_usage:
+                yield chunk([], usage=_usage([piece]))
+        else:
+            yield chunk([{"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}])
+    yield _sse("[DONE]")
+
+
+async def _live_completion_events(
+    head: dict[str, Any], pieces: AsyncIterator[Any], include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(items: list[dict[str, Any]], **extra: Any) -> str:
+        return _sse(head | {"object": "text_completion", "choices": items} | extra)
+
+    async for piece in pieces:
+        if isinstance(piece, GenResult):
+            yield chunk([{"index": 0, "text": "", "finish_reason": piece.choices[0].finish_reason, "logprobs": None}])
+            if include_usage:
+                yield chunk([], usage=_usage([piece]))
+        else:
+            yield chunk([{"index": 0, "text": piece, "finish_reason": None, "logprobs": None}])
+    yield _sse("[DONE]")
 
 
 async def _chat_events(head: dict[str, Any], result: GenResult, include_usage: bool) -> AsyncIterator[str]:
@@ -417,9 +510,33 @@ def serve(
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env: the environment variable ${api_key_env} is not set")
+    sock = listen(host, port)
+    port = sock.getsockname()[1]
     auth = "bearer key required" if api_key else "no key required"
     print(f"serving {', '.join(models)} at http://{host}:{port}/v1 ({auth}); Ctrl-C stops", flush=True)
-    uvicorn.run(create_app(models, api_key), host=host, port=port, log_level="warning")
+    config = uvicorn.Config(create_app(models, api_key), log_level="warning")
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything says "serving": a port in use is one line, not a uvicorn error."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as exc:
+        raise UserError(f"--host: cannot resolve '{host}' ({exc.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a just-closed port is free
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"--port: {host}:{port} is already in use; stop what listens there or choose "
+                            "another --port") from None
+        raise UserError(f"--host/--port: cannot listen on {host}:{port} ({exc.strerror})") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
 
 
 def build_models(
@@ -438,13 +555,13 @@ def build_models(
 
         models.update({m: SandboxBackend(m) for m in MODELS})
     if model_dir is not None:
-        from .hf import HFBackend
+        from .hf_streaming import StreamingHFBackend
         from .models import resolve_model_path, served_name
 
         path = resolve_model_path(model_dir)
         if path.startswith(("/", ".", "~")) and not Path(path).is_dir():
             raise UserError(f"MODEL_DIR: no such directory: {path}")
         served = name or served_name(model_dir, path)
-        models[served] = HFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
+        models[served] = StreamingHFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
                                    batch_size=batch_size)
     return models
