@@ -210,7 +210,6 @@ def test_a_budget_of_n_calls_sends_at_most_n_exits_3_and_a_rerun_sends_nothing_t
     stopped = run_cli("run", str(config), "--no-progress", "--no-report")
     assert stopped.returncode == 3, stopped.stderr
     line = one_line(stopped.stderr)
-    print(line)
     assert line.startswith("stopped: budget reached: spent ") and f"of max_calls {limit}" in line
     assert "the unfinished stages may need up to" in line and "run the same command again" in line
     assert sum(entry[3] for entry in log) <= limit  # requests (and their samples) sent
@@ -219,6 +218,9 @@ def test_a_budget_of_n_calls_sends_at_most_n_exits_3_and_a_rerun_sends_nothing_t
     more = write_config(tmp_path, base_url, budget={"max_calls": 10 * len(one_run)})
     done = run_cli("run", str(more), "--no-progress", "--no-report")  # the budget may change on a rerun
     assert done.returncode == 0, done.stderr
+    # the rerun says where it picks up, and says it finished although it writes no report
+    assert "resuming iteration 1, discrimination: 40 of 40 answers stored, " in done.stderr, done.stderr
+    assert "finished: final student in " in done.stdout
     assert not set(first) & set(log[len(first):]), "a call was sent again"
     assert sorted(log, key=repr) == sorted(one_run, key=repr)  # together: exactly one run's requests
 

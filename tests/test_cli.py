@@ -46,3 +46,34 @@ def test_status_of_missing_run_is_user_error(tmp_path):
 def test_usage_error_exits_2():
     result = run_cli("status", "a", "b")
     assert result.returncode == 2 and "unexpected extra argument" in result.stderr
+
+
+def test_status_tables_are_readable_at_80_columns(tmp_path):
+    """Nine iterations, long model names, big numbers: nothing wider than the terminal, nothing cut off."""
+    run = tmp_path / "run"
+    student = str(tmp_path / "runs" / "lion" / "students" / "iter-9")
+    with Store.open_run(run) as store:
+        items = [Instruction(f"Task {i}.") for i in range(3)]
+        store.add_instructions(items)
+        for k in range(1, 10):
+            store.set_pool(k, "train", [i.id for i in items])
+            store.set_pool(k, "cache", [i.id for i in items])
+            store.finish_stage(k, "imitation")
+            store.finish_stage(k, "discrimination")
+            store.finish_stage(k, "generation")
+            store.put_metrics(k, {"hard_with_truncated_student": 123456, "student_truncated_ratio": 0.123456})
+            for role, model in (("teacher", "gpt-4o-mini-2024-07-18"), ("generator", "gpt-4o-mini-2024-07-18"),
+                                ("student", student)):
+                store.put_call(f"{k}{role}", backend="openai", model=model, request={}, result={},
+                               prompt_tokens=12_345_678, completion_tokens=9_876_543, role=role, iteration=k)
+            store.put_failure(f"f{k}", backend="openai", model="referee-model", error="x", role="referee", iteration=k)
+    (run / "config.yaml").write_text("teacher: {price: {input: 1.0, output: 2.0}}\n")
+    status = run_cli("status", str(run), env={"COLUMNS": "80"})
+    assert status.returncode == 0, status.stderr
+    lines = status.stdout.splitlines()
+    # a path is never broken (it is copied from the terminal), so only the title naming the run may be longer
+    assert max(len(line) for line in lines if str(run) not in line) <= 80, status.stdout
+    assert "…" not in status.stdout  # no cell cut short
+    for text in ("12345678", "9876543", "123456", "0.123", "students/iter-9", "32.0988", "generator"):
+        assert any(text in line for line in lines), (text, status.stdout)
+    assert any(re.match(r"\W*metric\W+7\W+8\W+9\W*$", line) for line in lines), status.stdout  # iterations 7-9 below

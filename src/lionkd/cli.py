@@ -95,18 +95,32 @@ def _run_prices(run_dir: Path) -> dict[str, Any]:
     return {role: (data.get(role) or {}).get("price") for role in ("teacher", "referee", "generator")}
 
 
+# Status tables stay readable in an 80-column terminal: short headers, numbers never cut, a long model
+# path shortened to its last two parts (a student checkpoint is `students/iter-2`).
+STATUS_ITERATION_COLUMNS = 6  # a dynamics table shows at most this many iterations side by side
+
+
+def _model_name(model: str) -> str:
+    parts = Path(model).parts
+    return "/".join(parts[-2:]) if model.startswith(("/", ".", "~")) and len(parts) > 2 else model
+
+
 def usage_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> Table:
-    table = Table(title="Calls, tokens and cost (calls actually sent; cached reuses cost nothing)")
-    for col in ("iteration", "role", "model", "calls", "failures", "tokens in", "tokens out", "cost $"):
-        table.add_column(col, justify="right" if col not in ("role", "model") else "left")
+    from rich import box
+
+    table = Table(title="Calls, tokens and cost", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1, 0, 0))
+    for col in ("iter", "role", "model", "calls", "failed", "tok in", "tok out", "cost $"):
+        numeric = col not in ("role", "model")
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=col != "model",
+                         overflow="fold", min_width=len(col) if numeric else None)
     total = 0.0
     for r in rows:
         price = prices.get(r["role"] or "")
         cost = ((r["prompt_tokens"] * price["input"] + r["completion_tokens"] * price["output"]) / 1e6) if price else 0.0
         total += cost
-        table.add_row(str(r["iteration"]), str(r["role"]), r["model"], str(r["calls"]), str(r["failures"]),
+        table.add_row(str(r["iteration"]), str(r["role"]), _model_name(r["model"]), str(r["calls"]), str(r["failures"]),
                       str(r["prompt_tokens"]), str(r["completion_tokens"]), f"{cost:.4f}" if price else "-")
-    table.caption = f"total cost: ${total:.4f}"
+    table.caption = f"total cost: ${total:.4f} (calls actually sent; a cached reuse costs nothing)"
     return table
 
 
@@ -129,7 +143,8 @@ def status(run_dir: Path) -> None:
             done = ", ".join(s["stage"] for s in stages if s["iteration"] == it) or "-"
             table.add_row(str(it), str(len(store.pool(it, "train"))), str(len(store.pool(it, "cache"))), done)
         console.print(table)
-        console.print(dynamics_table(metrics, iterations))
+        for part in range(0, len(iterations), STATUS_ITERATION_COLUMNS):
+            console.print(dynamics_table(metrics, iterations[part:part + STATUS_ITERATION_COLUMNS]))
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
 
 
@@ -153,8 +168,8 @@ def distill_status(run_dir: Path, store: Any) -> None:
                           f"{p['mean_words']:.1f}", _fmt(p["cut_off"]))
         console.print(kinds)
     metrics = store.metrics()
-    if metrics:
-        console.print(dynamics_table(metrics, sorted(metrics)))
+    for part in range(0, len(metrics), STATUS_ITERATION_COLUMNS):
+        console.print(dynamics_table(metrics, sorted(metrics)[part:part + STATUS_ITERATION_COLUMNS]))
     if store.usage():
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
 
@@ -162,9 +177,9 @@ def distill_status(run_dir: Path, store: Any) -> None:
 def dynamics_table(metrics: dict[int, dict[str, Any]], iterations: list[int]) -> Table:
     """One row per metric, one column per iteration; mappings show their overall value if they have one."""
     table = Table(title="Learning dynamics")
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")
     for it in iterations:
-        table.add_column(str(it), justify="right")
+        table.add_column(str(it), justify="right", no_wrap=True, min_width=5)
     names = sorted({k for m in metrics.values() for k, v in m.items() if _scalar(v) is not None})
     for name in names:
         table.add_row(name, *(_fmt(_scalar(metrics.get(it, {}).get(name))) for it in iterations))
@@ -252,6 +267,8 @@ def run(
     summary = run_lion(cfg, progress=progress, report=report, allow_config_change=allow_config_change)
     if summary.already_finished:
         console.print(f"{summary.run_dir}: the run is already finished; final student: {summary.final_student}")
+    else:
+        console.print(f"finished: final student in {summary.final_student}", markup=False, highlight=False)
     if summary.report_path:
         console.print(f"report: {summary.report_path}")
 

@@ -77,6 +77,8 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
         if store.stage_done(last, "imitation"):
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
                               already_finished=True)
+        if store.stages():  # say where a rerun picks up, before its first call
+            Console(stderr=True).print(resume_line(cfg, store), markup=False, highlight=False, soft_wrap=True)
         setup(cfg, store)
         llms = open_roles(cfg, store)
         try:
@@ -98,8 +100,30 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
         summary = RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
     if report:
         summary.report_path = write_report(run_dir)
-    console.print(f"finished: final student in {summary.final_student}")
     return summary
+
+
+def resume_line(cfg: RunConfig, store: Store) -> str:
+    """Where a started run goes on: its first unfinished stage and what that stage has stored already."""
+    last = cfg.lion.iterations + 1
+    for k in range(1, last + 1):
+        if not store.stage_done(k, "imitation"):
+            train = store.pool(k, "train")
+            answered = len(set(train) & set(store.responses("teacher", k)))
+            return (f"resuming iteration {k}, imitation: {answered:,} of {len(train):,} teacher answers stored"
+                    + (", the student is trained next" if train and answered == len(train) else ""))
+        if k == last:
+            break
+        if cfg.lion.selection != "uniform" and not store.stage_done(k, "discrimination"):
+            cache = store.pool(k, "cache")
+            answers = sum(len(set(cache) & set(store.responses(role, k))) for role in ("teacher", "student"))
+            judged = len(set(cache) & set(store.judgements(k)))
+            return (f"resuming iteration {k}, discrimination: {answers:,} of {2 * len(cache):,} answers stored, "
+                    f"{judged:,} of {len(cache):,} judged")
+        if not store.stage_done(k, "generation"):
+            calls = sum(r["calls"] for r in store.usage() if r["iteration"] == k and r["role"] == "generator")
+            return f"resuming iteration {k}, generation: {calls:,} generator calls stored (asked again for free)"
+    return "resuming: every stage is done; writing the final records"
 
 
 def setup(cfg: RunConfig, store: Store) -> None:
