@@ -203,7 +203,8 @@ class HFBackend(Backend):
 
     # ------------------------------------------------------------------ one batch (worker thread)
     @torch.inference_mode()
-    def _run(self, reqs: list[GenRequest], prompts: list[list[int]]) -> list[GenResult]:
+    def _run(self, reqs: list[GenRequest], prompts: list[list[int]], streamer: Any = None) -> list[GenResult]:
+        """One batch of same-settings requests; a `streamer` (one plain request) sees the tokens as they come."""
         req = reqs[0]  # every request in the batch has the same settings
         greedy = req.temperature == 0 and req.num_beams == 1
         beams = max(req.num_beams, req.n) if req.num_beams > 1 else 1
@@ -224,7 +225,7 @@ class HFBackend(Backend):
         processors = sampling_processors(req, prompts, rows) if sampling else None
         with self._lock:
             out = self.net.generate(**inputs, generation_config=config, logits_processor=processors,
-                                    tokenizer=self.tokenizer if req.stop else None)
+                                    tokenizer=self.tokenizer if req.stop else None, streamer=streamer)
         start = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
         generated = out.sequences[:, start:].cpu()
         logprobs = self._logprobs(out, generated, req.logprobs) if req.logprobs is not None else None

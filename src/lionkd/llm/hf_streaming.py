@@ -10,7 +10,6 @@ held back until it is known not to be one, so a stop string is never sent.
 from __future__ import annotations
 
 import asyncio
-import copy
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from .base import GenRequest, GenResult
-from .hf import HFBackend, sampling_processors
+from .hf import HFBackend
 
 
 class _Pieces:
@@ -70,7 +69,7 @@ class StreamingHFBackend(HFBackend):
 
         def work() -> None:
             try:
-                done["result"] = self._generate_one(request, prompt, pieces)
+                done["result"] = self._run([request], [prompt], streamer=pieces)[0]
             except BaseException as exc:  # handed to the event loop's side
                 done["error"] = exc
             finally:
@@ -88,22 +87,3 @@ class StreamingHFBackend(HFBackend):
         if text.startswith(pieces.sent) and len(text) > len(pieces.sent):  # what was held back
             yield text[len(pieces.sent):]
         yield result
-
-    @torch.inference_mode()
-    def _generate_one(self, req: GenRequest, prompt: list[int], streamer: _Pieces) -> GenResult:
-        # The settings of `HFBackend._run` for one plain request, with a streamer.
-        sampling = req.temperature > 0
-        inputs = self._pad([prompt])
-        config = copy.deepcopy(self.net.generation_config)
-        config.update(
-            max_new_tokens=req.max_tokens, min_new_tokens=0, do_sample=False, temperature=1.0, top_p=1.0,
-            top_k=None, num_beams=1, num_return_sequences=1, pad_token_id=self.pad_id,
-            eos_token_id=sorted(self.eos_ids), stop_strings=list(req.stop) or None, return_dict_in_generate=True,
-        )
-        processors = sampling_processors(req, [prompt], 1) if sampling else None
-        with self._lock:
-            out = self.net.generate(**inputs, generation_config=config, logits_processor=processors,
-                                    tokenizer=self.tokenizer if req.stop else None, streamer=streamer)
-        start = 1 if self.encoder_decoder else inputs["input_ids"].shape[1]
-        choice, count = self._choice(out.sequences[0, start:].cpu(), req, None)
-        return GenResult(choices=[choice], prompt_tokens=len(prompt), completion_tokens=count)
