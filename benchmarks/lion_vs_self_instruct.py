@@ -238,6 +238,33 @@ def task_of(text: str) -> str | None:
     return inst.task if inst else None
 
 
+def generator_requests(cfg: RunConfig, k: int, cache_texts: list[str]) -> dict[str, Any]:
+    """Every generator call of iteration `k`, read back from the call ledger: the seed's task type, and
+    for each reply its task type and whether it passes the novelty filter against the Cache Pool alone
+    (the stage also compares it with what it kept earlier, so this is what the pool itself removes)."""
+    from lionkd.lion.generation import clean_instruction
+    from lionkd.lion.novelty import NoveltyFilter
+    from lionkd.sandbox.oracle import parse_generator_seed, wants_rare
+
+    novelty = NoveltyFilter(cache_texts, threshold=cfg.lion.rouge_l_max, tokenizer=cfg.lion.novelty_tokenizer)
+    asked: Counter[str] = Counter()
+    replies: Counter[str] = Counter()
+    novel: Counter[str] = Counter()
+    modes: Counter[str] = Counter()
+    with sqlite3.connect(Path(cfg.run_dir) / STORE_NAME) as db:
+        rows = db.execute("SELECT request, result FROM calls WHERE role = 'generator' AND iteration = ?", (k,))
+        for request, result in rows:
+            prompt = json.loads(request)["messages"][-1]["content"]
+            asked[str(task_of(parse_generator_seed(prompt) or ""))] += 1
+            modes["rarer" if wants_rare(prompt) else "same-type"] += 1
+            text = clean_instruction(json.loads(result)["choice"]["text"])
+            t = str(task_of(text))
+            replies[t] += 1
+            novel[t] += bool(text) and float(novelty.scores(text).max()) <= novelty.threshold
+    return {"asked_seed_tasks": dict(asked), "reply_tasks": dict(replies), "reply_novel_vs_pool": dict(novel),
+            "prompt_modes": dict(modes)}
+
+
 def dynamics(cfg: RunConfig) -> dict[str, Any]:
     """Per iteration: what the referee called hard (per task type), which seeds were drawn, what was kept
     (per task type of the kept instruction) and what the filters removed."""
@@ -260,7 +287,9 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                 "hard_ratio": m.get("hard_ratio"),
                 "hard_share_by_task": {t: hard[t] / judged[t] for t in sorted(judged, key=str)},
                 "judged_by_task": dict(judged),
-                "seed_tasks": dict(Counter(task_of(store.instructions([ins.parent_id])[0].text) for ins in new)),
+                **generator_requests(cfg, k, [ins.text for ins in cache.values()]),
+                "kept_parent_tasks": dict(Counter(task_of(store.instructions([ins.parent_id])[0].text)
+                                                  for ins in new)),
                 "new_tasks": dict(Counter(task_of(ins.text) for ins in new)),
                 "new": len(new),
                 "new_same_type_prompt": m.get("new_hard"), "new_rarer_prompt": m.get("new_easy"),
@@ -369,9 +398,11 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
         "# Lion vs self-instruct at equal teacher budget (SmolLM2-135M-Instruct, sandbox world)",
         "",
         f"Command: `{result['command']}`  ",
-        f"Wall time: {result['wall_s'] / 60:.1f} min for this invocation"
-        + (" (it reused finished runs)" if result["reused"] else "")
-        + f"; the loop arms took {result['arm_seconds_total'] / 60:.1f} min when computed, on {result['machine']}  ",
+        f"Wall time: {sum(i['wall_s'] for i in result['computing_invocations']) / 60:.1f} min in all ("
+        + ", ".join(f"{i['wall_s'] / 60:.1f} min from {i['started']} with --seeds {i['seeds']}"
+                    for i in result["computing_invocations"])
+        + f"; this invocation {result['wall_s'] / 60:.1f} min{', reusing finished runs' if result['reused'] else ''}); "
+        f"the loop arms took {result['arm_seconds_total'] / 60:.1f} min of it, on {result['machine']}  ",
         f"Scale: {n} seeds, {s['iterations']} iterations + a last imitation, long-tailed seed pool of "
         f"{s['seed_pool']} (task types Zipf 1/rank^{s['zipf']:g}; rare = {', '.join(rare)}), N = "
         f"{s['new_per_iteration']} new instructions per iteration, {s['epochs']:g} epoch per iteration, full "
@@ -395,13 +426,23 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
               "are its Cache Pool answers for the referee):", ""]
     lines += md_table(["arm", *CALL_ROLES], [[arm, *(f"{result['calls'][arm][r]:.0f}" for r in CALL_ROLES)]
                                              for arm in ARMS])
-    lines += ["", "Per task type, mean over seeds: share of the seed pool; what the referee called hard in iteration "
-              "1 (share of judged items, `lion`); share of the generated instructions each arm trained on; final "
-              "accuracy.", ""]
-    tasks = list(result["per_task"])
-    head = ["task", "seed share", "rare", "hard (lion, it 1)", "gen SI", "gen lion", "gen lion-L", "imitation",
-            "self-instruct", "lion", "lion-learnable"]
-    lines += md_table(head, [[t, *result["per_task"][t]] for t in tasks])
+    lines += ["", "Per task type, mean over seeds. *seed share*: of the seed pool; *hard*: share of the judged items "
+              "the referee called hard in iteration 1 (`lion`); *asked*: share of the generator's seeds (all calls, "
+              "both prompts); *novel*: share of the generator's replies of this type (all arms) that pass ROUGE-L "
+              "<= 0.7 against the Cache Pool; *kept*: share of the new instructions trained on; accuracy of the final "
+              "students (SI = self-instruct, L = lion-learnable).", ""]
+    head = ["task", "seed share", "rare", "hard", "asked SI", "asked lion", "asked L", "novel", "kept SI",
+            "kept lion", "kept L", "acc imitation", "acc SI", "acc lion", "acc L"]
+    gen_arms = ("self-instruct", "lion", "lion-learnable")
+    rows = []
+    for t, v in result["per_task"].items():
+        rows.append([t, f"{v['seed_share']:.3f}", "yes" if v["rare"] else "",
+                     "-" if v["referee_hard_it1"] is None else f"{v['referee_hard_it1']:.2f}",
+                     *(f"{v['asked'][a]:.3f}" for a in gen_arms),
+                     "-" if v["novel_vs_pool"] is None else f"{v['novel_vs_pool']:.2f}",
+                     *(f"{v['kept'][a]:.3f}" for a in gen_arms),
+                     *(f"{v['accuracy'][a]:.3f}" for a in ("imitation", *gen_arms))])
+    lines += md_table(head, rows)
     lines += ["", "What the generation stage did, summed over iterations, mean per seed:", ""]
     lines += md_table(["arm", "generator calls", "kept", "novelty rejections", "other filter rejections",
                        "kept from same-type prompt", "kept from rarer prompt", "referee hard ratio by iteration"],
@@ -428,22 +469,39 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
     def m(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.fmean(get(r) for r in runs.values())
 
-    per_task: dict[str, list[str]] = {}
     gen_arms = ("self-instruct", "lion", "lion-learnable")
+
+    def share_of(counts: dict[str, int], t: str) -> float:
+        return counts.get(t, 0) / max(1, sum(counts.values()))
+
+    def summed(r: dict[str, Any], arm: str, key: str) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for it in r[arm]["dynamics"]["iterations"]:
+            total.update(it[key])
+        return total
+
+    per_task: dict[str, dict[str, Any]] = {}
     for t in TASKS:
-        pool_share = m(lambda r, t=t: r["seed_pool_tasks"].get(t, 0) / sum(r["seed_pool_tasks"].values()))
         hard = [r["lion"]["dynamics"]["iterations"][0]["hard_share_by_task"].get(t) for r in runs.values()]
         hard = [h for h in hard if h is not None]
-        gen = []
-        for arm in gen_arms:
-            def share(r: dict[str, Any], arm: str = arm, t: str = t) -> float:
-                c = trained_tasks(r[arm]["dynamics"])
-                return c.get(t, 0) / max(1, sum(c.values()))
-            gen.append(f"{m(share):.2f}")
-        acc = [f"{m(lambda r, a=a, t=t: r[a]['accuracy']['by_task'][t]):.3f}" for a in ("imitation", *gen_arms)]
-        per_task[t] = [f"{pool_share:.3f}", "yes" if t in rare else "", f"{statistics.fmean(hard):.2f}" if hard else "-",
-                       *gen, *acc]
+        replies = sum(summed(r, a, "reply_tasks")[t] for r in runs.values() for a in gen_arms)
+        novel = sum(summed(r, a, "reply_novel_vs_pool")[t] for r in runs.values() for a in gen_arms)
+        per_task[t] = {
+            "seed_share": m(lambda r, t=t: share_of(r["seed_pool_tasks"], t)),
+            "rare": t in rare,
+            "referee_hard_it1": statistics.fmean(hard) if hard else None,  # lion's iteration 1
+            "asked": {a: m(lambda r, a=a, t=t: share_of(summed(r, a, "asked_seed_tasks"), t)) for a in gen_arms},
+            "replies": replies,
+            "novel_vs_pool": novel / replies if replies else None,
+            "kept": {a: m(lambda r, a=a, t=t: share_of(trained_tasks(r[a]["dynamics"]), t)) for a in gen_arms},
+            "accuracy": {a: m(lambda r, a=a, t=t: r[a]["accuracy"]["by_task"][t]) for a in ("imitation", *gen_arms)},
+        }
     out["per_task"] = per_task
+    hard_counts = Counter()
+    for r in runs.values():
+        it = r["lion"]["dynamics"]["iterations"][0]
+        hard_counts.update({t: it["judged_by_task"][t] * h for t, h in it["hard_share_by_task"].items()})
+    out["rare_share_of_hard"] = sum(hard_counts[t] for t in rare) / max(1, sum(hard_counts.values()))
     generation = []
     for arm in gen_arms:
         def tot(key: str, arm: str = arm) -> float:
@@ -462,14 +520,40 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
 
 
 def notes(summary: dict[str, Any], rare: list[str]) -> list[str]:
-    """What the figures say, read off them (no stored numbers)."""
-    d = summary["differences"]
+    """What the figures say, read off them (no stored numbers): the gaps, and where Lion's targeting went."""
+    d, per_task = summary["differences"], summary["per_task"]
     out = []
-    for name in ("lion - self-instruct", "lion-learnable - self-instruct"):
+    for name in ("lion - self-instruct", "lion-learnable - self-instruct", "self-instruct - imitation"):
         o = d[name]["overall"]
         wins = sum(v > 0 for v in o["per_seed"])
         out.append(f"- `{name}`: {fmt(o, signed=True)} overall, positive in {wins} of {len(o['per_seed'])} seeds; "
-                   f"on the rare types {fmt(d[name]['rare types'], signed=True)}.")
+                   f"rare types {fmt(d[name]['rare types'], signed=True)}, common types "
+                   f"{fmt(d[name]['common types'], signed=True)}.")
+    judged = {t: v["referee_hard_it1"] for t, v in per_task.items() if v["referee_hard_it1"] is not None}
+    hardest = sorted(judged, key=lambda t: -judged[t])[: max(1, len(judged) // 3)]
+    blocked = sorted((t for t, v in per_task.items() if v["novel_vs_pool"] is not None and v["novel_vs_pool"] < 0.1),
+                     key=lambda t: per_task[t]["novel_vs_pool"])
+    out.append("- What the referee called hard (share of judged items in iteration 1, `lion`), the hardest third: "
+               + ", ".join(f"{t} {judged[t]:.2f}" for t in hardest) + "; of `lion`'s iteration-1 hard set, "
+               f"{summary['rare_share_of_hard']:.2f} came from the rare types, which are "
+               f"{sum(per_task[t]['seed_share'] for t in rare):.2f} of the seed pool: in a long-tailed pool most hard "
+               "items are still common types.")
+    if blocked:
+        out.append("- What the novelty filter removed: of the generator's replies of " + ", ".join(
+            f"{t} ({per_task[t]['novel_vs_pool']:.2f})" for t in blocked) + " under 10% pass ROUGE-L <= 0.7 "
+            "against the Cache Pool (the world's instructions of these types are short templates that differ in one "
+            "or two tokens), so the arms add (almost) none of them; of the referee's hardest third, "
+            f"{', '.join(t for t in hardest if t in blocked) or 'none'} are among them. Every arm's new "
+            "instructions come from the remaining types.")
+
+    def rare_share(arm: str, key: str) -> float:
+        return sum(per_task[t][key][arm] for t in rare)
+
+    arms = ("self-instruct", "lion", "lion-learnable")
+    out.append("- Where the generator's seeds went: the rare types got "
+               + ", ".join(f"{rare_share(a, 'asked'):.2f} ({a})" for a in arms) + " of the seeds asked and "
+               + ", ".join(f"{rare_share(a, 'kept'):.2f} ({a})" for a in arms) + " of the instructions kept. Half "
+               "of every arm's seeds use the rarer-task prompt, and Lion draws those from its easy set.")
     return out
 
 
@@ -507,6 +591,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reused: list[bool] = []
     runs = {seed: run_seed(s, seed, items, log, reused) for seed in range(s.seeds)}
     summary = summarise(s, runs, base, rare)
+    # the wall time of every invocation that computed something, so a resumed or re-reported benchmark
+    # still says what the whole took
+    ledger = WORK / s.key() / "invocations.json"
+    invocations = json.loads(ledger.read_text()) if ledger.is_file() else []
+    if not all(reused):
+        invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
+                            "seeds": s.seeds, "wall_s": round(time.time() - started, 1)})
+        ledger.write_text(json.dumps(invocations, indent=2) + "\n")
     seconds = [r[arm]["seconds"] for r in runs.values() for arm in LOOP_ARMS]
     result = {
         "benchmark": "lion_vs_self_instruct",
@@ -515,6 +607,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_s": round(time.time() - started, 1),
         "arm_seconds_total": round(sum(seconds), 1),
         "reused": any(reused),
+        "computing_invocations": invocations,
         "machine": "CPU (2 cores), torch default threads",
         "student": REAL_STUDENT,
         "settings": asdict(s),
