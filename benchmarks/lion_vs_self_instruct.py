@@ -24,6 +24,8 @@ Every teacher, referee and generator call is counted from the runs' stores (cach
 
     python benchmarks/lion_vs_self_instruct.py               (about an hour on 2 cores)
     python benchmarks/lion_vs_self_instruct.py --seeds 1     (one seed, to measure)
+    python benchmarks/lion_vs_self_instruct.py --rouge-l-max 0.9 --no-learnable
+                                          (the looser novelty filter, from the same iteration-1 prefixes)
 
 Runs live in runs/bench/lion_vs_self_instruct/<settings hash>/seed-<s>/<arm>/ (an interrupted
 benchmark resumes; a larger --seeds reuses the finished seeds); results go to
@@ -44,7 +46,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +89,36 @@ class Settings:
     learning_rate: float = SMOLLM2.learning_rate
     zipf: float = 1.0  # seed share of the task type of rank r is proportional to 1 / r**zipf
     test_per_task: int = 50
+    rouge_l_max: float = 0.7  # the paper's novelty filter; a looser one is a variant (its own results file)
+    learnable: bool = True  # run the lion-learnable arm
 
     def key(self) -> str:
         """The runs' folder: every setting but the number of seeds, so --seeds 3 reuses --seeds 1."""
         fields = asdict(self)
-        del fields["seeds"], fields["test_per_task"]  # scoring settings do not change the runs
+        del fields["seeds"], fields["test_per_task"], fields["learnable"]  # these do not change the runs
+        if self.rouge_l_max == Settings.rouge_l_max:
+            del fields["rouge_l_max"]
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+
+    def prefix_key(self) -> str:
+        """The folder whose seed pools and iteration-1 prefixes every variant shares: the novelty filter
+        acts only in generation, after the prefix."""
+        return replace(self, rouge_l_max=Settings.rouge_l_max).key()
+
+    def arms(self) -> tuple[str, ...]:
+        return tuple(a for a in ARMS if self.learnable or a != "lion-learnable")
+
+    def loop_arms(self) -> tuple[str, ...]:
+        return tuple(a for a in LOOP_ARMS if a in self.arms())
+
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        return tuple((a, b) for a, b in PAIRS if a in self.arms() and b in self.arms())
+
+    def results_name(self) -> str:
+        name = "lion_vs_self_instruct"
+        if self.rouge_l_max != Settings.rouge_l_max:
+            name += f"_rouge{self.rouge_l_max:g}"
+        return name
 
 
 # --------------------------------------------------------------------------- the long-tailed seed pool
@@ -162,7 +188,7 @@ def arm_config(s: Settings, seed: int, arm: str, seeds_file: Path, run_dir: Path
         ),
         lion=LionConfig(seed_pool=seeds_file, iterations=s.iterations, new_per_iteration=s.new_per_iteration,
                         tau=TAU, hard_easy_ratio="1:1", generation_rounds=6,
-                        seed_weighting="learnable" if arm == "lion-learnable" else "uniform",
+                        seed_weighting="learnable" if arm == "lion-learnable" else "uniform", rouge_l_max=s.rouge_l_max,
                         selection="uniform" if arm == "self-instruct" else "referee"),
     )
 
@@ -203,15 +229,16 @@ def with_prefix_snapshots(seed_dir: Path) -> Callable[..., Any]:
     return stage
 
 
-def run_arm(cfg: RunConfig, arm: str, seed_dir: Path) -> Any:
+def run_arm(cfg: RunConfig, arm: str, seed_dir: Path, first: bool) -> Any:
+    """Run one arm, from a copied prefix when there is one (`seed_dir` holds the prefixes)."""
     run_dir = Path(cfg.run_dir)
     prefix = seed_dir / (AFTER_IMITATION if arm == "self-instruct" else AFTER_DISCRIMINATION)
-    if arm != LOOP_ARMS[0] and not (run_dir / STORE_NAME).is_file() and prefix.is_dir():
+    if not (run_dir / STORE_NAME).is_file() and prefix.is_dir():
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.copytree(prefix, run_dir)
         (run_dir / "prefix.json").write_text(json.dumps({"copied_from": prefix.name}) + "\n")
     original = loop.discrimination_stage
-    if arm == LOOP_ARMS[0]:
+    if first:
         loop.discrimination_stage = with_prefix_snapshots(seed_dir)
     try:
         # a copied prefix is bound to the first arm's config: the arm's own keys apply from the next stage
@@ -360,19 +387,21 @@ def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 def run_seed(s: Settings, seed: int, items: list[Any], log: Callable[[str], None], reused: list[bool]
              ) -> dict[str, Any]:
     seed_dir = WORK / s.key() / f"seed-{seed}"
+    prefix_dir = WORK / s.prefix_key() / f"seed-{seed}"  # the same folder unless this is a variant
     seed_dir.mkdir(parents=True, exist_ok=True)
-    seeds_file = seed_dir / "seeds.jsonl"
+    prefix_dir.mkdir(parents=True, exist_ok=True)
+    seeds_file = prefix_dir / "seeds.jsonl"
     if not seeds_file.is_file():  # written once: a resumed run must see the same seeds
         write_jsonl(seeds_file, long_tailed_pool(s, seed))
     pool_tasks = Counter(json.loads(line)["task"] for line in seeds_file.read_text().splitlines() if line)
     test_key = f"eval-test{s.test_per_task}-{TEST_SEED}.json"
     out: dict[str, Any] = {"seed_pool_tasks": dict(pool_tasks)}
-    for arm in LOOP_ARMS:
+    for arm in s.loop_arms():
         cfg = arm_config(s, seed, arm, seeds_file, seed_dir / arm)
         record = seed_dir / arm / "bench_seconds.json"
         reused.append(record.is_file())
         t0 = time.time()
-        summary = run_arm(cfg, arm, seed_dir)
+        summary = run_arm(cfg, arm, prefix_dir, first=arm == s.loop_arms()[0])
         if not record.is_file():
             record.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}) + "\n")
         acc = evaluate(summary.final_student, items, seed_dir / arm / test_key)
@@ -382,8 +411,8 @@ def run_seed(s: Settings, seed: int, items: list[Any], log: Callable[[str], None
                     if (seed_dir / arm / "prefix.json").is_file() else None}
         log(f"seed {seed} {arm}: {acc['overall']:.3f} ({out[arm]['seconds']:.0f} s)")
     # imitation of the seed pool alone: iteration 1's student, the common start of every loop arm
-    first = arm_config(s, seed, LOOP_ARMS[0], seeds_file, seed_dir / LOOP_ARMS[0])
-    acc = evaluate(student_dir(first, 1), items, seed_dir / f"imitation-{test_key}")
+    first = arm_config(s, seed, s.loop_arms()[0], seeds_file, seed_dir / s.loop_arms()[0])
+    acc = evaluate(student_dir(first, 1), items, prefix_dir / f"imitation-{test_key}")
     with Store.open_existing(first.run_dir) as store:
         teacher_1 = sum(r["calls"] for r in store.usage() if r["role"] == "teacher" and r["iteration"] == 1)
     out["imitation"] = {"accuracy": acc, "calls": dict.fromkeys(CALL_ROLES, 0) | {"teacher": teacher_1}}
@@ -391,9 +420,14 @@ def run_seed(s: Settings, seed: int, items: list[Any], log: Callable[[str], None
     return out
 
 
+SHORT = {"self-instruct": "SI", "lion": "lion", "lion-learnable": "L"}
+
+
 def markdown(result: dict[str, Any], cols: list[str]) -> str:
     s, runs, rare = result["settings"], result["runs"], result["rare_tasks"]
-    n = len(runs)
+    n, arms = len(runs), result["arm_names"]
+    gen_arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in arms]
+    rouge = s["rouge_l_max"]
     lines = [
         "# Lion vs self-instruct at equal teacher budget (SmolLM2-135M-Instruct, sandbox world)",
         "",
@@ -408,7 +442,7 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
         f"{s['new_per_iteration']} new instructions per iteration, {s['epochs']:g} epoch per iteration, full "
         f"fine-tuning, lr {s['learning_rate']:g} constant, batch {SMOLLM2.batch_size}, max length "
         f"{SMOLLM2.max_length}, bf16 autocast, replay 0.5, student answers <= {SMOLLM2.max_new_tokens} tokens, "
-        f"system prompt \"{SMOLLM2.system_prompt}\", tau {TAU:g}, hard:easy 1:1, novelty ROUGE-L <= 0.7; "
+        f"system prompt \"{SMOLLM2.system_prompt}\", tau {TAU:g}, hard:easy 1:1, novelty ROUGE-L <= {rouge:g}; "
         f"test set {s['test_per_task']} held-out items per task type ({result['test_items']} items).",
         "",
         "Greedy exact-match accuracy of the final students, mean ± sample std over seeds; differences are "
@@ -416,7 +450,7 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
         "",
     ]
     rows = []
-    for arm in ARMS:
+    for arm in arms:
         rows.append([arm, *(fmt(result["arms"][arm][c]) for c in cols)])
     for name, diff in result["differences"].items():
         rows.append([name, *(fmt(diff[c], signed=True) for c in cols)])
@@ -425,15 +459,14 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
     lines += ["", "Model calls per arm, mean per seed (calls really sent; cached reuses are free; the student's "
               "are its Cache Pool answers for the referee):", ""]
     lines += md_table(["arm", *CALL_ROLES], [[arm, *(f"{result['calls'][arm][r]:.0f}" for r in CALL_ROLES)]
-                                             for arm in ARMS])
+                                             for arm in arms])
     lines += ["", "Per task type, mean over seeds. *seed share*: of the seed pool; *hard*: share of the judged items "
               "the referee called hard in iteration 1 (`lion`); *asked*: share of the generator's seeds (all calls, "
               "both prompts); *novel*: share of the generator's replies of this type (all arms) that pass ROUGE-L "
-              "<= 0.7 against the Cache Pool; *kept*: share of the new instructions trained on; accuracy of the final "
+              f"<= {rouge:g} against the Cache Pool; *kept*: share of the new instructions trained on; accuracy of the final "
               "students (SI = self-instruct, L = lion-learnable).", ""]
-    head = ["task", "seed share", "rare", "hard", "asked SI", "asked lion", "asked L", "novel", "kept SI",
-            "kept lion", "kept L", "acc imitation", "acc SI", "acc lion", "acc L"]
-    gen_arms = ("self-instruct", "lion", "lion-learnable")
+    head = ["task", "seed share", "rare", "hard", *(f"asked {SHORT[a]}" for a in gen_arms), "novel",
+            *(f"kept {SHORT[a]}" for a in gen_arms), "acc imitation", *(f"acc {SHORT[a]}" for a in gen_arms)]
     rows = []
     for t, v in result["per_task"].items():
         rows.append([t, f"{v['seed_share']:.3f}", "yes" if v["rare"] else "",
@@ -455,21 +488,21 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
               ) -> dict[str, Any]:
     cols = [*DOMAINS, "rare types", "common types", "overall"]
     scores = {arm: [columns_of(base, rare) if arm == "base" else columns_of(r[arm]["accuracy"], rare)
-                    for r in runs.values()] for arm in ARMS}
+                    for r in runs.values()] for arm in s.arms()}
     out: dict[str, Any] = {"columns": cols, "arms": {}, "differences": {}}
     for arm, per_seed in scores.items():
         out["arms"][arm] = {c: mean_std([x[c] for x in per_seed]) for c in cols}
-    for a, b in PAIRS:
+    for a, b in s.pairs():
         diffs = {c: [x[c] - y[c] for x, y in zip(scores[a], scores[b], strict=True)] for c in cols}
         out["differences"][f"{a} - {b}"] = {c: mean_std(v) | {"per_seed": v} for c, v in diffs.items()}
     out["calls"] = {arm: dict.fromkeys(CALL_ROLES, 0.0) if arm == "base" else
                     {r: statistics.fmean(run[arm]["calls"][r] for run in runs.values()) for r in CALL_ROLES}
-                    for arm in ARMS}
+                    for arm in s.arms()}
 
     def m(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.fmean(get(r) for r in runs.values())
 
-    gen_arms = ("self-instruct", "lion", "lion-learnable")
+    gen_arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in s.arms()]
 
     def share_of(counts: dict[str, int], t: str) -> float:
         return counts.get(t, 0) / max(1, sum(counts.values()))
@@ -519,11 +552,13 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
     return out
 
 
-def notes(summary: dict[str, Any], rare: list[str]) -> list[str]:
+def notes(s: Settings, summary: dict[str, Any], rare: list[str]) -> list[str]:
     """What the figures say, read off them (no stored numbers): the gaps, and where Lion's targeting went."""
     d, per_task = summary["differences"], summary["per_task"]
     out = []
     for name in ("lion - self-instruct", "lion-learnable - self-instruct", "self-instruct - imitation"):
+        if name not in d:
+            continue
         o = d[name]["overall"]
         wins = sum(v > 0 for v in o["per_seed"])
         out.append(f"- `{name}`: {fmt(o, signed=True)} overall, positive in {wins} of {len(o['per_seed'])} seeds; "
@@ -540,7 +575,7 @@ def notes(summary: dict[str, Any], rare: list[str]) -> list[str]:
                "items are still common types.")
     if blocked:
         out.append("- What the novelty filter removed: of the generator's replies of " + ", ".join(
-            f"{t} ({per_task[t]['novel_vs_pool']:.2f})" for t in blocked) + " under 10% pass ROUGE-L <= 0.7 "
+            f"{t} ({per_task[t]['novel_vs_pool']:.2f})" for t in blocked) + f" under 10% pass ROUGE-L <= {s.rouge_l_max:g} "
             "against the Cache Pool (the world's instructions of these types are short templates that differ in one "
             "or two tokens), so the arms add (almost) none of them; of the referee's hardest third, "
             f"{', '.join(t for t in hardest if t in blocked) or 'none'} are among them. Every arm's new "
@@ -549,7 +584,7 @@ def notes(summary: dict[str, Any], rare: list[str]) -> list[str]:
     def rare_share(arm: str, key: str) -> float:
         return sum(per_task[t][key][arm] for t in rare)
 
-    arms = ("self-instruct", "lion", "lion-learnable")
+    arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in s.arms()]
     out.append("- Where the generator's seeds went: the rare types got "
                + ", ".join(f"{rare_share(a, 'asked'):.2f} ({a})" for a in arms) + " of the seeds asked and "
                + ", ".join(f"{rare_share(a, 'kept'):.2f} ({a})" for a in arms) + " of the instructions kept. Half "
@@ -565,6 +600,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     p.add_argument("--new", type=int, dest="new_per_iteration")
     p.add_argument("--epochs", type=float)
     p.add_argument("--test-per-task", type=int)
+    p.add_argument("--rouge-l-max", type=float, help="a looser novelty filter (a variant: results in "
+                   "lion_vs_self_instruct_rouge<X>.*, the seed pools and iteration-1 prefixes shared)")
+    p.add_argument("--no-learnable", dest="learnable", action="store_false", default=None,
+                   help="leave out the lion-learnable arm")
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
     return Settings(**(asdict(Settings()) | args))
 
@@ -599,7 +638,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
                             "seeds": s.seeds, "wall_s": round(time.time() - started, 1)})
         ledger.write_text(json.dumps(invocations, indent=2) + "\n")
-    seconds = [r[arm]["seconds"] for r in runs.values() for arm in LOOP_ARMS]
+    seconds = [r[arm]["seconds"] for r in runs.values() for arm in s.loop_arms()]
     result = {
         "benchmark": "lion_vs_self_instruct",
         "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/lion_vs_self_instruct.py",
@@ -611,21 +650,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": "CPU (2 cores), torch default threads",
         "student": REAL_STUDENT,
         "settings": asdict(s),
+        "arm_names": list(s.arms()),
         "task_shares": task_shares(s),
         "rare_tasks": rare,
         "test_items": len(items),
         "test_set": {"per_task": s.test_per_task, "seed": TEST_SEED},
         "base": base,
         **summary,
-        "notes": notes(summary, rare),
+        "notes": notes(s, summary, rare),
         "runs": runs,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lion_vs_self_instruct.json").write_text(json.dumps(result, indent=2) + "\n")
+    name = s.results_name()
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result, summary["columns"])
-    (RESULTS / "lion_vs_self_instruct.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
-    log(f"wall time {result['wall_s'] / 60:.1f} min; wrote {RESULTS / 'lion_vs_self_instruct.json'} and .md")
+    log(f"wall time {result['wall_s'] / 60:.1f} min; wrote {RESULTS / name}.json and .md")
     return result
 
 
