@@ -433,7 +433,8 @@ def markdown(result: dict[str, Any], cols: list[str]) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"Wall time: {sum(i['wall_s'] for i in result['computing_invocations']) / 60:.1f} min in all ("
-        + ", ".join(f"{i['wall_s'] / 60:.1f} min from {i['started']} with --seeds {i['seeds']}"
+        + ", ".join(f"{i['wall_s'] / 60:.1f} min from {i['started']} with --seeds {i['seeds']} "
+                    f"({i.get('seeds_done', i['seeds'])} done)"
                     for i in result["computing_invocations"])
         + f"; this invocation {result['wall_s'] / 60:.1f} min{', reusing finished runs' if result['reused'] else ''}); "
         f"the loop arms took {result['arm_seconds_total'] / 60:.1f} min of it, on {result['machine']}  ",
@@ -627,17 +628,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = evaluate(resolve_model_path(REAL_STUDENT), items,
                     WORK / s.key() / f"base-eval-test{s.test_per_task}-{TEST_SEED}.json")
     log(f"base: {base['overall']:.3f}")
-    reused: list[bool] = []
-    runs = {seed: run_seed(s, seed, items, log, reused) for seed in range(s.seeds)}
-    summary = summarise(s, runs, base, rare)
-    # the wall time of every invocation that computed something, so a resumed or re-reported benchmark
-    # still says what the whole took
+    # The wall time of every invocation that computed something, written after each seed, so that an
+    # interrupted one still counts and a re-report of finished runs still says what the whole took.
     ledger = WORK / s.key() / "invocations.json"
     invocations = json.loads(ledger.read_text()) if ledger.is_file() else []
+    mine = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "seeds": s.seeds}
+    reused: list[bool] = []
+    runs = {}
+    for seed in range(s.seeds):
+        runs[seed] = run_seed(s, seed, items, log, reused)
+        if not all(reused):
+            mine |= {"seeds_done": seed + 1, "wall_s": round(time.time() - started, 1)}
+            ledger.write_text(json.dumps([*invocations, mine], indent=2) + "\n")
     if not all(reused):
-        invocations.append({"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)),
-                            "seeds": s.seeds, "wall_s": round(time.time() - started, 1)})
-        ledger.write_text(json.dumps(invocations, indent=2) + "\n")
+        invocations.append(mine)
+    summary = summarise(s, runs, base, rare)
     seconds = [r[arm]["seconds"] for r in runs.values() for arm in s.loop_arms()]
     result = {
         "benchmark": "lion_vs_self_instruct",
