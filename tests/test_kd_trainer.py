@@ -299,6 +299,27 @@ def test_eos_is_learned_when_pad_equals_eos() -> None:
         assert batch["target_mask"][i, : len(f["prompt"]) - 1].sum() == 0  # prompt is not
 
 
+def test_training_curves_go_to_wandb_offline_named_by_run_and_stage(tmp_path: Path, monkeypatch) -> None:
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wandb").mkdir()
+    settings = TrainConfig(precision="fp32", max_steps=3, learning_rate=1e-2, batch_size=4, max_length=32,
+                           logging_steps=1, report_to=["wandb"])
+    for k in (1, 2):  # two trainings in one process (two Lion iterations): two runs, each with its name
+        out = tmp_path / "myrun" / "students" / f"iter-{k}"
+        train_student(tiny_llama(), examples(8), out, settings=settings, tokenizer=tiny_tokenizer(),
+                      template="alpaca", progress=False)
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    names = []
+    for run in runs:
+        history = b"".join(p.read_bytes() for p in run.glob("*.wandb"))  # the offline run's record
+        assert b"train/loss" in history
+        names += [k for k in (1, 2) if f"myrun/iteration-{k}/imitation".encode() in history]
+    assert len(runs) == 2 and sorted(names) == [1, 2]
+
+
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
 

@@ -791,6 +791,10 @@ def train_student(
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - start
+    if "wandb" in trainer.args.report_to:  # else the next training of this process logs into this run
+        import wandb
+
+        wandb.finish()
 
     final = trainer.accelerator.unwrap_model(trainer.model)
     if lora is not None and not trainer.params_sharded:
