@@ -183,8 +183,10 @@ def figures(store: Store, run_dir: Path, led: Ledger) -> list[Figure]:
     unit = "cost $" if priced else "tokens (in + out)"
     per_role: dict[str, dict[int, float]] = {}
     for it, roles in led.per_iteration.items():
-        for role, v in roles.items():
-            per_role.setdefault(role, {})[it] = v["cost"] if priced else v["prompt_tokens"] + v["completion_tokens"]
+        for role, v in roles.items():  # calls outside the loop's iterations (e.g. an evaluation) go to 0
+            spent = v["cost"] if priced else v["prompt_tokens"] + v["completion_tokens"]
+            bucket = per_role.setdefault(role, {})
+            bucket[it or 0] = bucket.get(it or 0, 0.0) + spent
     add("usage", f"Where does the spend go? {unit.capitalize()} per role per iteration.",
         plots.stacked_bars(f"{'Cost' if priced else 'Tokens'} per role per iteration",
                            dict(sorted(per_role.items())), unit))
