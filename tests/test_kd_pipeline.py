@@ -380,6 +380,15 @@ def test_prune_command(tmp_path: Path, teachers: dict[str, Path]) -> None:
     assert model.config.num_decoder_layers == 2 and model.config.num_layers == 3
     bad = run_cli("prune", str(teachers["llama"]), str(tmp_path / "bad"), "--keep", "0,9")
     assert bad.returncode == 2 and "layer 9 does not exist" in bad.stderr
+    before = sorted((p.name, p.stat().st_size) for p in teachers["llama"].iterdir())
+    onto_itself = run_cli("prune", str(teachers["llama"]), str(teachers["llama"]))
+    assert onto_itself.returncode == 2 and "is the model being pruned" in onto_itself.stderr
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("keep me")
+    into_busy = run_cli("prune", str(teachers["llama"]), str(tmp_path / "busy"))
+    assert into_busy.returncode == 2 and "is not empty" in into_busy.stderr
+    assert sorted((p.name, p.stat().st_size) for p in teachers["llama"].iterdir()) == before  # nothing touched
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize("backend", ["hf", "sandbox"])
