@@ -64,8 +64,8 @@ from lionkd.lion import loop
 from lionkd.lion.demo import REAL_STUDENT, SMOLLM2
 from lionkd.lion.imitation import student_dir
 from lionkd.llm.models import resolve_model_path
-from lionkd.sandbox import DOMAINS, parse, sample, test_set
-from lionkd.sandbox.world import SEED_LEVEL_WEIGHTS, TASKS
+from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
+from lionkd.sandbox.world import TASKS
 from lionkd.store import STORE_NAME, Store
 
 RESULTS = Path(__file__).parent / "results"
@@ -139,20 +139,7 @@ def rare_tasks(s: Settings) -> list[str]:
 
 def long_tailed_pool(s: Settings, seed: int) -> list[dict[str, Any]]:
     """`s.seed_pool` distinct training-split instructions, task types Zipf-distributed, low levels common."""
-    rng = random.Random(f"long-tailed-pool:{seed}")
-    shares = task_shares(s)
-    names, weights = list(shares), list(shares.values())
-    seen: set[str] = set()
-    out: list[dict[str, Any]] = []
-    while len(out) < s.seed_pool:
-        task = rng.choices(names, weights)[0]
-        levels = TASKS[task].levels
-        level = rng.choices(levels, [SEED_LEVEL_WEIGHTS.get(lv, 0.2) for lv in levels])[0]
-        inst = sample(rng, task=task, level=level)
-        if inst.instruction not in seen:
-            seen.add(inst.instruction)
-            out.append(inst.to_record())
-    return out
+    return seed_pool(s.seed_pool, task_weights=task_shares(s), rng=random.Random(f"long-tailed-pool:{seed}"))
 
 
 # --------------------------------------------------------------------------- configs

@@ -15,7 +15,7 @@ import difflib
 import hashlib
 import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -508,11 +508,16 @@ def corrupt(instance: Instance, rng: random.Random) -> str:
 SEED_LEVEL_WEIGHTS = {1: 0.5, 2: 0.3, 3: 0.2}  # seed pools are mostly easy, as real ones are
 
 
-def seed_pool(n: int, seed: int = 0) -> list[dict[str, Any]]:
-    """`n` distinct training-split instructions, common task types and low levels more frequent."""
-    rng = random.Random(f"seed-pool:{seed}")
-    names = list(TASKS)
-    weights = [TASKS[t].weight for t in names]
+def seed_pool(n: int, seed: int = 0, *, task_weights: Mapping[str, float] | None = None,
+              rng: random.Random | None = None) -> list[dict[str, Any]]:
+    """`n` distinct training-split instructions, common task types and low levels more frequent.
+
+    `task_weights` replaces the world's own task frequencies (e.g. a long-tailed pool); `rng` the
+    generator seeded by `seed`.
+    """
+    rng = rng or random.Random(f"seed-pool:{seed}")
+    names = list(task_weights) if task_weights else list(TASKS)
+    weights = list(task_weights.values()) if task_weights else [TASKS[t].weight for t in names]
     seen: set[str] = set()
     out: list[dict[str, Any]] = []
     for _ in range(n * 50):
