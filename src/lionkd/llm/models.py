@@ -137,11 +137,9 @@ def _digest(path: Path, size: int, mtime_ns: int) -> str:
 
 def _write_hf_folder(gguf: Path, out: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     from .templates import end_of_turn_ids
 
-    hf_logging.disable_progress_bar()  # the dequantisation bar is noise in our own progress display
     folder, name = str(gguf.parent), gguf.name
     try:
         config = AutoConfig.from_pretrained(folder, gguf_file=name)
