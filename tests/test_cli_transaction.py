@@ -217,7 +217,7 @@ def test_a_dead_endpoint_fails_within_seconds_with_one_line(tmp_path: Path) -> N
     start = time.monotonic()
     result = run_cli("run", str(config), "--no-progress", "--no-report", timeout=60)
     elapsed = time.monotonic() - start
-    assert result.returncode == 2 and elapsed < 10, (elapsed, result.stderr)
+    assert result.returncode == 2 and elapsed < 30, (elapsed, result.stderr)  # retries would take over a minute
     line = one_line(result.stderr)
     assert line.startswith("error: teacher: ") and "cannot reach" in line and "refused" in line
 
@@ -337,7 +337,9 @@ def test_distill_is_locked_bound_to_its_config_and_fails_fast_on_a_dead_teacher(
     config = write_distill_config(tmp_path, url)
     start = time.monotonic()
     dead = run_cli("distill", str(config), "--no-progress")
-    assert dead.returncode == 2 and time.monotonic() - start < 10
+    # Six retries with backoff would take over a minute; the reachability probe answers in seconds
+    # (the bound leaves room for a loaded machine's slow interpreter start).
+    assert dead.returncode == 2 and time.monotonic() - start < 30
     assert "teacher: " in one_line(dead.stderr) and "cannot reach" in dead.stderr
 
     changed = run_cli("distill", str(write_distill_config(tmp_path, url, temperature=2.0)), "--no-progress")

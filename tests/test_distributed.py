@@ -1,26 +1,23 @@
-"""Training stages on several processes (torchrun, gloo on CPU): the same model as one process, pseudo-
-targets rotating on every rank, and a whole Lion run whose imitation stage runs as a 2-process job."""
+"""Training stages on several processes (torchrun, gloo on CPU): the same model as one process over
+several steps and epochs, a `distill` whose pseudo-targets rotate on every rank, and a whole Lion run
+whose imitation stage runs as a 2-process job."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from conftest import run_cli, sandbox_run_config
-from lionkd.config import TrainConfig
-from lionkd.kd.data import TrainExample
-from lionkd.kd.trainer import build_trainer, train_student
+from lionkd.config import TrainConfig, load_config
+from lionkd.distill.pipeline import distill
+from lionkd.kd.trainer import train_student
 from lionkd.store import Store
+from test_kd_pipeline import build_teacher, write_config
 from test_kd_trainer import examples, tiny_llama, tiny_tokenizer
-
-MODULE = Path(__file__).resolve()
 
 
 def saved_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -36,12 +33,15 @@ def test_two_processes_train_the_same_model_over_several_steps_and_epochs(tmp_pa
     base = tmp_path / "base"
     tiny_llama().save_pretrained(base)
     tiny_tokenizer().save_pretrained(base)
+    tiny_llama(seed=3).save_pretrained(tmp_path / "teacher")  # word-level KD: its normalisation is per target token
+    tiny_tokenizer().save_pretrained(tmp_path / "teacher")
     data = examples(16)
     settings = TrainConfig(precision="fp32", epochs=2, batch_size=8, learning_rate=1e-2, lr_scheduler="constant",
                            warmup_ratio=0, max_length=32, processes=1)
-    one = train_student(base, data, tmp_path / "one", settings=settings, template="alpaca", progress=False)
-    two = train_student(base, data, tmp_path / "two", settings=settings.model_copy(update={"processes": 2}),
-                        template="alpaca", progress=False)
+    kd = {"teacher": tmp_path / "teacher", "objective": {"ce": 0.5, "logits": 0.5}, "template": "alpaca",
+          "progress": False}
+    one = train_student(base, data, tmp_path / "one", settings=settings, **kd)
+    two = train_student(base, data, tmp_path / "two", settings=settings.model_copy(update={"processes": 2}), **kd)
     assert one["steps"] == two["steps"] == 4  # 16 examples, global batch 8, 2 epochs
     assert (tmp_path / "two" / "train_job.pkl").is_file()
     diff = max_difference(saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two"))
@@ -50,45 +50,18 @@ def test_two_processes_train_the_same_model_over_several_steps_and_epochs(tmp_pa
     assert moved > 1e-3  # the comparison is between trained models, not two copies of the base
 
 
-def _rotation_main(out: str) -> None:
-    """Under torchrun, 2 processes: K = 2 pseudo-targets per input, 2 epochs; record what each rank reads."""
-    tok = tiny_tokenizer()
-    prompts = [e.prompt for e in examples(8)]
-    per_epoch = [[TrainExample(prompt=p, target=f"{word} {word}") for p in prompts] for word in ("one", "two")]
-    settings = TrainConfig(precision="fp32", epochs=2, batch_size=8, learning_rate=1e-3, max_length=32, processes=1)
-    trainer = build_trainer(tiny_llama(), per_epoch, Path(out) / "rot", settings=settings, tokenizer=tok,
-                            template="alpaca", progress=False)
-    seen: dict[int, set[str]] = {}
-    compute = trainer.compute_loss
-
-    def recording(model, inputs, *args, **kwargs):  # noqa: ANN001
-        epoch = int(trainer.state.epoch or 0)
-        words = {tok.decode(f["target"][:1]) for f in inputs["features"]}
-        seen.setdefault(epoch, set()).update(words)
-        return compute(model, inputs, *args, **kwargs)
-
-    trainer.compute_loss = recording
-    trainer.train()
-    rank = os.environ["RANK"]
-    (Path(out) / f"seen-{rank}.json").write_text(json.dumps({k: sorted(v) for k, v in seen.items()}))
-
-
-def torchrun(*args: str, out: Path) -> subprocess.CompletedProcess:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(MODULE), *args, str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(MODULE.parent)}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_pseudo_targets_rotate_on_every_rank(tmp_path):
-    result = torchrun("rotation", out=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    for rank in ("0", "1"):
-        seen = json.loads((tmp_path / f"seen-{rank}.json").read_text())
-        assert seen == {"0": ["one"], "1": ["two"]}, (rank, seen)
+def test_distill_with_two_pseudo_targets_on_two_processes_reads_pt0_then_pt1_on_every_rank(tmp_path):
+    path = write_config(tmp_path, build_teacher("llama", tmp_path / "teacher"), pt_method="sample", pt_count=2,
+                        joint_alpha=0.5, final_ce_epochs=0)
+    config = yaml.safe_load(path.read_text())
+    config["student"]["train"]["processes"] = 2
+    path.write_text(yaml.safe_dump(config))
+    distill(load_config(path), progress=False)
+    kd_stage = tmp_path / "run" / "student-kd"
+    assert (kd_stage / "train_job.pkl").is_file()  # it did run as a 2-process job
+    metrics = json.loads((kd_stage / "train_metrics.json").read_text())
+    assert metrics["pseudo_targets_read"] == [[[0], [1]], [[0], [1]]]  # per rank, per epoch
+    assert metrics["student_samples"]["generated"] > 0  # Joint-Teaching sampled on both ranks in step
 
 
 def lion_config(path: Path, run_dir: Path, processes: int) -> Path:
@@ -113,6 +86,3 @@ def test_a_lion_run_with_two_training_processes_matches_one(tmp_path):
     assert diff <= 1e-4, diff
     assert runs[1] == runs[2]  # one orchestrator: every model call once, whatever the training processes
 
-
-if __name__ == "__main__":
-    {"rotation": _rotation_main}[sys.argv[1]](sys.argv[2])

@@ -181,6 +181,7 @@ def test_distill_end_to_end(tmp_path: Path, teachers: dict[str, Path], case: str
     train = details["kd_train"]
     assert train["epoch_lists"] == k and train["examples_per_epoch"] == 12 + 20
     assert train["steps"] > 0 and train["objective"] == {"logits": 1.0}
+    assert train["pseudo_targets_read"] == [[[epoch % k] for epoch in range(2)]]  # one process, 2 epochs
     if kd.get("joint_alpha"):
         assert train["student_samples"]["generated"] > 0
     assert json.loads((run / "student-kd" / "train_metrics.json").read_text())["objective"] == {"logits": 1.0}

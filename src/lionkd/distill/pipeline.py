@@ -424,7 +424,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
             len(schedule[0]), "gold": sources.get("gold", 0) // len(schedule), "pseudo_targets": len(records),
             "loss": metrics.get("loss"), "steps": metrics.get("steps"), "objective": metrics.get("objective"),
             "joint_alpha": kd.joint_alpha, "teacher_topk": kd.teacher_topk,
-            "student_samples": metrics.get("student_samples"),
+            "student_samples": metrics.get("student_samples"), "pseudo_targets_read": metrics.get("pseudo_targets_read"),
             **({"alignment": alignment.as_dict(), "alignment_metrics": alignment.metrics()} if alignment else {})}
 
 

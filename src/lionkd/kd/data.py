@@ -254,12 +254,16 @@ class EpochDataset(torch.utils.data.Dataset):
             raise ValueError("EpochDataset needs one or more lists of equal length")
         self.per_epoch = [list(x) for x in per_epoch]
         self.epoch = 0
+        self.read: set[int] = set()  # the lists items were read from since `set_epoch`: what really trained
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        self.read = set()
 
     def __len__(self) -> int:
         return len(self.per_epoch[0])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.per_epoch[self.epoch % len(self.per_epoch)][i]
+        k = self.epoch % len(self.per_epoch)
+        self.read.add(k)
+        return self.per_epoch[k][i]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import gather_object
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -285,6 +286,7 @@ class KDTrainer(Trainer):
         self.kd = kd or KDConfig()
         self.vocab_size = vocab_size
         self.sampler = sampler
+        self.epoch_switch: EpochSwitch | None = None  # set by build_trainer for several pseudo-targets
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False)
@@ -596,9 +598,13 @@ class EpochSwitch(TrainerCallback):
 
     def __init__(self, dataset: EpochDataset) -> None:
         self.dataset = dataset
+        self.read: list[list[int]] = []  # per epoch trained by this process, the lists it read
 
     def on_epoch_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.dataset.set_epoch(math.floor((state.epoch or 0.0) + 1e-6))
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.read.append(sorted(self.dataset.read))
 
 
 def build_trainer(
@@ -693,7 +699,8 @@ def build_trainer(
         raise UserError("student.lora: LoRA under ZeRO-3 or FSDP is not supported; use DDP "
                         "(examples/accelerate/ddp.yaml) or ZeRO-2, or full fine-tuning")
     if isinstance(dataset, EpochDataset):
-        trainer.add_callback(EpochSwitch(dataset))
+        trainer.epoch_switch = EpochSwitch(dataset)
+        trainer.add_callback(trainer.epoch_switch)
     for callback in trainer.callback_handler.callbacks:  # its default folder is under checkpoints/, deleted at the end
         if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
             callback.logging_dir = str(Path(out_dir) / "tensorboard")
@@ -769,7 +776,8 @@ def train_student(
     saved tokenizer. With `resume`, a finished `out_dir` is returned as is and an interrupted run
     continues from its last checkpoint. LoRA adapters are merged into the saved model.
     Metrics: loss (mean training loss), steps, epochs, target_tokens, tokens_per_s (input tokens,
-    prompt included, per second of training), runtime_s, objective, last_losses (per objective).
+    prompt included, per second of training), runtime_s, objective, last_losses (per objective), and
+    with several pseudo-targets, pseudo_targets_read (per process, per epoch: the lists it trained on).
     """
     out_dir = Path(out_dir)
     done = out_dir / METRICS_FILE
@@ -815,6 +823,8 @@ def train_student(
     }
     if trainer.noisy_teacher_dropout is not None:
         metrics["noisy_teacher_dropout"] = trainer.noisy_teacher_dropout
+    if trainer.epoch_switch is not None:  # per process, per epoch (since a resume): the pseudo-target lists read
+        metrics["pseudo_targets_read"] = gather_object([trainer.epoch_switch.read])
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
     if trainer.params_sharded:  # every process takes part: the shards are gathered into one checkpoint
