@@ -4,7 +4,7 @@ import pytest
 
 from lionkd.errors import UserError
 from lionkd.kd.data import TrainExample, encode_example
-from lionkd.llm.templates import answer_end_id, end_of_turn_ids
+from lionkd.llm.templates import answer_end_id, end_of_turn_ids, stop_token_ids
 from llm_fakes import tiny_tokenizer
 
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
@@ -50,6 +50,17 @@ def test_a_template_without_an_end_of_turn_is_refused_with_one_line():
 def test_without_a_chat_template_answers_end_with_eos():
     tok = tokenizer(None)
     assert end_of_turn_ids(tok) == [] and answer_end_id(tok, "chat") == tok.eos_token_id
+
+
+def test_generation_stops_at_every_eos_the_model_or_tokenizer_names_and_at_the_end_of_turn():
+    from types import SimpleNamespace
+
+    tok = tokenizer(CHATML)
+    end, eos = tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=[7, 8]), config=SimpleNamespace(eos_token_id=9))
+    assert stop_token_ids(model, tok) == {7, 8, 9, eos, end}
+    bare = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None), config=SimpleNamespace())
+    assert stop_token_ids(bare, tokenizer(None)) == {eos}
 
 
 def test_a_named_model_whose_package_is_missing_says_the_pip_command(monkeypatch):

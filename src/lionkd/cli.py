@@ -6,6 +6,7 @@ User errors print one line and exit 2; internal errors exit 1; `--debug` shows t
 from __future__ import annotations
 
 import sys
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -479,6 +480,10 @@ def main() -> None:
 
     from .config import describe_error
 
+    # A Ctrl-C that lands inside asyncio.run's own clean-up leaves this coroutine unstarted; Python
+    # would warn about it on top of the one line that says what was saved.
+    warnings.filterwarnings("ignore", r"coroutine 'BaseEventLoop\.shutdown_default_executor' was never awaited",
+                            RuntimeWarning)
     try:
         # Without standalone mode typer turns Ctrl-C (and typer.Exit) into a returned exit code.
         code = app(standalone_mode=False)

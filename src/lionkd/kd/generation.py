@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..llm.templates import end_of_turn_ids
+from ..llm.templates import stop_token_ids
 from .data import is_encoder_decoder
 
 
@@ -47,16 +47,6 @@ def cut_at_eos(ids: Sequence[int], eos_ids: set[int]) -> list[int]:
     return out
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids | set(end_of_turn_ids(tokenizer))  # a chat model's reply ends there
-
-
 @torch.no_grad()
 def generate_token_ids(
     model: Any,
@@ -78,7 +68,7 @@ def generate_token_ids(
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encdec = is_encoder_decoder(model)
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -34,7 +34,7 @@ import torch
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .precision import DTYPES
-from .templates import Template, end_of_turn_ids, has_chat_template, render_prompt
+from .templates import Template, has_chat_template, render_prompt, stop_token_ids
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
@@ -134,7 +134,9 @@ class HFBackend(Backend):
         self.batch_size = batch_size
         self.batch_tokens = batch_tokens
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
-        self.eos_ids = _eos_ids(model, tokenizer)
+        self.eos_ids = stop_token_ids(model, tokenizer)
+        if not self.eos_ids:
+            raise ValueError("HFBackend: the model and tokenizer define no EOS token")
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.max_positions = getattr(model.config, "max_position_embeddings", None)
         self._lock = threading.Lock()  # one generate at a time on this model
@@ -423,15 +425,3 @@ def _cut_at_characters(raw: list[bytes], text: str) -> list[str] | None:
         drop = min(extra, len(out[t]))
         out[t], extra = out[t][drop:], extra - drop
     return out
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(model.generation_config, "eos_token_id", None)
-    if eos is None:
-        eos = getattr(model.config, "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise ValueError("HFBackend: the model and tokenizer define no EOS token")
-    ids = set(eos) if isinstance(eos, (list, tuple)) else {eos}
-    return ids | set(end_of_turn_ids(tokenizer))  # a chat model's reply ends there, whatever its config says

@@ -65,6 +65,18 @@ def _is_special(tokenizer: Any, token_id: int) -> bool:
     return token_id in tokenizer.all_special_ids or bool(added is not None and added.special)
 
 
+def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Every token that ends a generated reply: the model's EOS (generation config and config), the
+    tokenizer's, and the chat template's end of turn. Extra stops cost nothing; a missing one lets a
+    chat model run on into an invented next turn."""
+    ids: set[int] = set()
+    for owner, holder in ((model, "generation_config"), (model, "config"), (tokenizer, None)):
+        eos = getattr(getattr(owner, holder, None) if holder else owner, "eos_token_id", None)
+        if eos is not None:
+            ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return ids | set(end_of_turn_ids(tokenizer))
+
+
 def answer_end_id(tokenizer: Any, template: str, where: str = "") -> int:
     """The token a trained answer ends with: the chat template's end of turn, else EOS.
 
