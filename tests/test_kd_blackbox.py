@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lionkd.config import RunConfig, TrainConfig, load_config
+from lionkd.errors import BudgetExceeded
 from lionkd.kd.blackbox import (
     APIPTSettings,
     aligned_examples,
@@ -217,13 +218,19 @@ def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypat
                    "objective": {"logits": 1.0, "ce": 1.0}, "pt_count": 2, "pt_max_new_tokens": 10, "fewshot": 1,
                    "final_ce_epochs": 0, "eval_num_beams": 1, "eval_max_new_tokens": 6},
         }
-        (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(config | {"budget": {"max_calls": 4}}))
+        with pytest.raises(BudgetExceeded) as stop:  # the whole stage's rest is named, and that it is the run's
+            distill(load_config(tmp_path / "run.yaml"), progress=False)
+        left = 2 * (len(QUESTIONS) - 2)  # a request for K = 2 samples is 2 calls
+        assert backend.requests == 2 and f"{left} teacher calls of this stage are left" in str(stop.value)
+        assert "no later stage calls an API" in str(stop.value)
+        (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))  # a larger budget (none) goes on
         cfg = load_config(tmp_path / "run.yaml")
         summary = distill(cfg, progress=False)
         sent = backend.requests
         again = distill(cfg, progress=False)
 
-    assert sent == len(QUESTIONS) and backend.requests == sent  # one request (n = 2) per input, none on rerun
+    assert sent == len(QUESTIONS) and backend.requests == sent  # one request (n = 2) per input, none twice
     assert "pseudo_targets" in summary.ran and "pseudo_targets" in again.skipped
     (examples, objective, teacher), = seen
     assert objective == {"logits": 1.0, "ce": 1.0} and teacher is None  # sparse targets, no live teacher

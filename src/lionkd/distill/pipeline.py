@@ -32,7 +32,7 @@ from typing import Any
 
 from ..config import DataConfig, RunConfig, TrainConfig
 from ..data import load_table, write_jsonl
-from ..errors import UserError
+from ..errors import BudgetExceeded, UserError
 from ..kd.data import TrainExample, prompt_ids
 from ..kd.joint_teaching import JointTeaching
 from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
@@ -362,8 +362,12 @@ def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample
 
     with progress_bars(progress) as bars:
         task = bars.add_task(f"pseudo-targets (API, K={cfg.kd.pt_count})", total=len(inputs))
-        return api_pseudo_targets_stage(cfg, store, inputs, labeled, teacher_name(cfg),
-                                        on_progress=lambda n: bars.advance(task, n))
+        try:
+            return api_pseudo_targets_stage(cfg, store, inputs, labeled, teacher_name(cfg),
+                                            on_progress=lambda n: bars.advance(task, n))
+        except BudgetExceeded as exc:  # what this stage has left is all the run has left
+            raise BudgetExceeded(f"{exc}; no later stage calls an API", role=exc.role, calls_left=exc.calls_left,
+                                 cost_left=exc.cost_left) from None
 
 
 def _same_vocabulary(cfg: RunConfig) -> bool:

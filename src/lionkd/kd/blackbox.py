@@ -93,7 +93,6 @@ def generate_api_pseudo_targets(
     *,
     store: Store | None = None,
     teacher_name: str | None = None,
-    batch_size: int = 64,
     on_progress: Callable[[int], None] | None = None,
 ) -> list[PseudoTarget]:
     """K PTs with token log-probabilities per input, committed to `store` as each reply arrives.
@@ -106,11 +105,13 @@ def generate_api_pseudo_targets(
     recorded = params | {"n": settings.k, "fewshot": settings.fewshot, "instruction": settings.instruction}
     by_input: dict[int, list[PseudoTarget]] = {}  # returned in input order, not in order of arrival
 
-    async def run(offset: int, chunk: Sequence[TrainExample]) -> None:
+    # One stream for the whole stage: the endpoint's concurrency is used to the end, and a budget stop
+    # counts what the whole stage has left.
+    async def run() -> None:
         requests = [GenRequest.chat(teacher_messages(x, demos, settings.instruction, settings.fewshot),
-                                    n=settings.k, **params) for x in chunk]
+                                    n=settings.k, **params) for x in inputs]
         async for i, result in llm.stream(requests):
-            x = chunk[i]
+            x = inputs[i]
             pts = [
                 PseudoTarget(input_id=x.id, index=j, text=c.text.strip(), method=settings.method, teacher=name,
                              params=recorded, logprobs=token_records(c.logprobs) if c.logprobs is not None else None,
@@ -119,12 +120,11 @@ def generate_api_pseudo_targets(
             ]
             if store is not None and pts:
                 store.add_pseudo_targets(pts)
-            by_input[offset + i] = pts
+            by_input[i] = pts
             if on_progress is not None:
                 on_progress(1)
 
-    for start in range(0, len(inputs), batch_size):
-        asyncio.run(run(start, inputs[start : start + batch_size]))
+    asyncio.run(run())
     return [pt for i in sorted(by_input) for pt in by_input[i]]
 
 
