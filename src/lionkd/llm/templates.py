@@ -69,9 +69,10 @@ def stop_token_ids(model: Any, tokenizer: Any) -> set[int]:
     """Every token that ends a generated reply: the model's EOS (generation config and config), the
     tokenizer's, and the chat template's end of turn. Extra stops cost nothing; a missing one lets a
     chat model run on into an invented next turn."""
+    named = (getattr(getattr(model, "generation_config", None), "eos_token_id", None),
+             getattr(getattr(model, "config", None), "eos_token_id", None), tokenizer.eos_token_id)
     ids: set[int] = set()
-    for owner, holder in ((model, "generation_config"), (model, "config"), (tokenizer, None)):
-        eos = getattr(getattr(owner, holder, None) if holder else owner, "eos_token_id", None)
+    for eos in named:
         if eos is not None:
             ids.update(eos if isinstance(eos, (list, tuple)) else [eos])
     return ids | set(end_of_turn_ids(tokenizer))
