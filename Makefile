@@ -19,10 +19,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/lionkd demo
 
-# One worker per core, a test file per worker: most tests wait on a subprocess's imports or a
-# model's load, so two cores run the suite in about half the time.
+# Two workers, a test file each: most tests wait on a subprocess's imports or a model's load, so
+# two cores run the suite in about half the time. A fixed count, not `auto`: in a container the
+# visible CPUs can be far more than the cores it may use. `make test TEST_WORKERS=8` on a big machine.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
