@@ -31,6 +31,7 @@ from lionkd.config import load_config
 from lionkd.distill.pipeline import distill
 from lionkd.errors import UserError
 from lionkd.eval.report import build_report
+from lionkd.kd.prune import prune_layers
 from lionkd.kd.trainer import run_name
 from lionkd.store import Store
 from report_checks import check_report, parse
@@ -364,7 +365,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path: Path, teachers: dict[str,
         (lambda d: d["teacher"].update(backend="openai"), "teacher.backend"),
         (lambda d: d["kd"].update(objective={"logit": 1.0}), "kd.objective: unknown objective 'logit'"),
         (lambda d: (d["student"].update(model="./nowhere"), d["kd"].update(student_init="pretrained")),
-         "student.model: model not found"),
+         "student.model: model not found: .*a hub id like org/name or one of: smollm2-135m-instruct"),
     ]:
         with pytest.raises(UserError, match=expected) as info:
             distill(load_config(broken(mutate)), progress=False)
@@ -390,6 +391,8 @@ def test_prune_command(tmp_path: Path, teachers: dict[str, Path]) -> None:
     assert into_busy.returncode == 2 and "is not empty" in into_busy.stderr
     assert sorted((p.name, p.stat().st_size) for p in teachers["llama"].iterdir()) == before  # nothing touched
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["notes.txt"]
+    with pytest.raises(UserError, match="^prune: model not found: smollm2-360m .*one of: smollm2-135m-instruct"):
+        prune_layers("smollm2-360m", tmp_path / "never")  # a name lionkd does not know: the names it does
 
 
 @pytest.mark.parametrize("backend", ["hf", "sandbox"])

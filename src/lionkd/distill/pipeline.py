@@ -174,11 +174,11 @@ def check_config(cfg: RunConfig) -> None:
 
 
 def model_path(name: str, key: str) -> str:
-    from ..llm.models import resolve_model_path
+    from ..llm.models import model_not_found, resolve_model_path
 
     path = resolve_model_path(name)
     if not Path(path).exists() and not HUB_ID.fullmatch(name):
-        raise UserError(f"{key}: model not found: {path} (a local model folder or a hub id like org/name)")
+        raise model_not_found(path, key, hub=True)
     return path
 
 

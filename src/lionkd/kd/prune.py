@@ -118,11 +118,11 @@ def prune_layers(
     Encoder-decoder models (T5, BART): `keep` picks decoder layers and `encoder_keep` encoder layers
     (None: the encoder stays whole). Returns {"kept": [...], "encoder_kept": [...] or None, "layers": n}.
     """
-    from ..llm.models import resolve_model_path
+    from ..llm.models import model_not_found, resolve_model_path
 
     model_dir, out_dir = Path(resolve_model_path(str(model_dir))), Path(out_dir)
     if not model_dir.exists():
-        raise UserError(f"prune: model not found: {model_dir}")
+        raise model_not_found(str(model_dir), "prune")
     if out_dir.resolve() == model_dir.resolve():
         raise UserError(f"prune: {out_dir} is the model being pruned; give another output folder")
     if out_dir.is_dir() and any(out_dir.iterdir()):

@@ -94,9 +94,9 @@ def load_model(spec: str | Path | PreTrainedModel, dtype: torch.dtype | None = N
         return spec
     path = str(spec)
     if not Path(path).exists():
-        from ..llm.models import known_names
+        from ..llm.models import model_not_found
 
-        raise UserError(f"model not found: {path} (a model is a folder, a .gguf file or one of: {known_names()})")
+        raise model_not_found(path)
     config = AutoConfig.from_pretrained(path)
     cls = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
     return cls.from_pretrained(path, dtype=dtype) if dtype is not None else cls.from_pretrained(path)

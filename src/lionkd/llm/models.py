@@ -59,6 +59,12 @@ def known_names() -> str:
     return ", ".join([*NAMED_MODELS, f"{SANDBOX_PREFIX}base-student"])
 
 
+def model_not_found(name: str, where: str = "", hub: bool = False) -> UserError:
+    """The one line for a model that is neither a folder, a file nor a known name."""
+    forms = "a folder, a .gguf file" + (", a hub id like org/name" if hub else "") + f" or one of: {known_names()}"
+    return UserError(f"{where + ': ' if where else ''}model not found: {name} ({forms})")
+
+
 def cache_dir() -> Path:
     """Where converted models live: $LIONKD_CACHE, else the user's cache folder."""
     if os.environ.get(CACHE_ENV):
