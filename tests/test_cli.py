@@ -77,3 +77,18 @@ def test_status_tables_are_readable_at_80_columns(tmp_path):
     for text in ("12345678", "9876543", "123456", "0.123", "students/iter-9", "32.0988", "generator"):
         assert any(text in line for line in lines), (text, status.stdout)
     assert any(re.match(r"\W*metric\W+7\W+8\W+9\W*$", line) for line in lines), status.stdout  # iterations 7-9 below
+
+
+def test_no_progress_silences_the_gguf_dequantisation_bar():
+    """transformers draws that bar with plain tqdm, which reads TQDM_DISABLE when first imported."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from lionkd.cli import library_bars; library_bars(sys.argv[1] == 'on')\n"
+              "from transformers import modeling_gguf_pytorch_utils as gguf\n"
+              "for _ in gguf.tqdm(range(3), desc='dequantising'): pass")
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    shown = {flag: subprocess.run([sys.executable, "-c", script, flag], capture_output=True, text=True, env=env,
+                                  check=True).stderr for flag in ("on", "off")}
+    assert "dequantising" in shown["on"] and "dequantising" not in shown["off"]

@@ -5,6 +5,7 @@ User errors print one line and exit 2; internal errors exit 1; `--debug` shows t
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from importlib import resources
@@ -46,11 +47,16 @@ def _root(
 
 def quiet_libraries() -> None:
     """lionkd draws its own progress bars; the libraries' weight-loading bars and notices are noise here."""
-    import os
-
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def library_bars(enabled: bool) -> None:
+    """`--no-progress` also silences the bars libraries draw with plain tqdm (transformers' GGUF
+    dequantisation). tqdm reads TQDM_DISABLE once, when first imported: call before any model import."""
+    if not enabled:
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -254,6 +260,7 @@ def run(
     ] = False,
 ) -> None:
     """Run (or resume) the Lion loop of a config: imitation, discrimination, generation per iteration."""
+    library_bars(progress)
     from .config import load_config
     from .lion.loop import budget_lines, plan_run, plan_table, run_lion
 
@@ -286,6 +293,7 @@ def distill(
     ] = False,
 ) -> None:
     """Run (or resume) task-specific KD: teacher PTs, KD training, final fine-tuning, evaluation."""
+    library_bars(progress)
     from .config import load_config
     from .distill.pipeline import distill as run_distill
 
@@ -439,6 +447,7 @@ def demo(
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """A whole Lion run on the offline sandbox world, served over HTTP on 127.0.0.1 (no API key)."""
+    library_bars(progress)
     from .lion.demo import DemoSettings, results_table, run_demo
     from .run_guard import hold_run
 
