@@ -101,21 +101,19 @@ class Budget:
     # ------------------------------------------------------------------ admitting and settling calls
     def _limits(self, role: str) -> list[tuple[str, int | None, float | None, Tally]]:
         """(name, max calls, max cost, what counts against it now) for each limit over `role`."""
-        total = Tally()
-        for r in BUDGETED_ROLES:
-            total = total + self.spent[r] + self.reserved[r]
+        total = sum((self.spent[r] + self.reserved[r] for r in BUDGETED_ROLES), Tally())
         mine = self.spent[role] + self.reserved[role]
         own = self.endpoints[role].budget
         return [("budget", self.run_limit.max_calls, self.run_limit.max_cost, total),
                 (f"{role}.budget", own.max_calls, own.max_cost, mine)]
 
-    def _fits(self, role: str, extra: Tally) -> bool:
-        for _, max_calls, max_cost, used in self._limits(role):
-            if max_calls is not None and used.calls + extra.calls > max_calls:
-                return False
-            if max_cost is not None and used.cost + extra.cost > max_cost + 1e-12:
-                return False
-        return True
+    def _passed(self, role: str, extra: Tally) -> str | None:
+        """The name of the first limit over `role` that `extra` more would pass; None if it fits them all."""
+        for name, max_calls, max_cost, used in self._limits(role):
+            if ((max_calls is not None and used.calls + extra.calls > max_calls)
+                    or (max_cost is not None and used.cost + extra.cost > max_cost + 1e-12)):
+                return name
+        return None
 
     def admit(self, role: str, requests: Sequence[GenRequest]) -> list[Tally]:
         """Reserve the worst case of as many leading `requests` as fit; their reservations, in order."""
@@ -123,7 +121,7 @@ class Budget:
         admitted: list[Tally] = []
         with self._lock:
             for w in worst:
-                if not self._fits(role, w):
+                if self._passed(role, w) is not None:
                     break
                 self.reserved[role] = self.reserved[role] + w
                 admitted.append(w)
@@ -143,13 +141,9 @@ class Budget:
     # ------------------------------------------------------------------ saying where it stands
     def exceeded(self, role: str, rest: Sequence[GenRequest]) -> BudgetExceeded:
         """The stop: which limit the next call of `role` would pass, what was spent, what `rest` would cost."""
-        nxt = self.worst_case(role, rest[0])
-        name = next((n for n, max_calls, max_cost, used in self._limits(role)
-                     if (max_calls is not None and used.calls + nxt.calls > max_calls)
-                     or (max_cost is not None and used.cost + nxt.cost > max_cost + 1e-12)), "budget")
-        left = Tally()
-        for r in rest:
-            left = left + self.worst_case(role, r)
+        with self._lock:
+            name = self._passed(role, self.worst_case(role, rest[0])) or "budget"
+        left = sum((self.worst_case(role, r) for r in rest), Tally())
         cost = f" and would cost up to ${left.cost:.4f}" if self.priced else ""
         return BudgetExceeded(
             f"{name} reached: spent {self.spent_line()}; the next {role} call could pass it; {left.calls} "
@@ -161,9 +155,7 @@ class Budget:
         return any(e.price is not None for e in self.endpoints.values())
 
     def spent_line(self) -> str:
-        total = Tally()
-        for r in BUDGETED_ROLES:
-            total = total + self.spent[r]
+        total = sum((self.spent[r] for r in BUDGETED_ROLES), Tally())
         limits = [f"max_calls {self.run_limit.max_calls}" if self.run_limit.max_calls is not None else "",
                   f"max_cost ${self.run_limit.max_cost:g}" if self.run_limit.max_cost is not None else ""]
         within = f" of {' and '.join(x for x in limits if x)}" if any(limits) else ""
