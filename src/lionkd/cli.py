@@ -150,8 +150,7 @@ def status(run_dir: Path) -> None:
             done = ", ".join(s["stage"] for s in stages if s["iteration"] == it) or "-"
             table.add_row(str(it), str(len(store.pool(it, "train"))), str(len(store.pool(it, "cache"))), done)
         console.print(table)
-        for part in range(0, len(iterations), STATUS_ITERATION_COLUMNS):
-            console.print(dynamics_table(metrics, iterations[part:part + STATUS_ITERATION_COLUMNS]))
+        print_dynamics(metrics, iterations)
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
 
 
@@ -175,10 +174,15 @@ def distill_status(run_dir: Path, store: Any) -> None:
                           f"{p['mean_words']:.1f}", _fmt(p["cut_off"]))
         console.print(kinds)
     metrics = store.metrics()
-    for part in range(0, len(metrics), STATUS_ITERATION_COLUMNS):
-        console.print(dynamics_table(metrics, sorted(metrics)[part:part + STATUS_ITERATION_COLUMNS]))
+    print_dynamics(metrics, sorted(metrics))
     if store.usage():
         console.print(usage_table(store.usage(), _run_prices(run_dir)))
+
+
+def print_dynamics(metrics: dict[int, dict[str, Any]], iterations: list[int]) -> None:
+    """The learning-dynamics table, in parts of at most STATUS_ITERATION_COLUMNS iterations."""
+    for part in range(0, len(iterations), STATUS_ITERATION_COLUMNS):
+        console.print(dynamics_table(metrics, iterations[part:part + STATUS_ITERATION_COLUMNS]))
 
 
 def dynamics_table(metrics: dict[int, dict[str, Any]], iterations: list[int]) -> Table:
@@ -225,18 +229,14 @@ def export(
                 raise UserError(f"--role: a distill run holds the teacher's pseudo-targets only; use --role teacher "
                                 f"(the student's predictions are in {run_dir / 'predictions-student.jsonl'})")
             records = export_records(run_dir, store, chat=fmt == "chat")
-            instructions = None
         else:
-            instructions = store.instructions()
-        roles = store.response_roles()
-        if instructions is not None:
+            roles = store.response_roles()
             if role not in roles:
                 raise UserError(f"--role: no answers by '{role}' in {run_dir} "
                                 f"(roles with answers: {', '.join(roles) or 'none yet'})")
             answers = store.latest_responses(role)
-    if instructions is not None:
-        make = chat_record if fmt == "chat" else alpaca_record
-        records = [make(ins, answers.get(ins.id)) for ins in instructions]
+            make = chat_record if fmt == "chat" else alpaca_record
+            records = [make(ins, answers.get(ins.id)) for ins in store.instructions()]
     if fmt == "hf":
         to_hf_dataset(records).save_to_disk(str(out))
     elif out.suffix == ".json":
