@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -15,6 +16,20 @@ def run_cli(*args: str, env: dict | None = None, cwd=None, timeout: float = 300)
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([sys.executable, "-m", "lionkd", *args], capture_output=True, text=True,
                           env=full_env, cwd=cwd, timeout=timeout)
+
+
+def one_line(text: str) -> str:
+    """The only non-blank line of `text` (a user error is one line)."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nobody listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture

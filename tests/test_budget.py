@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import one_line, run_cli
 from lionkd.budget import Budget, Tally, worst_prompt_tokens
 from lionkd.config import RunConfig
 from lionkd.errors import BudgetExceeded, UserError
@@ -185,12 +185,6 @@ def write_config(folder: Path, base_url: str, **top: Any) -> Path:
     path = folder / "c.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
     return path
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 def test_a_budget_of_n_calls_sends_at_most_n_exits_3_and_a_rerun_sends_nothing_twice(tmp_path: Path, world) -> None:

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import closed_port, one_line, run_cli
 from lionkd.llm.base import GenRequest, GenResult
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.run_guard import LOCK_NAME, hold_run
@@ -83,12 +82,6 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
         assert proc.poll() is None, f"the run ended ({proc.returncode}) before {what}: {proc.communicate()}"
         assert time.monotonic() < end, f"no {what} within {timeout} s"
         time.sleep(0.02)
-
-
-def one_line(text: str) -> str:
-    lines = [line for line in text.splitlines() if line.strip()]
-    assert len(lines) == 1, text
-    return lines[0]
 
 
 def digest(path: Path) -> str:
@@ -202,12 +195,6 @@ def test_config_changes_by_class_through_the_command(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- 5. a dead endpoint
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_dead_endpoint_fails_within_seconds_with_one_line(tmp_path: Path) -> None:

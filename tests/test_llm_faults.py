@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import socket
 import time
 
 import pytest
 
+from conftest import closed_port
 from lionkd.errors import UserError
 from lionkd.llm.base import GenRequest
 from lionkd.llm.cache import CachedLLM
@@ -107,12 +107,6 @@ def test_client_errors_after_a_success_fail_one_request_without_retry():
         assert [r.ok for r in results] == [False, False, False, True]
         assert "HTTP 403" in results[1].error
         assert fake.hits["bad-auth"] == fake.hits["forbidden"] == fake.hits["gone"] == 1
-
-
-def closed_port() -> int:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_connection_refused_is_retried_then_reported():
