@@ -10,7 +10,11 @@ batch over the step's time, after the first step (warm-up): "best" is the fastes
 is shared, so the best step is the least disturbed one, as `timeit` takes the minimum), "mean" the
 whole run. Peak memory is the growth of peak RSS over the RSS once the models exist. Prints a table with the ratios to TRL and writes benchmarks/results/kd_step.json.
 
-    python benchmarks/kd_step.py [--steps 5]
+With `--cuda` both trainers run on the GPU in bf16 with SmolLM2-135M's shape (vocabulary 49,152,
+hidden 576, 30 layers, tied embeddings; batch 8 x (128 + 384) tokens), and peak memory is the
+GPU's peak allocation during training.
+
+    python benchmarks/kd_step.py [--steps 5] [--cuda] [--results PATH]
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ from lionkd.eval.speed import resident_mb
 
 RESULTS = Path(__file__).parent / "results" / "kd_step.json"
 VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET = 32000, 256, 2, 4, 64, 192
+CUDA = False  # set by --cuda, with SmolLM2-135M's shape below
+
+
+def use_cuda() -> None:
+    global CUDA, VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET
+    CUDA, VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET = True, 49152, 576, 30, 8, 128, 384
 
 
 def setup(tmp: Path):  # noqa: ANN201
@@ -47,9 +57,10 @@ def setup(tmp: Path):  # noqa: ANN201
 
     def llama(seed: int) -> LlamaForCausalLM:
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=4 * HIDDEN, num_hidden_layers=LAYERS,
-                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+        heads = (9, 3, 1536) if CUDA else (4, 4, 4 * HIDDEN)  # SmolLM2-135M's attention and MLP on the GPU
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=heads[2], num_hidden_layers=LAYERS,
+                          num_attention_heads=heads[0], num_key_value_heads=heads[1], max_position_embeddings=1024,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=CUDA)
         return LlamaForCausalLM(cfg)
 
     rng = random.Random(0)
@@ -82,7 +93,8 @@ def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     tok, student, teacher, texts = setup(tmp)
     examples = [TrainExample(prompt=p, target=t) for p, t in texts]
     settings = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, max_length=PROMPT + TARGET,
-                           warmup_ratio=0.0, save_steps=10_000, logging_steps=10_000)
+                           warmup_ratio=0.0, save_steps=10_000, logging_steps=10_000,
+                           **({"precision": "bf16"} if CUDA else {}))
     trainer = build_trainer(student, examples, tmp / "lionkd", settings=settings, teacher=teacher, objective="logits",
                             tokenizer=tok, template="raw", progress=False)
     trainer.fuse_head = fuse_head
@@ -115,8 +127,8 @@ def run_trl(steps: int, tmp: Path) -> dict:
 
     args = GKDConfig(output_dir=str(tmp / "trl"), max_steps=steps, per_device_train_batch_size=BATCH,
                      learning_rate=1e-4, lmbda=0.0, beta=0.0, temperature=1.0, max_length=PROMPT + TARGET,
-                     report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=True,
-                     disable_tqdm=True, bf16=False)
+                     report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=not CUDA,
+                     disable_tqdm=True, bf16=CUDA)
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows), data_collator=collate,
                          processing_class=tok)
     return measure(trainer)
@@ -126,8 +138,16 @@ def measure(trainer) -> dict:  # noqa: ANN001
     timer = StepTimer()
     trainer.add_callback(timer.callback())
     base = resident_mb()
+    if CUDA:
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        base = 0.0  # the GPU holds nothing before training: its peak is all the training's
     trainer.train()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if CUDA:
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     steps = [b - a for a, b in itertools.pairwise(timer.times)]
     tokens = BATCH * (PROMPT + TARGET)
     mean = sum(steps) / len(steps)
@@ -147,13 +167,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument("--tmp", default="/tmp/lionkd-bench-kd-step")
+    parser.add_argument("--cuda", action="store_true", help="on the GPU, bf16, SmolLM2-135M's shape")
+    parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.cuda:
+        use_cuda()
     if args.worker:
         print(json.dumps({"trainer": args.worker, **WORKERS[args.worker](args.steps, Path(args.tmp))}))
         return
     rows = []
     for name in WORKERS:
-        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--tmp", args.tmp]
+        cmd = [sys.executable, __file__, "--worker", name, "--steps", str(args.steps), "--tmp", args.tmp,
+               *(["--cuda"] if args.cuda else [])]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"{name} failed:\n{out.stderr[-3000:]}")
@@ -164,15 +189,25 @@ def main() -> None:
         r["mean_throughput_vs_trl"] = r["tokens_per_s_mean"] / trl["tokens_per_s_mean"]
         r["memory_vs_trl"] = r["peak_extra_mb"] / trl["peak_extra_mb"]
     load = os.getloadavg()
+    where = torch_device_name() if CUDA else f"load average {load[0]:.2f} on {os.cpu_count()} CPUs"
     print(f"KD training step: Llama h{HIDDEN} x{LAYERS}, vocab {VOCAB}, batch {BATCH} x {PROMPT + TARGET} tokens; "
-          f"load average {load[0]:.2f} on {os.cpu_count()} CPUs")
+          f"{where}")
     print(f"{'trainer':<15}{'tokens/s':>10}{'(mean)':>8}{'peak extra MiB':>16}{'speed/TRL':>11}{'(mean)':>8}"
           f"{'memory/TRL':>12}")
     for r in rows:
         print(f"{r['trainer']:<15}{r['tokens_per_s']:>10.0f}{r['tokens_per_s_mean']:>8.0f}{r['peak_extra_mb']:>16.0f}"
               f"{r['throughput_vs_trl']:>11.2f}{r['mean_throughput_vs_trl']:>8.2f}{r['memory_vs_trl']:>12.2f}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"steps": args.steps, "rows": rows, "load_average": load}, indent=2))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"steps": args.steps, "rows": rows, "load_average": load,
+                                        "device": torch_device_name() if CUDA else "cpu", "batch": BATCH,
+                                        "tokens_per_sequence": PROMPT + TARGET, "vocab": VOCAB, "hidden": HIDDEN,
+                                        "layers": LAYERS}, indent=2))
+
+
+def torch_device_name() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)}, bf16"
 
 
 if __name__ == "__main__":
