@@ -105,7 +105,8 @@ def main() -> None:
     args = parser.parse_args()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    assert torch.cuda.is_available(), "no CUDA GPU visible"
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu check: no CUDA GPU visible (it checks what CPU tests cannot)")
     gpus = torch.cuda.device_count()
     import transformers
 
