@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -67,10 +70,47 @@ def test_clean_metrics_keeps_numbers_only() -> None:
     assert clean_metrics({"alias": "x", "acc,none": 1, "f1,strict": 0.5, "flag": True}) == {"acc": 1.0, "f1[strict]": 0.5}
 
 
-def test_real_harness_task_on_a_tiny_model(tiny) -> None:
-    pytest.importorskip("lm_eval")
-    try:
-        out = run_harness(*tiny, ["bbh_zeroshot_boolean_expressions"], batch_size=2, limit=2)
-    except UserError as exc:
-        pytest.skip(f"the task's data cannot be downloaded here: {exc}")
-    assert "bbh_zeroshot_boolean_expressions" in out["results"]
+LOCAL_TASK = """task: lionkd_local_qa
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def local_task(folder: Path, rows: int) -> Path:
+    """A harness task of one's own: a YAML file over a JSONL file, no hub involved."""
+    folder.mkdir()
+    data = folder / "items.jsonl"
+    data.write_text("".join(json.dumps({"question": f"is {i} even?", "choices": [" yes", " no"], "answer": i % 2}) + "\n"
+                            for i in range(rows)))
+    (folder / "lionkd_local_qa.yaml").write_text(LOCAL_TASK.format(data=data))
+    return folder
+
+
+def test_real_harness_runs_a_local_task_end_to_end(tmp_path: Path, cli) -> None:
+    tasks = local_task(tmp_path / "tasks", rows=6)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"input": f"Add {i} and 1.", "target": str(i + 1)}) + "\n" for i in range(2)))
+    out = tmp_path / "eval"
+    result = cli("eval", "--model", "sandbox:base-student", "--data", str(data), "-o", str(out), "--metrics",
+                 "exact_match", "--max-new-tokens", "4", "--harness-tasks", "lionkd_local_qa",
+                 "--harness-include", str(tasks), env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    harness = json.loads((out / "eval.json").read_text())["harness"]
+    assert harness["samples"]["lionkd_local_qa"] == {"original": 6, "effective": 6}
+    assert 0.0 <= harness["results"]["lionkd_local_qa"]["acc"] <= 1.0
+
+
+def test_a_missing_task_folder_is_one_line(tiny, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--harness-include .*no such folder"):
+        run_harness(*tiny, ["lionkd_local_qa"], include_path=tmp_path / "absent")

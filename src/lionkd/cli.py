@@ -368,6 +368,8 @@ def eval_command(
     max_batch: Annotated[int, typer.Option(help="Largest batch tried for throughput.")] = 256,
     harness_tasks: Annotated[str | None, typer.Option(help="lm-evaluation-harness tasks, e.g. bbh_zeroshot.")] = None,
     harness_limit: Annotated[int | None, typer.Option(help="Examples per harness task (a quick check).")] = None,
+    harness_include: Annotated[Path | None, typer.Option(
+        help="A folder of your own harness task YAMLs (e.g. over a local JSONL file).")] = None,
 ) -> None:
     """Evaluate a model on a data set: task metrics, judge evaluation, speed, harness benchmarks."""
     from rich.markdown import Markdown
@@ -389,6 +391,7 @@ def eval_command(
         reference=reference, speed=speed, teacher=teacher, speed_new_tokens=speed_new_tokens,  # type: ignore[arg-type]
         memory_budget_gb=memory_budget_gb, max_batch=max_batch,
         harness_tasks=[t for t in (harness_tasks or "").split(",") if t.strip()], harness_limit=harness_limit,
+        harness_include=harness_include,
     )
     bars, update = _stage_progress()
     with bars:

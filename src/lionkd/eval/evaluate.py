@@ -90,6 +90,7 @@ class EvalSettings:
     harness_tasks: Sequence[str] = field(default_factory=tuple)
     harness_limit: int | None = None
     harness_fewshot: int | None = None
+    harness_include: Path | None = None  # a folder of the user's own task YAMLs
 
     @property
     def remote(self) -> bool:
@@ -240,7 +241,8 @@ def run_eval(s: EvalSettings, progress: Progress | None = None) -> dict[str, Any
             progress("harness", 0, 1)
         results["harness"] = run_harness(backend.net, backend.tokenizer, s.harness_tasks,  # type: ignore[attr-defined]
                                          batch_size=s.batch_size, limit=s.harness_limit,
-                                         num_fewshot=s.harness_fewshot, seed=s.seed)
+                                         num_fewshot=s.harness_fewshot, seed=s.seed,
+                                         include_path=s.harness_include)
     (s.out_dir / RESULTS_JSON).write_text(json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8")
     (s.out_dir / RESULTS_MD).write_text(eval_markdown(results, f"Evaluation of {results['model']}"),
                                         encoding="utf-8")

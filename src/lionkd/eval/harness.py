@@ -2,12 +2,14 @@
 
 The harness is an optional extra (`pip install 'lionkd[eval]'`). The model already loaded for the
 rest of the evaluation is handed to the harness's own Hugging Face wrapper, so it is neither loaded
-twice nor scored by a second implementation of log-likelihoods.
+twice nor scored by a second implementation of log-likelihoods. Tasks of the user's own (task YAML
+files over local data) are found in `include_path`, beside the harness's built-in ones.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
@@ -45,22 +47,30 @@ def run_harness(
     num_fewshot: int | None = None,
     apply_chat_template: bool = False,
     seed: int = 0,
+    include_path: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run harness tasks (zero-shot unless `num_fewshot`) and return {"tasks", "settings", "results"}.
 
     `results` maps each task and group to its metrics; `limit` caps the examples per task (a quick
-    check, not a comparable score).
+    check, not a comparable score); `include_path` is a folder (or file) of the user's task YAMLs.
     """
     tasks = [t.strip() for t in tasks if t.strip()]
     if not tasks:
         raise UserError("--harness-tasks: no task names given")
+    if include_path is not None and not Path(include_path).exists():
+        raise UserError(f"--harness-include {include_path}: no such folder or file")
     lm_eval, hflm = _import_harness()
+    task_manager = None
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        task_manager = TaskManager(include_path=str(include_path))
     wrapped = hflm(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         output = lm_eval.simple_evaluate(
             model=wrapped, tasks=tasks, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size,
             apply_chat_template=apply_chat_template, random_seed=seed, numpy_random_seed=seed,
-            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False,
+            torch_random_seed=seed, fewshot_random_seed=seed, log_samples=False, task_manager=task_manager,
         )
     except (OSError, ConnectionError, ValueError, KeyError) as exc:
         # unknown task names, or task data the hub could not deliver
@@ -74,5 +84,6 @@ def run_harness(
         "settings": {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size,
                      "apply_chat_template": apply_chat_template},
         "versions": dict(output.get("versions") or {}),
+        "samples": {name: dict(n) for name, n in (output.get("n-samples") or {}).items()},  # items scored per task
         "results": results,
     }
