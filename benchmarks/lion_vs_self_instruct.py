@@ -229,7 +229,7 @@ def run_arm(cfg: RunConfig, arm: str, seed_dir: Path, first: bool) -> Any:
         loop.discrimination_stage = with_prefix_snapshots(seed_dir)
     try:
         # a copied prefix is bound to the first arm's config: the arm's own keys apply from the next stage
-        return loop.run_lion(cfg, progress=False, report=False, allow_config_change=(run_dir / "prefix.json").is_file())
+        return loop.run_lion(cfg, progress=False, allow_config_change=(run_dir / "prefix.json").is_file())
     finally:
         loop.discrimination_stage = original
 

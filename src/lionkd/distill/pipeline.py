@@ -21,7 +21,6 @@ student-kd/, student/, predictions-*.jsonl, eval.json, eval.md.
 from __future__ import annotations
 
 import datetime as dt
-import random
 import re
 import shutil
 from collections import Counter
@@ -30,42 +29,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, RunConfig, TrainConfig
-from ..data import load_table, write_jsonl
+from ..config import RunConfig, TrainConfig
+from ..data import write_jsonl
 from ..errors import BudgetExceeded, UserError
-from ..kd.data import TrainExample, prompt_ids
+from ..eval.local_model import evaluate_model
+from ..kd.data import TrainExample
 from ..kd.joint_teaching import JointTeaching
 from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
-from ..records import PseudoTarget, content_id
+from ..records import PseudoTarget
 from ..store import Store
+from .task_data import TaskData, load_task_data
 
 ITERATION = 0  # a distill run has one iteration in the store
-EVAL_METRICS = ("bleu", "rouge", "exact_match")
 SUMMARY_METRICS = ("bleu", "rouge_mean", "exact_match", "perplexity")
-
-
-@dataclass
-class TaskData:
-    """The examples of one run. Unlabeled inputs (and PT inputs) carry an empty target."""
-
-    labeled: list[TrainExample]
-    unlabeled: list[TrainExample]
-    eval: list[TrainExample]
-    eval_source: str  # "kd.eval" or "held out from kd.labeled"
-
-    @property
-    def fingerprint(self) -> str:
-        return content_id(*(e.id for e in self.labeled), "|", *(e.id for e in self.unlabeled), "|",
-                          *(e.id for e in self.eval))
-
-    def pt_inputs(self) -> list[TrainExample]:
-        """Every distinct input of labeled and unlabeled rows, without its target."""
-        seen: dict[str, TrainExample] = {}
-        for e in (*self.labeled, *self.unlabeled):
-            x = as_input(e)
-            seen.setdefault(x.id, x)
-        return list(seen.values())
 
 
 @dataclass
@@ -91,59 +68,6 @@ class DistillSummary:
         if self.eval_path is not None:
             parts.append(f"eval: {self.eval_path}")
         return "distilled | " + " | ".join(parts)
-
-
-# --------------------------------------------------------------------------- data
-
-
-def as_input(example: TrainExample) -> TrainExample:
-    return TrainExample(target="", messages=example.messages, prompt=example.prompt, source="input")
-
-
-def _messages(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def read_examples(data: DataConfig, key: str, *, need_target: bool) -> list[TrainExample]:
-    """Rows of `data` as examples; errors name the config key (`kd.labeled`, ...)."""
-    if not data.path:
-        raise UserError(f"{key}.path: lionkd distill needs a data file or dataset name here")
-    columns = {"input": data.input_column}
-    if need_target:
-        columns["target"] = data.target_column
-    try:
-        rows = load_table(data.path, data.split, columns)
-    except UserError as exc:
-        raise UserError(f"{key}: {exc}") from None
-    rows = rows[: data.limit] if data.limit else rows
-    if not rows:
-        raise UserError(f"{key}: {data.path}: no rows")
-    out = []
-    for number, row in enumerate(rows, start=1):
-        text = row["input"]
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{key}: {data.path}: row {number}: column '{data.input_column}' is empty or not text")
-        target = row.get("target") if need_target else ""
-        if need_target and (target is None or not str(target).strip()):
-            raise UserError(f"{key}: {data.path}: row {number}: column '{data.target_column}' is empty")
-        out.append(TrainExample(target=str(target).strip(), messages=_messages(text.strip())))
-    return out
-
-
-def load_task_data(cfg: RunConfig) -> TaskData:
-    kd = cfg.kd
-    labeled = read_examples(kd.labeled, "kd.labeled", need_target=True)
-    unlabeled = read_examples(kd.unlabeled, "kd.unlabeled", need_target=False) if kd.unlabeled else []
-    if kd.eval is not None:
-        return TaskData(labeled, unlabeled, read_examples(kd.eval, "kd.eval", need_target=True), "kd.eval")
-    held = round(kd.eval_holdout * len(labeled))
-    if held == 0 or held >= len(labeled):
-        return TaskData(labeled, unlabeled, [], "none")
-    order = list(range(len(labeled)))
-    random.Random(f"{cfg.seed}-holdout").shuffle(order)
-    chosen = set(order[:held])
-    train = [e for i, e in enumerate(labeled) if i not in chosen]
-    return TaskData(train, unlabeled, [e for i, e in enumerate(labeled) if i in chosen], "held out from kd.labeled")
 
 
 # --------------------------------------------------------------------------- checks and paths
@@ -445,37 +369,6 @@ def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_model(cfg: RunConfig, path: str, examples: Sequence[TrainExample], *, dtype: str = "auto",
-                   device: str = "auto", bars: Any = None, label: str = "eval") -> tuple[dict[str, Any], list[str]]:
-    """Beam-search answers to `examples` and their task metrics and target perplexity."""
-    from ..eval.metrics import target_perplexity, text_metrics
-    from ..kd.data import is_encoder_decoder
-    from ..kd.generation import generate_token_ids
-    from ..llm.hf import load_model
-
-    kd = cfg.kd
-    model, tokenizer = load_model(path, dtype, device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    encdec = is_encoder_decoder(model)
-    batch = max(1, cfg.student.generation.batch_size)
-    task = bars.add_task(label, total=len(examples)) if bars is not None else None
-    predictions: list[str] = []
-    for start in range(0, len(examples), batch):
-        chunk = examples[start : start + batch]
-        prompts = [prompt_ids(tokenizer, e, cfg.student.template, encdec) for e in chunk]
-        outputs = generate_token_ids(model, tokenizer, prompts, max_new_tokens=kd.eval_max_new_tokens,
-                                     do_sample=False, num_beams=kd.eval_num_beams, batch_size=batch)
-        predictions += [tokenizer.decode(o[0], skip_special_tokens=True).strip() for o in outputs]
-        if task is not None:
-            bars.advance(task, len(chunk))
-    references = [e.target for e in examples]
-    metrics: dict[str, Any] = {"examples": len(examples), **text_metrics(predictions, references, EVAL_METRICS)}
-    metrics["perplexity"] = target_perplexity(model, tokenizer, examples, template=cfg.student.template,
-                                              batch_size=batch, max_length=cfg.student.train.max_length)
-    return metrics, predictions
-
-
 def eval_stage(cfg: RunConfig, who: str, path: str, data: TaskData, progress: bool) -> dict[str, Any]:
     endpoint = cfg.teacher if who == "teacher" else None
     with progress_bars(progress) as bars:
@@ -495,7 +388,7 @@ def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher:
     """eval.json in the `lionkd eval` layout (the student's task metrics) with the teacher's beside them."""
     import json
 
-    from ..eval.report import eval_markdown
+    from ..report.eval_tables import eval_markdown
 
     results: dict[str, Any] = {
         "model": student["model"],

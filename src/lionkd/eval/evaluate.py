@@ -34,10 +34,10 @@ from ..llm.cache import CachedLLM
 from ..llm.factory import make_backend, open_llm, request_defaults
 from ..llm.models import resolve_model_path
 from ..llm.templates import Template
+from ..report.eval_tables import eval_markdown
 from ..store import Store
 from . import metrics
 from .judge import JudgeItem, judge_answers, verdict_record
-from .report import eval_markdown
 from .speed import measure_speed, speed_ratios
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)

@@ -52,14 +52,12 @@ class RunSummary:
     final_student: Path
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     already_finished: bool = False
-    report_path: Path | None = None
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
-             allow_config_change: bool = False) -> RunSummary:
+def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> RunSummary:
     """Run (or resume) every iteration of the Lion loop described by `cfg`.
 
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
@@ -97,10 +95,7 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
             raise BudgetExceeded(f"{exc}; {rest_of_run(cfg, store)}", role=exc.role, calls_left=exc.calls_left,
                                  cost_left=exc.cost_left) from None
         store.put_metrics(last, usage_metrics(cfg, store, last))
-        summary = RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
-    if report:
-        summary.report_path = write_report(run_dir)
-    return summary
+        return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
 
 
 def resume_line(cfg: RunConfig, store: Store) -> str:
@@ -298,13 +293,6 @@ def iteration_line(k: int, m: dict[str, Any]) -> str:
             f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
             f"order agreement {f('order_agreement', '{:.2f}')}, new {f('new_instructions')} "
             f"({f('new_hard')} hard + {f('new_easy')} easy; novelty rejections {f('novelty_rejections')})")
-
-
-def write_report(run_dir: Path) -> Path | None:
-    from ..eval.report import build_report
-
-    html, _ = build_report(run_dir)
-    return Path(html)
 
 
 # --------------------------------------------------------------------------- progress display
