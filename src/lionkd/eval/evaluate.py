@@ -306,7 +306,7 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
 def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[Example], predictions: list[str],
            references: list[str | None], progress: Progress | None) -> dict[str, Any]:
     from ..lion.prompts import LionPrompts
-    from ..lion.referee import RefereeCallError
+    from ..referee import RefereeCallError
 
     chosen = [i for i, r in enumerate(references) if r is not None]
     if not chosen:

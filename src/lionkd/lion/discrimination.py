@@ -18,10 +18,10 @@ from rich.progress import Progress
 from ..config import RunConfig
 from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, Response
+from ..referee import RefereeCallError, stream_judgements
 from ..store import Store
 from .imitation import CallsFailed, collect_answers, run_async, student_dir
 from .prompts import LionPrompts, student_messages
-from .referee import PairVerdict, RefereeCallError, stream_judgements
 
 
 @dataclass
@@ -42,18 +42,6 @@ def split_hard_easy(cache_ids: Sequence[str], judgements: dict[str, Judgement], 
         else:
             split.easy.append(i)
     return split
-
-
-def judgement_from(instruction_id: str, iteration: int, v: PairVerdict) -> Judgement:
-    """The referee's verdict with a = teacher and b = student."""
-    both = v.scores_a_first is not None and v.scores_b_first is not None and v.error is None
-    return Judgement(
-        instruction_id=instruction_id, iteration=iteration,
-        raw_teacher_first=v.raw_a_first, raw_student_first=v.raw_b_first,
-        teacher_scores=(v.scores_a_first[0], v.scores_b_first[0]) if both else None,  # type: ignore[index]
-        student_scores=(v.scores_a_first[1], v.scores_b_first[1]) if both else None,  # type: ignore[index]
-        parse_failures=v.parse_failures, error=v.error,
-    )
 
 
 def student_max_tokens(cfg: RunConfig) -> int:
@@ -105,7 +93,7 @@ async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction]
         async for i, verdict in stream_judgements(referee, items, prompt=prompts.referee,
                                                   params=request_defaults(cfg.referee),
                                                   retries=cfg.lion.referee_retries, iteration=iteration):
-            store.add_judgement(judgement_from(todo[i].id, iteration, verdict))
+            store.add_judgement(verdict.as_judgement(todo[i].id, iteration))
             progress.advance(task)
     except RefereeCallError as exc:
         raise CallsFailed(f"referee: {exc}; finished work is saved, run the same command again to retry") from None

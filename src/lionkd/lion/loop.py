@@ -32,13 +32,13 @@ from ..errors import BudgetExceeded, UserError
 from ..llm.factory import RoleModels
 from ..progress import progress_bars
 from ..records import Instruction
+from ..referee import PairVerdict, parse_scores, summarise
 from ..run_guard import bind_config, hold_run
 from ..store import Store
 from .discrimination import Split, discriminate, split_hard_easy, student_max_tokens
 from .generation import GenerationOutcome, generate
 from .imitation import answer_train_pool, student_dir, student_init, train
 from .prompts import LionPrompts
-from .referee import PairVerdict, parse_scores, summarise
 
 ROLES = ("teacher", "referee", "generator")
 # Fewer seeds cannot split into hard and easy, and the generator would only ever rewrite one instruction.
@@ -212,13 +212,7 @@ def generation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: Li
 
 
 def discrimination_metrics(split: Split, judgements: dict[str, Any]) -> dict[str, Any]:
-    verdicts = [
-        PairVerdict(scores_a_first=(j.teacher_scores[0], j.student_scores[0]) if j.ok else None,
-                    scores_b_first=(j.teacher_scores[1], j.student_scores[1]) if j.ok else None,
-                    parse_failures=j.parse_failures, error=j.error)
-        for j in judgements.values()
-    ]
-    s = summarise(verdicts)
+    s = summarise([PairVerdict.from_judgement(j) for j in judgements.values()])
     judged = len(split.hard) + len(split.easy)
     gap = s.mean_a - s.mean_b if s.mean_a is not None and s.mean_b is not None else None
     return {
