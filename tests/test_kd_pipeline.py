@@ -31,7 +31,7 @@ from lionkd.config import load_config
 from lionkd.distill.pipeline import distill
 from lionkd.errors import UserError
 from lionkd.kd.prune import prune_layers
-from lionkd.kd.trainer import run_name
+from lionkd.kd.train import run_name
 from lionkd.report.build import build_report
 from lionkd.store import Store
 from report_checks import check_report, parse

@@ -26,9 +26,9 @@ import yaml
 from lionkd.config import load_config
 from lionkd.lion.loop import run_lion
 from lionkd.llm.base import GenRequest, GenResult
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.sandbox import world
-from lionkd.sandbox.backend import SandboxBackend
 from lionkd.store import STORE_NAME, Store
 
 SEEDS = 20

@@ -11,9 +11,9 @@ import yaml
 from lionkd.config import load_config
 from lionkd.errors import UserError
 from lionkd.lion.loop import run_lion
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.report.build import build_report
-from lionkd.sandbox.backend import SandboxBackend
 from test_lion_loop import student_dir, write_config  # noqa: F401 - student_dir is a fixture
 
 SECRET = "sk-test-SECRET-7f3a9c"

@@ -79,7 +79,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def check_config(cfg: RunConfig) -> None:
     """Mistakes found before any work, each a one-line error naming its key."""
-    from ..kd.trainer import resolve_objective
+    from ..kd.objectives import resolve_objective
 
     if cfg.teacher.backend not in ("hf", "openai"):
         raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf) or an "
@@ -166,7 +166,7 @@ class Stages:
 
 
 def finetune_teacher(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     settings = cfg.kd.teacher_train or cfg.student.train
     metrics = train_student(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
@@ -204,7 +204,7 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
 def check_vocabularies(cfg: RunConfig) -> None:
     """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
     from ..kd.blackbox import cross_tokenizer_allowed
-    from ..kd.trainer import check_same_vocab, load_tokenizer
+    from ..kd.loading import check_same_vocab, load_tokenizer
 
     if set(cfg.kd.objective) <= {"ce"} or api_teacher(cfg) or cross_tokenizer_allowed(cfg):
         return  # other vocabularies then teach through aligned sparse targets
@@ -295,7 +295,7 @@ def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample
 
 
 def _same_vocabulary(cfg: RunConfig) -> bool:
-    from ..kd.trainer import load_tokenizer
+    from ..kd.loading import load_tokenizer
 
     return load_tokenizer(student_init_path(cfg)).get_vocab() == load_tokenizer(teacher_path(cfg)).get_vocab()
 
@@ -314,7 +314,7 @@ def with_teacher_topk(cfg: RunConfig, schedule: list[list[TrainExample]]) -> lis
 
 
 def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     kd = cfg.kd
     records = pt_records(cfg, store, data.pt_inputs())
@@ -357,7 +357,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
 
 
 def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     settings: TrainConfig = cfg.student.train.model_copy(update={"epochs": cfg.kd.final_ce_epochs, "max_steps": -1})
     metrics = train_student(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,

@@ -157,8 +157,8 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
 def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, Any]]]:
     import torch
 
+    from ..llm.sandbox_backend import SandboxBackend
     from ..llm.server import ServerThread, create_app
-    from ..sandbox import SandboxBackend
 
     started = time.perf_counter()
     if settings.preset.threads:

@@ -139,7 +139,7 @@ def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], ans
     A finished training (its saved directory) is reused as it is; an interrupted one resumes from
     its last checkpoint (both handled by `train_student`).
     """
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     system = cfg.student.system_prompt
     examples = training_examples(instructions, answers, system)

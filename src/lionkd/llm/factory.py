@@ -39,7 +39,7 @@ def make_backend(endpoint: EndpointConfig) -> Backend:
 
         return VLLMBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, **endpoint.vllm.engine_args())
     if endpoint.backend == "sandbox":
-        from ..sandbox.backend import SandboxBackend
+        from .sandbox_backend import SandboxBackend
 
         opts = endpoint.sandbox
         try:

@@ -551,7 +551,7 @@ def build_models(
         raise UserError(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
     models: dict[str, Backend] = {}
     if sandbox:
-        from lionkd.sandbox.backend import MODELS, SandboxBackend
+        from .sandbox_backend import MODELS, SandboxBackend
 
         models.update({m: SandboxBackend(m) for m in MODELS})
     if model_dir is not None:

@@ -12,9 +12,8 @@ import json
 import random
 from collections.abc import AsyncIterator, Sequence
 
-from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
-
-from . import oracle
+from ..sandbox import oracle
+from .base import Backend, Choice, GenRequest, GenResult
 
 MODELS = ("teacher", "referee", "generator")
 
