@@ -62,7 +62,7 @@ from lionkd.config import (
 from lionkd.data import write_jsonl
 from lionkd.lion import loop
 from lionkd.lion.demo import REAL_STUDENT, SMOLLM2
-from lionkd.lion.imitation import student_dir
+from lionkd.lion.students import student_dir
 from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
 from lionkd.sandbox.world import TASKS

@@ -401,7 +401,8 @@ def test_lion_imitation_uses_a_local_teacher_for_logit_kd(tmp_path: Path, teache
                                                           backend: str) -> None:
     """Lion + KD: with `teacher.backend: hf` the imitation stage trains with logit KD from that teacher."""
     from lionkd.config import RunConfig
-    from lionkd.lion.imitation import student_dir, train
+    from lionkd.lion.imitation import train
+    from lionkd.lion.students import student_dir
     from lionkd.records import Instruction, Response
 
     teacher = str(teachers["llama"])

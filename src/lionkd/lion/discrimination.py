@@ -8,8 +8,7 @@ be read on (after retries) is left out of both sets and counted, never scored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, Response
 from ..referee import RefereeCallError, stream_judgements
 from ..store import Store
-from .imitation import CallsFailed, collect_answers, run_async, student_dir
+from .calls import CallsFailed, collect_answers, run_async
 from .prompts import LionPrompts, student_messages
+from .students import open_student
 
 
 @dataclass
@@ -48,37 +48,6 @@ def student_max_tokens(cfg: RunConfig) -> int:
     """The student's answer length limit: its own setting, else the teacher's (a shorter limit cuts
     answers the teacher would have finished, and the referee calls them worse)."""
     return cfg.student.generation.max_new_tokens or cfg.teacher.max_tokens
-
-
-@contextmanager
-def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
-    """The student trained in `iteration` as a backend (`student.generation.backend`), released on exit.
-
-    Released means its memory is free for the referee's turn and the next training stage: the
-    transformers model is dropped, the vLLM engine shut down, a served model's process stopped.
-    """
-    gen = cfg.student.generation
-    path = str(student_dir(cfg, iteration).resolve())  # also the model's name: unique per iteration
-    if gen.backend == "server":
-        from ..llm.openai_backend import OpenAIBackend
-        from ..llm.served import ServedModel
-
-        with ServedModel(gen.server_command, path) as served:
-            yield OpenAIBackend(path, base_url=served.base_url, api_key="unused", concurrency=gen.batch_size)
-        return
-    if gen.backend == "vllm":
-        from ..llm.vllm_backend import VLLMBackend
-
-        backend: Any = VLLMBackend(path, template=cfg.student.template, dtype=gen.dtype, **gen.vllm.engine_args())
-    else:
-        from ..llm.hf import HFBackend
-
-        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype,
-                            device=gen.device, batch_tokens=gen.batch_tokens)
-    try:
-        yield backend
-    finally:
-        backend.release()
 
 
 async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction], teacher: dict[str, Response],

@@ -37,8 +37,9 @@ from ..run_guard import bind_config, hold_run
 from ..store import Store
 from .discrimination import Split, discriminate, split_hard_easy, student_max_tokens
 from .generation import GenerationOutcome, generate
-from .imitation import answer_train_pool, student_dir, student_init, train
+from .imitation import answer_train_pool, train
 from .prompts import LionPrompts
+from .students import student_dir, student_init
 
 ROLES = ("teacher", "referee", "generator")
 # Fewer seeds cannot split into hard and easy, and the generator would only ever rewrite one instruction.
