@@ -9,7 +9,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ..config import EndpointConfig, RunConfig
+from ..llm.registry import make_backend
 
 
 def student_init(cfg: RunConfig, iteration: int) -> str:
@@ -35,21 +36,16 @@ def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
     gen = cfg.student.generation
     path = str(student_dir(cfg, iteration).resolve())  # also the model's name: unique per iteration
     if gen.backend == "server":
-        from ..llm.openai_backend import OpenAIBackend
         from ..llm.served import ServedModel
 
         with ServedModel(gen.server_command, path) as served:
-            yield OpenAIBackend(path, base_url=served.base_url, api_key="unused", concurrency=gen.batch_size)
+            endpoint = EndpointConfig(backend="openai", model=path, base_url=served.base_url, api_key_env=None,
+                                      concurrency=gen.batch_size)
+            yield make_backend(endpoint, api_key="unused")
         return
-    if gen.backend == "vllm":
-        from ..llm.vllm_backend import VLLMBackend
-
-        backend: Any = VLLMBackend(path, template=cfg.student.template, dtype=gen.dtype, **gen.vllm.engine_args())
-    else:
-        from ..llm.hf import HFBackend
-
-        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype,
-                            device=gen.device, batch_tokens=gen.batch_tokens)
+    endpoint = EndpointConfig(backend=gen.backend, model=path, dtype=gen.dtype, device=gen.device,
+                              batch_size=gen.batch_size, batch_tokens=gen.batch_tokens, vllm=gen.vllm)
+    backend = make_backend(endpoint, template=cfg.student.template)
     try:
         yield backend
     finally:

@@ -15,6 +15,7 @@ import uvicorn
 
 from ...errors import UserError
 from ..base import Backend
+from ..registry import backend_class
 from .app import create_app
 
 
@@ -115,17 +116,15 @@ def build_models(
         raise UserError(f"--dtype: '{dtype}' is not one of auto, float32, bfloat16, float16")
     models: dict[str, Backend] = {}
     if sandbox:
-        from ..sandbox_backend import MODELS, SandboxBackend
-
-        models.update({m: SandboxBackend(m) for m in MODELS})
+        world = backend_class("sandbox")
+        models.update({m: world(m) for m in world.models})  # type: ignore[attr-defined]
     if model_dir is not None:
-        from ..hf_streaming import StreamingHFBackend
         from ..models import resolve_model_path, served_name
 
         path = resolve_model_path(model_dir)
         if path.startswith(("/", ".", "~")) and not Path(path).is_dir():
             raise UserError(f"MODEL_DIR: no such directory: {path}")
         served = name or served_name(model_dir, path)
-        models[served] = StreamingHFBackend(str(path), template=template, dtype=dtype, device=device,  # type: ignore[arg-type]
-                                   batch_size=batch_size)
+        models[served] = backend_class("hf_streaming")(str(path), template=template, dtype=dtype,  # type: ignore[call-arg]
+                                                       device=device, batch_size=batch_size)
     return models
