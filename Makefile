@@ -32,8 +32,10 @@ bench: $(STAMP)
 bench-results: $(STAMP)
 	$(PY) -m benchmarks --results
 
+# ruff, and the layer contract of pyproject.toml (imports point down the layers of DESIGN.md)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
+	PYTHONPATH=src $(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -42,7 +42,7 @@ from lionkd.kd.blackbox import APIPTSettings, aligned_schedule, generate_api_pse
 from lionkd.kd.data import TrainExample
 from lionkd.kd.prune import prune_layers
 from lionkd.kd.pseudo_targets import pt_schedule
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from lionkd.llm.cache import CachedLLM
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.openai_backend import OpenAIBackend

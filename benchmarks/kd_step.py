@@ -88,7 +88,7 @@ class StepTimer:
 def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     from lionkd.config import TrainConfig
     from lionkd.kd.data import TrainExample
-    from lionkd.kd.trainer import build_trainer
+    from lionkd.kd.train import build_trainer
 
     tok, student, teacher, texts = setup(tmp)
     examples = [TrainExample(prompt=p, target=t) for p, t in texts]

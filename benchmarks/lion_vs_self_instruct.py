@@ -62,7 +62,7 @@ from lionkd.config import (
 from lionkd.data import write_jsonl
 from lionkd.lion import loop
 from lionkd.lion.demo import REAL_STUDENT, SMOLLM2
-from lionkd.lion.imitation import student_dir
+from lionkd.lion.students import student_dir
 from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
 from lionkd.sandbox.world import TASKS
@@ -229,7 +229,7 @@ def run_arm(cfg: RunConfig, arm: str, seed_dir: Path, first: bool) -> Any:
         loop.discrimination_stage = with_prefix_snapshots(seed_dir)
     try:
         # a copied prefix is bound to the first arm's config: the arm's own keys apply from the next stage
-        return loop.run_lion(cfg, progress=False, report=False, allow_config_change=(run_dir / "prefix.json").is_file())
+        return loop.run_lion(cfg, progress=False, allow_config_change=(run_dir / "prefix.json").is_file())
     finally:
         loop.discrimination_stage = original
 

@@ -179,7 +179,7 @@ def run_study(s: Settings, work: Path) -> dict[str, Any]:
     from lionkd.kd.joint_teaching import JointTeaching
     from lionkd.kd.prune import prune_layers
     from lionkd.kd.pseudo_targets import pt_schedule
-    from lionkd.kd.trainer import train_student
+    from lionkd.kd.train import train_student
     from lionkd.sandbox import world
     from lionkd.sandbox.student import base_student_dir
 

@@ -26,7 +26,7 @@ from transformers import TrainerCallback
 
 from lionkd.config import LoraConfig, TrainConfig
 from lionkd.kd.data import TrainExample
-from lionkd.kd.trainer import build_trainer
+from lionkd.kd.train import build_trainer
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.models import resolve_model_path

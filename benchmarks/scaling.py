@@ -29,7 +29,7 @@ import torch
 
 from lionkd.config import TrainConfig
 from lionkd.kd.data import TrainExample
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.models import resolve_model_path

@@ -18,8 +18,8 @@ from lionkd.config import RunConfig
 from lionkd.errors import BudgetExceeded, UserError
 from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
 from lionkd.llm.cache import CachedLLM
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
-from lionkd.sandbox.backend import SandboxBackend
 from lionkd.store import Store
 
 ROLES = ("teacher", "referee", "generator")

@@ -24,9 +24,9 @@ import yaml
 
 from conftest import closed_port, one_line, run_cli
 from lionkd.llm.base import GenRequest, GenResult
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.run_guard import LOCK_NAME, hold_run
-from lionkd.sandbox.backend import SandboxBackend
 from lionkd.store import STORE_NAME, Store
 
 ROLES = ("teacher", "referee", "generator")

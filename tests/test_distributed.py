@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_cli, sandbox_run_config
 from lionkd.config import TrainConfig, load_config
 from lionkd.distill.pipeline import distill
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from lionkd.store import Store
 from test_kd_pipeline import build_teacher, write_config
 from test_kd_trainer import examples, tiny_llama, tiny_tokenizer

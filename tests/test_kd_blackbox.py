@@ -24,7 +24,7 @@ from lionkd.kd.blackbox import (
 )
 from lionkd.kd.data import Collator, TrainExample, encode_example
 from lionkd.kd.losses import sparse_kd_loss
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from lionkd.llm.base import Backend, GenRequest, GenResult
 from lionkd.llm.cache import CachedLLM
 from lionkd.llm.hf import HFBackend
@@ -187,7 +187,7 @@ def _write_rows(path, rows):
 
 
 def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypatch):
-    import lionkd.kd.trainer as trainer_module
+    import lionkd.kd.train as trainer_module
     from lionkd.distill.pipeline import distill
 
     teacher_tok, student_tok = tiny_tokenizer(), wordpiece_tokenizer()

@@ -30,9 +30,9 @@ from conftest import run_cli
 from lionkd.config import load_config
 from lionkd.distill.pipeline import distill
 from lionkd.errors import UserError
-from lionkd.eval.report import build_report
 from lionkd.kd.prune import prune_layers
-from lionkd.kd.trainer import run_name
+from lionkd.kd.train import run_name
+from lionkd.report.build import build_report
 from lionkd.store import Store
 from report_checks import check_report, parse
 
@@ -254,7 +254,8 @@ def check_distill_outputs(run: Path, html: Path, tmp_path: Path, k: int) -> None
 
 def test_sampled_pts_differ_per_input(tmp_path: Path, teachers: dict[str, Path]) -> None:
     """K sampled PTs of one input are separate draws; beam PTs of one input are distinct beams."""
-    from lionkd.distill.pipeline import generate_pts, load_task_data
+    from lionkd.distill.pipeline import generate_pts
+    from lionkd.distill.task_data import load_task_data
 
     cfg = load_config(write_config(tmp_path, teachers["llama"], pt_method="sample", pt_count=3, pt_max_new_tokens=8))
     data = load_task_data(cfg)
@@ -268,7 +269,7 @@ def test_sampled_pts_differ_per_input(tmp_path: Path, teachers: dict[str, Path])
 
 
 def test_eval_rows_held_out_of_labeled_data(tmp_path: Path, teachers: dict[str, Path]) -> None:
-    from lionkd.distill.pipeline import load_task_data
+    from lionkd.distill.task_data import load_task_data
 
     config = write_config(tmp_path, teachers["llama"], eval_holdout=0.25)
     data = yaml.safe_load(config.read_text())
@@ -400,7 +401,8 @@ def test_lion_imitation_uses_a_local_teacher_for_logit_kd(tmp_path: Path, teache
                                                           backend: str) -> None:
     """Lion + KD: with `teacher.backend: hf` the imitation stage trains with logit KD from that teacher."""
     from lionkd.config import RunConfig
-    from lionkd.lion.imitation import student_dir, train
+    from lionkd.lion.imitation import train
+    from lionkd.lion.students import student_dir
     from lionkd.records import Instruction, Response
 
     teacher = str(teachers["llama"])

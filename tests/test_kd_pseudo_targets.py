@@ -19,7 +19,7 @@ from lionkd.kd.pseudo_targets import (
     pt_schedule,
     records_to_dataset,
 )
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from test_kd_trainer import examples, tiny_llama, tiny_t5, tiny_tokenizer
 
 
@@ -153,7 +153,7 @@ def test_joint_teaching_trains(tmp_path: Path, family: str) -> None:
 @pytest.mark.parametrize("fused", [True, False])
 def test_joint_teaching_has_no_cross_entropy_on_student_samples(tmp_path: Path, fused: bool) -> None:
     """Cross-entropy on the student's own samples would be self-training: "ce" sees gold and teacher PTs only."""
-    from lionkd.kd import trainer as trainer_module
+    from lionkd.kd import train as trainer_module
 
     tok = tiny_tokenizer()
     settings = TrainConfig(max_steps=2, batch_size=4, max_length=32)

@@ -21,7 +21,8 @@ from transformers import (
 
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
 from lionkd.kd.data import Collator, TopK, TrainExample, encode_example
-from lionkd.kd.trainer import build_trainer, plain_linear_head, train_student
+from lionkd.kd.heads import plain_linear_head
+from lionkd.kd.train import build_trainer, train_student
 
 WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
 
@@ -295,7 +296,7 @@ def test_training_curves_go_to_wandb_offline_named_by_run_and_stage(tmp_path: Pa
 
 
 def test_attention_stacks_include_cross_attention() -> None:
-    from lionkd.kd.trainer import last_self_attentions
+    from lionkd.kd.attention import last_self_attentions
 
     assert set(last_self_attentions(tiny_t5())) == {"encoder", "decoder", "cross"}
     assert set(last_self_attentions(tiny_llama())) == {"decoder"}
@@ -303,7 +304,7 @@ def test_attention_stacks_include_cross_attention() -> None:
 
 def _attention_trainer(tmp_path: Path, **kd: object):
     from lionkd.config import KDConfig
-    from lionkd.kd.trainer import build_trainer
+    from lionkd.kd.train import build_trainer
 
     data = [TrainExample(prompt="what did the dog do", target="the dog ran")] * 4
     return build_trainer(tiny_t5(), data, tmp_path, settings=TrainConfig(precision="fp32"), teacher=tiny_t5(seed=5),
@@ -347,7 +348,7 @@ def test_attention_term_is_scaled_to_its_share(tmp_path: Path) -> None:
 
 
 def test_noisy_kd_input_noise_and_teacher_dropout(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    from lionkd.kd.trainer import has_dropout, noisy_input_ids
+    from lionkd.kd.objectives import has_dropout, noisy_input_ids
 
     llama = tiny_llama()
     assert not has_dropout(llama)  # Llama-family configs: every dropout is 0

@@ -26,9 +26,9 @@ import yaml
 from lionkd.config import load_config
 from lionkd.lion.loop import run_lion
 from lionkd.llm.base import GenRequest, GenResult
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.sandbox import world
-from lionkd.sandbox.backend import SandboxBackend
 from lionkd.store import STORE_NAME, Store
 
 SEEDS = 20
@@ -120,7 +120,7 @@ def _differences(got: dict[str, Any], expected: dict[str, Any]) -> list[str]:
 def test_two_iterations_over_http(tmp_path: Path, student_dir: Path, world_server: tuple[str, list]) -> None:
     base_url, log = world_server
     cfg = load_config(write_config(tmp_path, base_url, student_dir, iterations=2))
-    summary = run_lion(cfg, progress=False, report=False)
+    summary = run_lion(cfg, progress=False)
     assert not summary.already_finished and summary.final_student == tmp_path / "run" / "students" / "iter-3"
 
     with Store.open_existing(tmp_path / "run") as store:
@@ -152,7 +152,7 @@ def test_two_iterations_over_http(tmp_path: Path, student_dir: Path, world_serve
 
     # a finished run says so and sends nothing
     sent = len(log)
-    again = run_lion(cfg, progress=False, report=False)
+    again = run_lion(cfg, progress=False)
     assert again.already_finished and len(log) == sent
     assert again.metrics == metrics
 
@@ -163,7 +163,7 @@ def test_uniform_selection_is_self_instruct(tmp_path: Path, student_dir: Path,
     base_url, log = world_server
     cfg = load_config(write_config(tmp_path, base_url, student_dir, iterations=2))
     cfg = cfg.model_copy(update={"lion": cfg.lion.model_copy(update={"selection": "uniform"})})
-    run_lion(cfg, progress=False, report=False)
+    run_lion(cfg, progress=False)
     assert not [m for m, _, _ in log if m == "referee"]
     with Store.open_existing(tmp_path / "run") as store:
         for k in (1, 2):
@@ -211,7 +211,7 @@ def test_killed_runs_resume_to_the_same_store(tmp_path: Path, student_dir: Path,
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     clean.mkdir()
     crashed.mkdir()
-    run_lion(load_config(write_config(clean, base_url, student_dir, iterations=1)), progress=False, report=False)
+    run_lion(load_config(write_config(clean, base_url, student_dir, iterations=1)), progress=False)
     expected = snapshot(clean / "run")
     total = _progress(clean / "run" / STORE_NAME)
 
@@ -247,4 +247,4 @@ def test_killed_runs_resume_to_the_same_store(tmp_path: Path, student_dir: Path,
     got = snapshot(crashed / "run")
     assert got == expected, f"the resumed run differs in {_differences(got, expected)} ({where})"
     sent = len(log)
-    assert run_lion(load_config(config), progress=False, report=False).already_finished and len(log) == sent
+    assert run_lion(load_config(config), progress=False).already_finished and len(log) == sent

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import run_cli
 from lionkd.config import TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
-from lionkd.kd.trainer import train_student
+from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.models import CACHE_ENV, NAMED_MODELS, resolve_model_path

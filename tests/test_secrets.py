@@ -11,8 +11,9 @@ import yaml
 from lionkd.config import load_config
 from lionkd.errors import UserError
 from lionkd.lion.loop import run_lion
+from lionkd.llm.sandbox_backend import SandboxBackend
 from lionkd.llm.server import ServerThread, create_app
-from lionkd.sandbox.backend import SandboxBackend
+from lionkd.report.build import build_report
 from test_lion_loop import student_dir, write_config  # noqa: F401 - student_dir is a fixture
 
 SECRET = "sk-test-SECRET-7f3a9c"
@@ -38,8 +39,9 @@ def keyed_config(folder: Path, base_url: str, student: Path) -> Path:
 def test_the_key_is_used_and_never_written(tmp_path, student_dir, guarded_world, monkeypatch):  # noqa: F811
     monkeypatch.setenv("LIONKD_TEST_KEY", SECRET)
     cfg = load_config(keyed_config(tmp_path, guarded_world, student_dir))
-    summary = run_lion(cfg, progress=False, report=True)
-    assert summary.report_path is not None and summary.report_path.is_file()
+    summary = run_lion(cfg, progress=False)
+    report_path, _ = build_report(summary.run_dir)
+    assert report_path is not None and report_path.is_file()
     files = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
     assert any(p.name == "run.sqlite" for p in files) and any(p.suffix == ".html" for p in files)
     for path in files:
@@ -52,7 +54,7 @@ def test_a_wrong_key_fails_fast_without_showing_it(tmp_path, student_dir, guarde
     monkeypatch.setenv("LIONKD_TEST_KEY", wrong)
     cfg = load_config(keyed_config(tmp_path, guarded_world, student_dir))
     with pytest.raises(UserError) as err:
-        run_lion(cfg, progress=False, report=False)
+        run_lion(cfg, progress=False)
     message = str(err.value)
     assert "401" in message and "\n" not in message
     assert wrong not in message and "KEY-1234" not in message

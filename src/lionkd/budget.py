@@ -17,16 +17,24 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import BudgetExceeded, UserError
 
 if TYPE_CHECKING:
     from .config import EndpointConfig, RunConfig
-    from .llm.base import GenRequest
     from .store import Store
 
 BUDGETED_ROLES = ("teacher", "referee", "generator")
+
+
+class GenRequest(Protocol):
+    """What the budget reads of a model call (`lionkd.llm.base.GenRequest`, a layer above this one)."""
+
+    prompt: str | None
+    messages: Sequence[tuple[str, str]] | None
+    max_tokens: int
+    n: int
 FREE_BACKENDS = ("hf", "vllm", "sandbox")  # local models: a call costs no money even without a price
 # chat-template tokens a message can add around its text (role markers, separators), and a request's own
 _PER_MESSAGE, _PER_REQUEST = 16, 64

@@ -134,7 +134,7 @@ def usage_table(rows: list[dict[str, Any]], prices: dict[str, Any]) -> Table:
 @app.command()
 def status(run_dir: Path) -> None:
     """Show what each stage of each iteration has done: counts, dynamics, tokens and cost."""
-    from .eval.distill_run import is_distill_run
+    from .report.distill_run import is_distill_run
     from .store import Store
 
     with Store.open_existing(run_dir) as store:
@@ -156,7 +156,7 @@ def status(run_dir: Path) -> None:
 
 def distill_status(run_dir: Path, store: Any) -> None:
     """A distill run: its stages in order with what each recorded, its pseudo-targets, metrics and calls."""
-    from .eval.distill_run import pt_statistics, stage_rows
+    from .report.distill_run import pt_statistics, stage_rows
 
     table = Table(title=f"Distill run {run_dir}: {len(store.pseudo_targets())} pseudo-targets")
     for col in ("stage", "state", "recorded"):
@@ -216,7 +216,8 @@ def export(
 ) -> None:
     """Export a run's instructions with their answers (Alpaca JSON/JSONL, chat JSONL, or a HF dataset)."""
     from .data import alpaca_record, chat_record, to_hf_dataset, write_json, write_jsonl
-    from .eval.distill_run import export_records, is_distill_run
+    from .distill.export import export_records
+    from .report.distill_run import is_distill_run
     from .run_guard import check_export_target
     from .store import Store
 
@@ -272,13 +273,16 @@ def run(
             console.print(line, markup=False, highlight=False)
         return
     _on_interrupt(cfg.run_dir, f"run `lionkd run {config}` again to resume")
-    summary = run_lion(cfg, progress=progress, report=report, allow_config_change=allow_config_change)
+    summary = run_lion(cfg, progress=progress, allow_config_change=allow_config_change)
     if summary.already_finished:
         console.print(f"{summary.run_dir}: the run is already finished; final student: {summary.final_student}")
-    else:
-        console.print(f"finished: final student in {summary.final_student}", markup=False, highlight=False)
-    if summary.report_path:
-        console.print(f"report: {summary.report_path}")
+        return
+    console.print(f"finished: final student in {summary.final_student}", markup=False, highlight=False)
+    if report:
+        from .report.build import build_report
+
+        html, _ = build_report(summary.run_dir)
+        console.print(f"report: {html}")
 
 
 # --------------------------------------------------------------------------- task-specific KD
@@ -375,7 +379,7 @@ def eval_command(
     from rich.markdown import Markdown
 
     from .eval.evaluate import RESULTS_JSON, EvalSettings, run_eval
-    from .eval.report import eval_markdown
+    from .report.eval_tables import eval_markdown
 
     if template not in ("chat", "alpaca"):
         raise UserError(f"--template: must be chat or alpaca, not '{template}'")
@@ -406,7 +410,7 @@ def report(
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Folder for report.html/.md (default: RUN_DIR).")] = None,
 ) -> None:
     """Write a self-contained HTML report (and Markdown) of a Lion or distill run."""
-    from .eval.report import build_report
+    from .report.build import build_report
 
     html_path, md_path = build_report(run_dir, out)
     console.print(f"wrote {html_path} and {md_path}")
@@ -452,15 +456,17 @@ def demo(
     """A whole Lion run on the offline sandbox world, served over HTTP on 127.0.0.1 (no API key)."""
     library_bars(progress)
     from .lion.demo import DemoSettings, results_table, run_demo
+    from .report.build import build_report
     from .run_guard import hold_run
 
     _on_interrupt(run_dir, "run the same `lionkd demo` command again to resume")
     with hold_run(run_dir):  # the demo writes its seeds and scores around the run: all of it under one lock
         summary, scores = run_demo(DemoSettings(run_dir, student, iterations, seeds, new, epochs, test_per_task,
                                                 seed, progress))
+        html, _ = build_report(summary.run_dir)
     console.print(results_table(summary, scores))
     console.print(f"run directory: {summary.run_dir}")
-    console.print(f"report: {summary.report_path}")
+    console.print(f"report: {html}")
 
 
 # --------------------------------------------------------------------------- entry point

@@ -1,2 +1,2 @@
-"""`lionkd distill`: the task-specific KD pipeline (pseudo-targets, KD training, evaluation), a pipeline
-over the KD engine in `lionkd.kd`."""
+"""`lionkd distill`: the task-specific KD pipeline (task data, pseudo-targets, KD training, evaluation) over
+the KD engine in `lionkd.kd`, and the export of a distill run's pseudo-targets."""

@@ -21,7 +21,6 @@ student-kd/, student/, predictions-*.jsonl, eval.json, eval.md.
 from __future__ import annotations
 
 import datetime as dt
-import random
 import re
 import shutil
 from collections import Counter
@@ -30,42 +29,20 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ..config import DataConfig, RunConfig, TrainConfig
-from ..data import load_table, write_jsonl
+from ..config import RunConfig, TrainConfig
+from ..data import write_jsonl
 from ..errors import BudgetExceeded, UserError
-from ..kd.data import TrainExample, prompt_ids
+from ..eval.local_model import evaluate_model
+from ..kd.data import TrainExample
 from ..kd.joint_teaching import JointTeaching
 from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
-from ..records import PseudoTarget, content_id
+from ..records import PseudoTarget
 from ..store import Store
+from .task_data import TaskData, load_task_data
 
 ITERATION = 0  # a distill run has one iteration in the store
-EVAL_METRICS = ("bleu", "rouge", "exact_match")
 SUMMARY_METRICS = ("bleu", "rouge_mean", "exact_match", "perplexity")
-
-
-@dataclass
-class TaskData:
-    """The examples of one run. Unlabeled inputs (and PT inputs) carry an empty target."""
-
-    labeled: list[TrainExample]
-    unlabeled: list[TrainExample]
-    eval: list[TrainExample]
-    eval_source: str  # "kd.eval" or "held out from kd.labeled"
-
-    @property
-    def fingerprint(self) -> str:
-        return content_id(*(e.id for e in self.labeled), "|", *(e.id for e in self.unlabeled), "|",
-                          *(e.id for e in self.eval))
-
-    def pt_inputs(self) -> list[TrainExample]:
-        """Every distinct input of labeled and unlabeled rows, without its target."""
-        seen: dict[str, TrainExample] = {}
-        for e in (*self.labeled, *self.unlabeled):
-            x = as_input(e)
-            seen.setdefault(x.id, x)
-        return list(seen.values())
 
 
 @dataclass
@@ -93,59 +70,6 @@ class DistillSummary:
         return "distilled | " + " | ".join(parts)
 
 
-# --------------------------------------------------------------------------- data
-
-
-def as_input(example: TrainExample) -> TrainExample:
-    return TrainExample(target="", messages=example.messages, prompt=example.prompt, source="input")
-
-
-def _messages(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def read_examples(data: DataConfig, key: str, *, need_target: bool) -> list[TrainExample]:
-    """Rows of `data` as examples; errors name the config key (`kd.labeled`, ...)."""
-    if not data.path:
-        raise UserError(f"{key}.path: lionkd distill needs a data file or dataset name here")
-    columns = {"input": data.input_column}
-    if need_target:
-        columns["target"] = data.target_column
-    try:
-        rows = load_table(data.path, data.split, columns)
-    except UserError as exc:
-        raise UserError(f"{key}: {exc}") from None
-    rows = rows[: data.limit] if data.limit else rows
-    if not rows:
-        raise UserError(f"{key}: {data.path}: no rows")
-    out = []
-    for number, row in enumerate(rows, start=1):
-        text = row["input"]
-        if not isinstance(text, str) or not text.strip():
-            raise UserError(f"{key}: {data.path}: row {number}: column '{data.input_column}' is empty or not text")
-        target = row.get("target") if need_target else ""
-        if need_target and (target is None or not str(target).strip()):
-            raise UserError(f"{key}: {data.path}: row {number}: column '{data.target_column}' is empty")
-        out.append(TrainExample(target=str(target).strip(), messages=_messages(text.strip())))
-    return out
-
-
-def load_task_data(cfg: RunConfig) -> TaskData:
-    kd = cfg.kd
-    labeled = read_examples(kd.labeled, "kd.labeled", need_target=True)
-    unlabeled = read_examples(kd.unlabeled, "kd.unlabeled", need_target=False) if kd.unlabeled else []
-    if kd.eval is not None:
-        return TaskData(labeled, unlabeled, read_examples(kd.eval, "kd.eval", need_target=True), "kd.eval")
-    held = round(kd.eval_holdout * len(labeled))
-    if held == 0 or held >= len(labeled):
-        return TaskData(labeled, unlabeled, [], "none")
-    order = list(range(len(labeled)))
-    random.Random(f"{cfg.seed}-holdout").shuffle(order)
-    chosen = set(order[:held])
-    train = [e for i, e in enumerate(labeled) if i not in chosen]
-    return TaskData(train, unlabeled, [e for i, e in enumerate(labeled) if i in chosen], "held out from kd.labeled")
-
-
 # --------------------------------------------------------------------------- checks and paths
 
 
@@ -155,7 +79,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 def check_config(cfg: RunConfig) -> None:
     """Mistakes found before any work, each a one-line error naming its key."""
-    from ..kd.trainer import resolve_objective
+    from ..kd.objectives import resolve_objective
 
     if cfg.teacher.backend not in ("hf", "openai"):
         raise UserError(f"teacher.backend: lionkd distill needs a local teacher (backend: hf) or an "
@@ -242,7 +166,7 @@ class Stages:
 
 
 def finetune_teacher(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     settings = cfg.kd.teacher_train or cfg.student.train
     metrics = train_student(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
@@ -280,7 +204,7 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
 def check_vocabularies(cfg: RunConfig) -> None:
     """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
     from ..kd.blackbox import cross_tokenizer_allowed
-    from ..kd.trainer import check_same_vocab, load_tokenizer
+    from ..kd.loading import check_same_vocab, load_tokenizer
 
     if set(cfg.kd.objective) <= {"ce"} or api_teacher(cfg) or cross_tokenizer_allowed(cfg):
         return  # other vocabularies then teach through aligned sparse targets
@@ -371,7 +295,7 @@ def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample
 
 
 def _same_vocabulary(cfg: RunConfig) -> bool:
-    from ..kd.trainer import load_tokenizer
+    from ..kd.loading import load_tokenizer
 
     return load_tokenizer(student_init_path(cfg)).get_vocab() == load_tokenizer(teacher_path(cfg)).get_vocab()
 
@@ -390,7 +314,7 @@ def with_teacher_topk(cfg: RunConfig, schedule: list[list[TrainExample]]) -> lis
 
 
 def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     kd = cfg.kd
     records = pt_records(cfg, store, data.pt_inputs())
@@ -433,7 +357,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
 
 
 def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     settings: TrainConfig = cfg.student.train.model_copy(update={"epochs": cfg.kd.final_ce_epochs, "max_steps": -1})
     metrics = train_student(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,
@@ -443,37 +367,6 @@ def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- evaluation
-
-
-def evaluate_model(cfg: RunConfig, path: str, examples: Sequence[TrainExample], *, dtype: str = "auto",
-                   device: str = "auto", bars: Any = None, label: str = "eval") -> tuple[dict[str, Any], list[str]]:
-    """Beam-search answers to `examples` and their task metrics and target perplexity."""
-    from ..eval.metrics import target_perplexity, text_metrics
-    from ..kd.data import is_encoder_decoder
-    from ..kd.generation import generate_token_ids
-    from ..llm.hf import load_model
-
-    kd = cfg.kd
-    model, tokenizer = load_model(path, dtype, device)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    encdec = is_encoder_decoder(model)
-    batch = max(1, cfg.student.generation.batch_size)
-    task = bars.add_task(label, total=len(examples)) if bars is not None else None
-    predictions: list[str] = []
-    for start in range(0, len(examples), batch):
-        chunk = examples[start : start + batch]
-        prompts = [prompt_ids(tokenizer, e, cfg.student.template, encdec) for e in chunk]
-        outputs = generate_token_ids(model, tokenizer, prompts, max_new_tokens=kd.eval_max_new_tokens,
-                                     do_sample=False, num_beams=kd.eval_num_beams, batch_size=batch)
-        predictions += [tokenizer.decode(o[0], skip_special_tokens=True).strip() for o in outputs]
-        if task is not None:
-            bars.advance(task, len(chunk))
-    references = [e.target for e in examples]
-    metrics: dict[str, Any] = {"examples": len(examples), **text_metrics(predictions, references, EVAL_METRICS)}
-    metrics["perplexity"] = target_perplexity(model, tokenizer, examples, template=cfg.student.template,
-                                              batch_size=batch, max_length=cfg.student.train.max_length)
-    return metrics, predictions
 
 
 def eval_stage(cfg: RunConfig, who: str, path: str, data: TaskData, progress: bool) -> dict[str, Any]:
@@ -495,7 +388,7 @@ def write_eval(cfg: RunConfig, data: TaskData, student: dict[str, Any], teacher:
     """eval.json in the `lionkd eval` layout (the student's task metrics) with the teacher's beside them."""
     import json
 
-    from ..eval.report import eval_markdown
+    from ..report.eval_tables import eval_markdown
 
     results: dict[str, Any] = {
         "model": student["model"],

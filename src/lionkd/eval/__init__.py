@@ -1,2 +1,2 @@
-"""Evaluation and reports: task metrics, the Lion judge evaluation, size and speed,
-lm-evaluation-harness benchmarks (`lionkd eval`), and run reports (`lionkd report`)."""
+"""Evaluation (`lionkd eval`): task metrics, the Lion judge evaluation, size and speed, lm-evaluation-harness
+benchmarks, and the evaluation stages of `lionkd distill`. Run reports are `lionkd.report`."""

@@ -31,13 +31,14 @@ from ..errors import UserError
 from ..kd.data import TrainExample
 from ..llm.base import Backend, GenRequest
 from ..llm.cache import CachedLLM
-from ..llm.factory import make_backend, open_llm, request_defaults
+from ..llm.factory import open_llm, request_defaults
 from ..llm.models import resolve_model_path
+from ..llm.registry import backend_class, make_backend
 from ..llm.templates import Template
+from ..report.eval_tables import eval_markdown
 from ..store import Store
 from . import metrics
 from .judge import JudgeItem, judge_answers, verdict_record
-from .report import eval_markdown
 from .speed import measure_speed, speed_ratios
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -152,9 +153,8 @@ def open_model(s: EvalSettings) -> Backend:
     path = _local_path(s.model)
     if path is None:
         raise UserError(f"--model: {s.model}: no such model folder (for an endpoint, give --base-url too)")
-    from ..llm.hf import HFBackend
-
-    return HFBackend(str(path), template=s.template, dtype=s.dtype, device=s.device, batch_size=s.batch_size)
+    return backend_class("hf")(str(path), template=s.template, dtype=s.dtype, device=s.device,
+                               batch_size=s.batch_size)
 
 
 def _run_config(s: EvalSettings) -> RunConfig | None:
@@ -286,12 +286,11 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
 
     prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order) if cfg is not None else LionPrompts()
     if s.teacher is not None:
-        from ..llm.hf import HFBackend
-
         path = _local_path(s.teacher)
         if path is None:
             raise UserError(f"--teacher: {s.teacher}: no such model folder")
-        backend = HFBackend(str(path), template=s.template, dtype=s.dtype, device=s.device, batch_size=s.batch_size)
+        backend = backend_class("hf")(str(path), template=s.template, dtype=s.dtype, device=s.device,
+                                      batch_size=s.batch_size)
         params = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_new_tokens, "seed": s.seed}
         llm = CachedLLM(backend, store, role="teacher")
     elif cfg is not None:
@@ -308,7 +307,7 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
 def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[Example], predictions: list[str],
            references: list[str | None], progress: Progress | None) -> dict[str, Any]:
     from ..lion.prompts import LionPrompts
-    from ..lion.referee import RefereeCallError
+    from ..referee import RefereeCallError
 
     chosen = [i for i, r in enumerate(references) if r is not None]
     if not chosen:

@@ -2,8 +2,8 @@
 (e.g. the teacher's) to each question, in both orders, and the candidate's quality is the sum of its
 scores over the sum of the reference's, in %, overall and per category.
 
-The referee is the Lion referee (`lionkd.lion.referee`): the same prompt, the same tolerant parsing
-and retries. A question whose replies stay unreadable is left out and counted, never scored.
+The referee is the one Lion uses (`lionkd.referee`): the same prompt, the same tolerant parsing
+and retries; this module turns its verdicts into the evaluation's scores. A question whose replies stay unreadable is left out and counted, never scored.
 """
 
 from __future__ import annotations
@@ -12,10 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..lion.prompts import REFEREE
-from ..lion.referee import PairVerdict, stream_judgements, summarise
-
-UNPARSEABLE = "unparseable referee reply"
+from ..referee import REFEREE, UNPARSEABLE, PairVerdict, stream_judgements, summarise
 
 
 @dataclass
@@ -95,7 +92,7 @@ async def judge_answers(
     """Judge every item in both orders through `referee` (a CachedLLM) and score the candidate.
 
     `on_verdict(index, verdict)` sees each verdict as it is settled (to save or show progress). A
-    referee call that fails outright raises `lionkd.lion.referee.RefereeCallError` once the others are
+    referee call that fails outright raises `lionkd.referee.RefereeCallError` once the others are
     through; the finished calls are in the cache, so running again only repeats the failed ones.
     """
     triples = [(it.question, it.candidate, it.reference) for it in items]

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..kd.data import Collator, PromptTemplate, TrainExample, encode_example, is_encoder_decoder
-from ..kd.trainer import head_inputs, plain_linear_head
+from ..kd.heads import head_inputs, plain_linear_head
 
 TASK_METRICS = ("bleu", "rouge", "exact_match")
 ALL_METRICS = (*TASK_METRICS, "perplexity", "bertscore")

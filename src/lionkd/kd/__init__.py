@@ -1,6 +1,6 @@
 """The KD engine: losses, data collation, the trainer, pruning, pseudo-targets, Joint-Teaching.
 
-Entry points: `lionkd.kd.trainer.train_student`, `lionkd.kd.prune.prune_layers`,
+Entry points: `lionkd.kd.train.train_student`, `lionkd.kd.prune.prune_layers`,
 `lionkd.kd.pseudo_targets.generate_pseudo_targets`, and the losses in `lionkd.kd.losses`.
 """
 

@@ -415,7 +415,7 @@ def api_schedule(
     With `teacher.logprobs` > 0 and 'logits' in the objective: aligned sparse targets (word-level KD
     where aligned, cross-entropy elsewhere). Otherwise: sequence-level KD, cross-entropy on the PTs.
     """
-    from .trainer import load_tokenizer
+    from .loading import load_tokenizer
 
     k = min(cfg.teacher.logprobs or 0, MAX_TOP_LOGPROBS)
     if k == 0 or "logits" not in cfg.kd.objective:
@@ -430,7 +430,7 @@ def cross_tokenizer_schedule(
 ) -> tuple[list[list[TrainExample]], AlignmentStats]:
     """A schedule with aligned sparse targets from a local teacher with another vocabulary."""
     from ..llm.hf import load_model
-    from .trainer import load_tokenizer
+    from .loading import load_tokenizer
 
     model, teacher_tok = load_model(teacher_dir, cfg.teacher.dtype, cfg.teacher.device)
     k = cfg.kd.teacher_topk or 20

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .trainer import train_student
+    from .train import train_student
 
     path = Path((argv or sys.argv[1:])[0])
     job = pickle.loads(path.read_bytes())  # written by this run's own orchestrator

@@ -157,8 +157,8 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
 def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, Any]]]:
     import torch
 
+    from ..llm.sandbox_backend import SandboxBackend
     from ..llm.server import ServerThread, create_app
-    from ..sandbox import SandboxBackend
 
     started = time.perf_counter()
     if settings.preset.threads:
@@ -175,12 +175,9 @@ def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, An
     with ServerThread(create_app(world)) as server:
         console.print(f"sandbox world served at {server.base_url} (teacher, referee, generator); "
                       f"student: {settings.preset.model}")
-        summary = run_lion(demo_config(settings, server.base_url), progress=settings.progress, report=False)
+        summary = run_lion(demo_config(settings, server.base_url), progress=settings.progress)
     console.print("scoring the base student and every iteration's student on the held-out test set ...")
     scores = score_students(summary, settings)
-    from ..eval.report import build_report
-
-    summary.report_path, _ = build_report(summary.run_dir)
     write_summary(summary.run_dir, settings.preset.model, scores, time.perf_counter() - started)
     return summary, scores
 

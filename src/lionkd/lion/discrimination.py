@@ -8,8 +8,7 @@ be read on (after retries) is left out of both sets and counted, never scored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +17,11 @@ from rich.progress import Progress
 from ..config import RunConfig
 from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, Response
+from ..referee import RefereeCallError, stream_judgements
 from ..store import Store
-from .imitation import CallsFailed, collect_answers, run_async, student_dir
+from .calls import CallsFailed, collect_answers, run_async
 from .prompts import LionPrompts, student_messages
-from .referee import PairVerdict, RefereeCallError, stream_judgements
+from .students import open_student
 
 
 @dataclass
@@ -44,53 +44,10 @@ def split_hard_easy(cache_ids: Sequence[str], judgements: dict[str, Judgement], 
     return split
 
 
-def judgement_from(instruction_id: str, iteration: int, v: PairVerdict) -> Judgement:
-    """The referee's verdict with a = teacher and b = student."""
-    both = v.scores_a_first is not None and v.scores_b_first is not None and v.error is None
-    return Judgement(
-        instruction_id=instruction_id, iteration=iteration,
-        raw_teacher_first=v.raw_a_first, raw_student_first=v.raw_b_first,
-        teacher_scores=(v.scores_a_first[0], v.scores_b_first[0]) if both else None,  # type: ignore[index]
-        student_scores=(v.scores_a_first[1], v.scores_b_first[1]) if both else None,  # type: ignore[index]
-        parse_failures=v.parse_failures, error=v.error,
-    )
-
-
 def student_max_tokens(cfg: RunConfig) -> int:
     """The student's answer length limit: its own setting, else the teacher's (a shorter limit cuts
     answers the teacher would have finished, and the referee calls them worse)."""
     return cfg.student.generation.max_new_tokens or cfg.teacher.max_tokens
-
-
-@contextmanager
-def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
-    """The student trained in `iteration` as a backend (`student.generation.backend`), released on exit.
-
-    Released means its memory is free for the referee's turn and the next training stage: the
-    transformers model is dropped, the vLLM engine shut down, a served model's process stopped.
-    """
-    gen = cfg.student.generation
-    path = str(student_dir(cfg, iteration).resolve())  # also the model's name: unique per iteration
-    if gen.backend == "server":
-        from ..llm.openai_backend import OpenAIBackend
-        from ..llm.served import ServedModel
-
-        with ServedModel(gen.server_command, path) as served:
-            yield OpenAIBackend(path, base_url=served.base_url, api_key="unused", concurrency=gen.batch_size)
-        return
-    if gen.backend == "vllm":
-        from ..llm.vllm_backend import VLLMBackend
-
-        backend: Any = VLLMBackend(path, template=cfg.student.template, dtype=gen.dtype, **gen.vllm.engine_args())
-    else:
-        from ..llm.hf import HFBackend
-
-        backend = HFBackend(path, template=cfg.student.template, batch_size=gen.batch_size, dtype=gen.dtype,
-                            device=gen.device, batch_tokens=gen.batch_tokens)
-    try:
-        yield backend
-    finally:
-        backend.release()
 
 
 async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction], teacher: dict[str, Response],
@@ -105,7 +62,7 @@ async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction]
         async for i, verdict in stream_judgements(referee, items, prompt=prompts.referee,
                                                   params=request_defaults(cfg.referee),
                                                   retries=cfg.lion.referee_retries, iteration=iteration):
-            store.add_judgement(judgement_from(todo[i].id, iteration, verdict))
+            store.add_judgement(verdict.as_judgement(todo[i].id, iteration))
             progress.advance(task)
     except RefereeCallError as exc:
         raise CallsFailed(f"referee: {exc}; finished work is saved, run the same command again to retry") from None

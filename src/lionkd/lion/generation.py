@@ -23,7 +23,7 @@ from ..llm.base import GenRequest, GenResult
 from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, content_id
 from ..store import Store
-from .imitation import CallsFailed, run_async
+from .calls import CallsFailed, run_async
 from .novelty import NoveltyFilter, rouge_tokens
 from .prompts import PROMPT_MARKERS, LionPrompts
 

@@ -8,82 +8,19 @@ teacher is a black box, logit KD when the teacher is a local model (`backend: hf
 
 from __future__ import annotations
 
-import asyncio
 import random
-from collections.abc import Callable, Coroutine, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 from rich.progress import Progress
 
 from ..config import RunConfig
-from ..errors import UserError
-from ..llm.base import GenRequest, Message
 from ..llm.factory import request_defaults
 from ..records import Instruction, Response
 from ..store import Store
+from .calls import collect_answers, run_async
 from .prompts import LionPrompts, student_messages
-
-T = TypeVar("T")
-
-
-class CallsFailed(UserError):
-    """Some model calls failed after the backend's own retries; finished work is saved, a rerun retries."""
-
-
-def run_async(coro: Coroutine[Any, Any, T], *llms: Any) -> T:
-    """Run one stage's calls in a fresh event loop, and close the models' connections inside that loop."""
-
-    async def main() -> T:
-        try:
-            return await coro
-        finally:
-            for llm in llms:
-                await llm.aclose()
-
-    return asyncio.run(main())
-
-
-async def collect_answers(
-    llm: Any,
-    store: Store,
-    instructions: Sequence[Instruction],
-    *,
-    role: str,
-    messages: Callable[[Instruction], list[Message]],
-    params: dict[str, Any],
-    iteration: int,
-    progress: Progress,
-    label: str,
-) -> dict[str, Response]:
-    """Every instruction's answer by `llm`, as `Response(role, model=llm.model)` records of `iteration`.
-
-    Answers already stored for this iteration are reused; the others are asked for (the call cache
-    makes repeats of earlier iterations free) and stored as each arrives.
-    """
-    answers = store.responses(role, iteration, model=llm.model)
-    missing = [ins for ins in instructions if ins.id not in answers]
-    task = progress.add_task(label, total=len(instructions), completed=len(instructions) - len(missing))
-    requests = [GenRequest.chat(messages(ins), **params) for ins in missing]
-    failures: list[str] = []
-    async for i, result in llm.stream(requests, iteration=iteration):
-        progress.advance(task)
-        if not result.ok:
-            failures.append(str(result.error))
-            continue
-        choice = result.choices[0]
-        response = Response(
-            instruction_id=missing[i].id, role=role, model=llm.model, iteration=iteration, text=choice.text.strip(),
-            finish_reason=choice.finish_reason, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens,
-        )
-        store.add_response(response)
-        answers[response.instruction_id] = response
-    progress.remove_task(task)
-    if failures:
-        raise CallsFailed(f"{role}: {len(failures)} call(s) failed, e.g. {failures[0]}; "
-                          "finished work is saved, run the same command again to retry")
-    return answers
+from .students import student_dir, student_init
 
 
 def training_examples(instructions: Sequence[Instruction], answers: dict[str, Response],
@@ -107,19 +44,6 @@ def replay_examples(store: Store, iteration: int, fraction: float, seed: int,
     return random.Random(f"{seed}-{iteration}-replay").sample(earlier, count)
 
 
-def student_init(cfg: RunConfig, iteration: int) -> str:
-    """Where iteration `iteration` starts training from: the base student, then the previous iteration's."""
-    if iteration == 1:
-        from ..llm.models import resolve_model_path
-
-        return str(resolve_model_path(cfg.student.model))
-    return str(student_dir(cfg, iteration - 1))
-
-
-def student_dir(cfg: RunConfig, iteration: int) -> Path:
-    return Path(cfg.run_dir) / "students" / f"iter-{iteration}"
-
-
 def answer_train_pool(cfg: RunConfig, store: Store, teacher: Any, prompts: LionPrompts, iteration: int,
                       progress: Progress) -> tuple[list[Instruction], dict[str, Response]]:
     """The teacher's answer to every Train Pool instruction of `iteration`."""
@@ -139,7 +63,7 @@ def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], ans
     A finished training (its saved directory) is reused as it is; an interrupted one resumes from
     its last checkpoint (both handled by `train_student`).
     """
-    from ..kd.trainer import train_student
+    from ..kd.train import train_student
 
     system = cfg.student.system_prompt
     examples = training_examples(instructions, answers, system)

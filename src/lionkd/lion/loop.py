@@ -32,13 +32,14 @@ from ..errors import BudgetExceeded, UserError
 from ..llm.factory import RoleModels
 from ..progress import progress_bars
 from ..records import Instruction
+from ..referee import PairVerdict, parse_scores, summarise
 from ..run_guard import bind_config, hold_run
 from ..store import Store
 from .discrimination import Split, discriminate, split_hard_easy, student_max_tokens
 from .generation import GenerationOutcome, generate
-from .imitation import answer_train_pool, student_dir, student_init, train
+from .imitation import answer_train_pool, train
 from .prompts import LionPrompts
-from .referee import PairVerdict, parse_scores, summarise
+from .students import student_dir, student_init
 
 ROLES = ("teacher", "referee", "generator")
 # Fewer seeds cannot split into hard and easy, and the generator would only ever rewrite one instruction.
@@ -52,14 +53,12 @@ class RunSummary:
     final_student: Path
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     already_finished: bool = False
-    report_path: Path | None = None
 
 
 # --------------------------------------------------------------------------- the loop
 
 
-def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
-             allow_config_change: bool = False) -> RunSummary:
+def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> RunSummary:
     """Run (or resume) every iteration of the Lion loop described by `cfg`.
 
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
@@ -97,10 +96,7 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, report: bool = True,
             raise BudgetExceeded(f"{exc}; {rest_of_run(cfg, store)}", role=exc.role, calls_left=exc.calls_left,
                                  cost_left=exc.cost_left) from None
         store.put_metrics(last, usage_metrics(cfg, store, last))
-        summary = RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
-    if report:
-        summary.report_path = write_report(run_dir)
-    return summary
+        return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
 
 
 def resume_line(cfg: RunConfig, store: Store) -> str:
@@ -217,13 +213,7 @@ def generation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: Li
 
 
 def discrimination_metrics(split: Split, judgements: dict[str, Any]) -> dict[str, Any]:
-    verdicts = [
-        PairVerdict(scores_a_first=(j.teacher_scores[0], j.student_scores[0]) if j.ok else None,
-                    scores_b_first=(j.teacher_scores[1], j.student_scores[1]) if j.ok else None,
-                    parse_failures=j.parse_failures, error=j.error)
-        for j in judgements.values()
-    ]
-    s = summarise(verdicts)
+    s = summarise([PairVerdict.from_judgement(j) for j in judgements.values()])
     judged = len(split.hard) + len(split.easy)
     gap = s.mean_a - s.mean_b if s.mean_a is not None and s.mean_b is not None else None
     return {
@@ -298,13 +288,6 @@ def iteration_line(k: int, m: dict[str, Any]) -> str:
             f"excluded {f('excluded')}, teacher {f('teacher_score')} vs student {f('student_score')}, "
             f"order agreement {f('order_agreement', '{:.2f}')}, new {f('new_instructions')} "
             f"({f('new_hard')} hard + {f('new_easy')} easy; novelty rejections {f('novelty_rejections')})")
-
-
-def write_report(run_dir: Path) -> Path | None:
-    from ..eval.report import build_report
-
-    html, _ = build_report(run_dir)
-    return Path(html)
 
 
 # --------------------------------------------------------------------------- progress display

@@ -1,4 +1,4 @@
-"""The prompts of the Lion roles, in one place.
+"""The prompts of the Lion roles, in one place (the referee's own templates are `lionkd.referee.prompt`).
 
 Each prompt is a template with named placeholders; `lion.prompts.<key>` in the config replaces the
 built-in text. The bracketed markers ([Instruction], [Assistant 1], [Seed instruction], ...) are the
@@ -14,43 +14,9 @@ from dataclasses import dataclass
 from ..config import PromptOverrides
 from ..errors import UserError
 from ..llm.base import Message
+from ..referee.prompt import REFEREE, REFEREE_ORDERS, REFEREE_PLACEHOLDERS, pairwise_messages
 
 TEACHER_SYSTEM = "You are a knowledgeable assistant. Answer the user's request accurately, clearly and completely."
-
-_REFEREE_TASK = """\
-Two AI assistants were given the same request. Compare how well each one responded.
-
-[Instruction]
-{instruction}
-
-[Assistant 1]
-{answer_1}
-[End of Assistant 1]
-
-[Assistant 2]
-{answer_2}
-[End of Assistant 2]
-
-Rate each response on a scale from 1 to 10, where 10 is best, taking into account how helpful, \
-relevant and accurate it is and how much useful detail it gives. Judge the content only: neither the \
-order of the responses nor their length should sway you.
-"""
-
-# The paper's order: the referee reasons before it commits to numbers.
-REFEREE_EXPLANATION_FIRST = _REFEREE_TASK + """\
-First explain your assessment of the two responses in a few sentences. Then end your reply with \
-exactly two lines, and nothing after them:
-Assistant 1: <score>
-Assistant 2: <score>"""
-
-REFEREE_SCORES_FIRST = _REFEREE_TASK + """\
-Reply with exactly two lines first:
-Assistant 1: <score>
-Assistant 2: <score>
-Then give a brief justification of the scores."""
-
-REFEREE_ORDERS = {"explanation_first": REFEREE_EXPLANATION_FIRST, "scores_first": REFEREE_SCORES_FIRST}
-REFEREE = REFEREE_EXPLANATION_FIRST  # the default (`lion.referee_order`)
 
 # The authors ask for a new task of similar length and difficulty: "at least as demanding" would let
 # the tasks drift harder with every iteration, away from what the student is being tested on.
@@ -81,7 +47,7 @@ or commentary."""
 # The placeholders every template must keep.
 PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "teacher_system": (),
-    "referee": ("instruction", "answer_1", "answer_2"),
+    "referee": REFEREE_PLACEHOLDERS,
     "generator_hard": ("seed",),
     "generator_easy": ("seed",),
 }
@@ -127,8 +93,7 @@ class LionPrompts:
         return [*messages, {"role": "user", "content": instruction}]
 
     def referee_messages(self, instruction: str, answer_1: str, answer_2: str) -> list[Message]:
-        text = self.referee.format(instruction=instruction, answer_1=answer_1, answer_2=answer_2)
-        return [{"role": "user", "content": text}]
+        return pairwise_messages(self.referee, instruction, answer_1, answer_2)
 
     def generator_messages(self, seed: str, mode: str) -> list[Message]:
         template = self.generator_hard if mode == "hard" else self.generator_easy

@@ -1,6 +1,7 @@
-"""From an endpoint in the config to a ready backend (and the call cache in front of it).
+"""From an endpoint in the config to a ready backend behind the call cache, and the roles of a run.
 
-Heavy libraries (torch models, vLLM, the sandbox) are imported only for the backend that needs them.
+Backends are made by the registry (`registry.make_backend`), which imports heavy libraries (torch
+models, vLLM) only for the backend that needs them.
 """
 
 from __future__ import annotations
@@ -12,42 +13,7 @@ from ..errors import UserError
 from ..store import Store
 from .base import Backend
 from .cache import CachedLLM
-from .models import resolve_model_path
-
-
-def make_backend(endpoint: EndpointConfig) -> Backend:
-    """The backend an endpoint names; the API key is read from the environment now and kept in memory only."""
-    if endpoint.backend == "openai":
-        from .openai_backend import OpenAIBackend
-
-        key = endpoint.api_key()
-        if key is None and endpoint.base_url is None and endpoint.api_key_env:
-            raise UserError(f"api_key_env: the environment variable ${endpoint.api_key_env} is not set "
-                            "(needed for the OpenAI API; set base_url for a local server)")
-        return OpenAIBackend(
-            endpoint.model, base_url=endpoint.base_url, api_key=key, concurrency=endpoint.concurrency,
-            requests_per_minute=endpoint.requests_per_minute, tokens_per_minute=endpoint.tokens_per_minute,
-            max_retries=endpoint.max_retries, timeout_s=endpoint.timeout_s,
-        )
-    if endpoint.backend == "hf":
-        from .hf import HFBackend
-
-        return HFBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, device=endpoint.device,
-                         batch_size=endpoint.batch_size, batch_tokens=endpoint.batch_tokens)
-    if endpoint.backend == "vllm":
-        from .vllm_backend import VLLMBackend
-
-        return VLLMBackend(resolve_model_path(endpoint.model), dtype=endpoint.dtype, **endpoint.vllm.engine_args())
-    if endpoint.backend == "sandbox":
-        from ..sandbox.backend import SandboxBackend
-
-        opts = endpoint.sandbox
-        try:
-            return SandboxBackend(endpoint.model, error_rate=opts.error_rate, position_bias=opts.position_bias,
-                                  malformed_rate=opts.malformed_rate)
-        except ValueError as exc:
-            raise UserError(f"model: {exc}") from None
-    raise UserError(f"backend: unknown backend '{endpoint.backend}'")
+from .registry import make_backend
 
 
 def open_llm(endpoint: EndpointConfig, store: Store | None, role: str) -> CachedLLM:

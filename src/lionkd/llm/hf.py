@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Sequence
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,6 +35,9 @@ from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .precision import DTYPES
 from .templates import Template, has_chat_template, render_prompt, stop_token_ids
+
+if TYPE_CHECKING:
+    from ..config import EndpointConfig
 
 _BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte tokens
 
@@ -143,6 +146,15 @@ class HFBackend(Backend):
         self._pieces: dict[int, str] = {}
         self._bytes: dict[int, bytes] = {}
         self._anchor = (tokenizer.encode("a", add_special_tokens=False) or [0])[-1]
+
+    @classmethod
+    def from_endpoint(cls, endpoint: EndpointConfig, **overrides: Any) -> HFBackend:
+        """The endpoint's model loaded in this process (`overrides`: e.g. the prompt template)."""
+        from .models import resolve_model_path
+
+        options: dict[str, Any] = {"dtype": endpoint.dtype, "device": endpoint.device,
+                                   "batch_size": endpoint.batch_size, "batch_tokens": endpoint.batch_tokens}
+        return cls(resolve_model_path(endpoint.model), **(options | overrides))
 
     def release(self) -> None:
         import gc

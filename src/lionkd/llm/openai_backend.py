@@ -27,7 +27,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import openai
@@ -37,6 +37,9 @@ from openai.types.chat import ChatCompletion
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .ratelimit import TokenBucket
+
+if TYPE_CHECKING:
+    from ..config import EndpointConfig
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +97,20 @@ class OpenAIBackend(Backend):
         self._client: openai.AsyncOpenAI | None = None
         self._slots: asyncio.Semaphore | None = None
         self._streams = 0  # batches in progress; the client is closed when the last one ends
+
+    @classmethod
+    def from_endpoint(cls, endpoint: EndpointConfig, **overrides: Any) -> OpenAIBackend:
+        """The endpoint's API; its key is read from the environment now and kept in memory only."""
+        key = endpoint.api_key()
+        if key is None and endpoint.base_url is None and endpoint.api_key_env:
+            raise UserError(f"api_key_env: the environment variable ${endpoint.api_key_env} is not set "
+                            "(needed for the OpenAI API; set base_url for a local server)")
+        options: dict[str, Any] = {
+            "base_url": endpoint.base_url, "api_key": key, "concurrency": endpoint.concurrency,
+            "requests_per_minute": endpoint.requests_per_minute, "tokens_per_minute": endpoint.tokens_per_minute,
+            "max_retries": endpoint.max_retries, "timeout_s": endpoint.timeout_s,
+        }
+        return cls(endpoint.model, **(options | overrides))
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIBackend(model={self.model!r}, base_url={self.base_url!r})"

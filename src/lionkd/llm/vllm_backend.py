@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UserError
 from .base import Backend, Choice, GenRequest, GenResult, TokenLogprob
 from .templates import Template, render_prompt
+
+if TYPE_CHECKING:
+    from ..config import EndpointConfig
 
 
 class VLLMBackend(Backend):
@@ -33,6 +36,14 @@ class VLLMBackend(Backend):
         self.tokenizer = self.engine.get_tokenizer()
         self.template = template
         self.chunk_size = chunk_size  # requests per engine call: results are handed back chunk by chunk
+
+    @classmethod
+    def from_endpoint(cls, endpoint: EndpointConfig, **overrides: Any) -> VLLMBackend:
+        """The endpoint's model in a vLLM engine of this process, with the endpoint's engine settings."""
+        from .models import resolve_model_path
+
+        options: dict[str, Any] = {"dtype": endpoint.dtype, **endpoint.vllm.engine_args()}
+        return cls(resolve_model_path(endpoint.model), **(options | overrides))
 
     def release(self) -> None:
         """Shut the engine down so that its GPU memory is free for training."""

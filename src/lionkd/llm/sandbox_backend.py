@@ -11,10 +11,14 @@ import hashlib
 import json
 import random
 from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Any
 
-from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
+from ..errors import UserError
+from ..sandbox import oracle
+from .base import Backend, Choice, GenRequest, GenResult
 
-from . import oracle
+if TYPE_CHECKING:
+    from ..config import EndpointConfig
 
 MODELS = ("teacher", "referee", "generator")
 
@@ -49,6 +53,7 @@ class SandboxBackend(Backend):
     """
 
     kind = "sandbox"
+    models = MODELS  # the programs it can play
 
     def __init__(
         self,
@@ -69,6 +74,17 @@ class SandboxBackend(Backend):
         self.error_rate = error_rate
         self.position_bias = position_bias
         self.malformed_rate = malformed_rate
+
+    @classmethod
+    def from_endpoint(cls, endpoint: EndpointConfig, **overrides: Any) -> SandboxBackend:
+        """The sandbox program the endpoint names, with the endpoint's `sandbox` knobs."""
+        opts = endpoint.sandbox
+        options: dict[str, Any] = {"error_rate": opts.error_rate, "position_bias": opts.position_bias,
+                                   "malformed_rate": opts.malformed_rate}
+        try:
+            return cls(endpoint.model, **(options | overrides))
+        except ValueError as exc:
+            raise UserError(f"model: {exc}") from None
 
     def _rng(self, request: GenRequest, index: int) -> random.Random:
         content = request.message_dicts() if request.messages is not None else request.prompt

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..store import Store
 from . import hard_set, plots
-from .report_blocks import Figure, Ledger, Section, Table, fmt
+from .blocks import Figure, Ledger, Section, Table, fmt
 from .training_curves import lion_trainings
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lionkd.eval import hard_set
-from lionkd.eval.report import build_report, eval_markdown
 from lionkd.records import Instruction, Judgement, Response
+from lionkd.report import hard_set
+from lionkd.report.build import build_report
+from lionkd.report.eval_tables import eval_markdown
 from lionkd.store import Store
 from report_checks import check_report, parse
 

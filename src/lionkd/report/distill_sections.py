@@ -7,9 +7,9 @@ from typing import Any
 
 from ..store import Store
 from . import plots
+from .blocks import Figure, Ledger, Section, Table, fmt
 from .distill_run import model_size, pt_statistics, stage_rows
-from .report_blocks import Figure, Ledger, Section, Table, fmt
-from .report_lion import usage_table, wall_time
+from .lion_sections import usage_table, wall_time
 from .training_curves import distill_trainings
 
 TASK_METRICS = (("bleu", "BLEU"), ("rouge_mean", "ROUGE (mean F1)"), ("exact_match", "exact match %"))

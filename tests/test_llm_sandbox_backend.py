@@ -5,7 +5,8 @@ import re
 import pytest
 
 from lionkd.llm.base import GenRequest
-from lionkd.sandbox import SandboxBackend, world
+from lionkd.llm.sandbox_backend import SandboxBackend
+from lionkd.sandbox import world
 from lionkd.sandbox.oracle import GENERIC_REPLY
 
 # A simple reference parser: what any tolerant referee parser must at least read.

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TRAIN_METRICS = "train_metrics.json"  # written by kd.trainer.train_student
+TRAIN_METRICS = "train_metrics.json"  # written by kd.train.train_student
 # A distill run's trainings, in the order they run: folder, stage name in the run store
 DISTILL_TRAININGS = (("teacher", "teacher_finetune"), ("student-kd", "kd_train"), ("student", "final_ce"))
 

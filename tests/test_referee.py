@@ -13,9 +13,9 @@ import pytest
 from lionkd.config import PromptOverrides
 from lionkd.errors import UserError
 from lionkd.lion.prompts import LionPrompts
-from lionkd.lion.referee import RefereeCallError, judge_pairs, parse_scores, stream_judgements, summarise
 from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
 from lionkd.llm.cache import CachedLLM
+from lionkd.referee import RefereeCallError, judge_pairs, parse_scores, stream_judgements, summarise
 from lionkd.store import Store
 
 CORPUS = Path(__file__).parent / "data" / "referee_replies.jsonl"
@@ -99,7 +99,7 @@ def test_prompts_carry_the_shared_markers() -> None:
 def test_referee_order_is_a_choice_and_the_sandbox_follows_it() -> None:
     import random
 
-    from lionkd.lion.prompts import REFEREE, REFEREE_EXPLANATION_FIRST, REFEREE_SCORES_FIRST
+    from lionkd.referee.prompt import REFEREE, REFEREE_EXPLANATION_FIRST, REFEREE_SCORES_FIRST
     from lionkd.sandbox.oracle import asks_explanation_first, referee_reply
 
     assert REFEREE is REFEREE_EXPLANATION_FIRST  # the paper's order is the default

@@ -1,0 +1,294 @@
+"""Training a student: `train_student` (train, save, return metrics; resumable, launched on several
+processes when configured) and `build_trainer` (a ready `KDTrainer`), the KD engine's entry points."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import gather_object
+from torch import nn
+from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..config import KDConfig, LoraConfig, TrainConfig
+from ..errors import UserError
+from ..llm.precision import DTYPES, training_precision
+from .callbacks import EpochSwitch, TrainingProgress
+from .data import (
+    Collator,
+    EpochDataset,
+    ExampleDataset,
+    PromptTemplate,
+    TrainExample,
+    encode_example,
+    is_encoder_decoder,
+)
+from .joint_teaching import JointTeaching, StudentSampler
+from .launch import needs_launch, process_count, run_training_job, world_size
+from .loading import check_same_vocab, load_model, load_tokenizer
+from .objectives import resolve_objective
+from .trainer import KDTrainer
+
+METRICS_FILE = "train_metrics.json"
+
+
+def _apply_lora(model: PreTrainedModel, lora: LoraConfig) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import TaskType, get_peft_model
+
+    task = TaskType.SEQ_2_SEQ_LM if is_encoder_decoder(model) else TaskType.CAUSAL_LM
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules, task_type=task
+    )
+    return get_peft_model(model, config)
+
+
+def _encode_all(
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    tokenizer: Any,
+    template: PromptTemplate,
+    max_length: int,
+    encoder_decoder: bool,
+) -> torch.utils.data.Dataset:
+    if not examples:
+        raise UserError("no training examples")
+
+    def encode(batch: Sequence[TrainExample]) -> list[dict[str, Any]]:
+        return [
+            encode_example(tokenizer, e, template=template, max_length=max_length, encoder_decoder=encoder_decoder)
+            for e in batch
+        ]
+
+    if isinstance(examples[0], TrainExample):
+        return ExampleDataset(encode(examples))  # type: ignore[arg-type]
+    return EpochDataset([encode(epoch) for epoch in examples])  # type: ignore[arg-type]
+
+
+def per_device_batch(settings: TrainConfig) -> int:
+    """Examples per micro-batch on one process: `batch_size` is the global batch of one optimiser step."""
+    split = world_size() * settings.grad_accum
+    if settings.batch_size % split:
+        raise UserError(f"student.train.batch_size: {settings.batch_size} is not divisible by processes x grad_accum "
+                        f"= {world_size()} x {settings.grad_accum}")
+    return settings.batch_size // split
+
+
+
+def build_trainer(
+    student: str | Path | PreTrainedModel,
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    out_dir: str | Path,
+    *,
+    settings: TrainConfig | None = None,
+    teacher: str | Path | PreTrainedModel | None = None,
+    objective: str | Mapping[str, float] | None = None,
+    kd: KDConfig | None = None,
+    template: PromptTemplate = "chat",
+    lora: LoraConfig | None = None,
+    joint: JointTeaching | None = None,
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> KDTrainer:
+    """A ready `KDTrainer` (see `train_student` for the arguments); checkpoints go to out_dir/checkpoints."""
+    settings = settings or TrainConfig()
+    kd = kd or KDConfig()
+    if objective is None and teacher is not None:
+        objective = kd.objective
+    weights = resolve_objective(objective, teacher is not None)
+
+    model = load_model(student)
+    # Saved as its base was stored (unless configured), trained on fp32 master weights whatever that is.
+    stored = model.dtype if settings.save_dtype == "auto" else DTYPES[settings.save_dtype]
+    model.float()
+    precision = training_precision(settings.precision)
+    tok = load_tokenizer(student, tokenizer)
+    encdec = is_encoder_decoder(model)
+    teacher_model = None
+    if teacher is not None and set(weights) - {"ce"}:
+        teacher_model = load_model(teacher)
+        if not isinstance(teacher, PreTrainedModel):
+            check_same_vocab(tok, load_tokenizer(teacher))
+        if is_encoder_decoder(teacher_model) != encdec:
+            raise UserError("teacher and student must both be decoder-only or both encoder-decoder")
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    if lora is not None:
+        model = _apply_lora(model, lora)
+
+    per_device = per_device_batch(settings)
+    dataset = _encode_all(examples, tok, template, settings.max_length, encdec)
+    collator = Collator(
+        pad_token_id=tok.pad_token_id,
+        encoder_decoder=encdec,
+        decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
+    )
+    args = TrainingArguments(
+        output_dir=str(Path(out_dir) / "checkpoints"),
+        num_train_epochs=settings.epochs,
+        max_steps=settings.max_steps,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_ratio,
+        per_device_train_batch_size=per_device,
+        gradient_accumulation_steps=settings.grad_accum,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=settings.logging_steps,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=1,
+        report_to=list(settings.report_to) or "none",
+        run_name=run_name(out_dir),
+        remove_unused_columns=False,
+        disable_tqdm=True,  # progress is drawn by TrainingProgress, in the style of every other stage
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+    sampler = (
+        StudentSampler(joint, tok, settings.max_length, encdec) if joint is not None and joint.alpha > 0 else None
+    )
+    trainer = KDTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tok,
+        teacher=teacher_model,
+        objective=weights,
+        kd=kd,
+        vocab_size=len(tok),
+        sampler=sampler,
+    )
+    trainer.save_dtype = stored
+    if lora is not None and trainer.params_sharded:  # the adapters could not be merged into a sharded model
+        raise UserError("student.lora: LoRA under ZeRO-3 or FSDP is not supported; use DDP "
+                        "(examples/accelerate/ddp.yaml) or ZeRO-2, or full fine-tuning")
+    if isinstance(dataset, EpochDataset):
+        trainer.epoch_switch = EpochSwitch(dataset)
+        trainer.add_callback(trainer.epoch_switch)
+    for callback in trainer.callback_handler.callbacks:  # its default folder is under checkpoints/, deleted at the end
+        if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
+            callback.logging_dir = str(Path(out_dir) / "tensorboard")
+    for quiet in (PrinterCallback, ProgressCallback):  # they print raw dicts and tqdm bars
+        trainer.remove_callback(quiet)
+    if progress:
+        trainer.add_callback(TrainingProgress())
+    return trainer
+
+
+def run_name(out_dir: str | Path) -> str:
+    """What trackers (tensorboard, wandb, ...) call one training: run folder, iteration and stage.
+
+    Read from the folder the pipelines train into: RUN/students/iter-K (Lion imitation) or
+    RUN/teacher, RUN/student-kd, RUN/student (the distill stages, iteration 0 in the run store).
+    """
+    out = Path(out_dir).absolute()
+    if out.name.startswith("iter-") and out.name[5:].isdigit():
+        return f"{out.parent.parent.name}/iteration-{out.name[5:]}/imitation"
+    stage = {"teacher": "teacher_finetune", "student-kd": "kd_train", "student": "final_ce"}.get(out.name, out.name)
+    return f"{out.parent.name}/iteration-0/{stage}"
+
+
+
+def train_student(
+    student: str | Path | PreTrainedModel,
+    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
+    out_dir: str | Path,
+    *,
+    settings: TrainConfig | None = None,
+    teacher: str | Path | PreTrainedModel | None = None,
+    objective: str | Mapping[str, float] | None = None,
+    kd: KDConfig | None = None,
+    template: PromptTemplate = "chat",
+    lora: LoraConfig | None = None,
+    joint: JointTeaching | None = None,
+    tokenizer: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train `student` on `examples`, save it (model + tokenizer) to `out_dir`, return metrics.
+
+    `examples` is one list (the same every epoch) or a list of equally long lists (epoch e trains on
+    list e mod n: the pseudo-target schedule). `objective` defaults to `kd.objective` with a teacher
+    and to "ce" without. `tokenizer` is needed only when `student` is a model object without a
+    saved tokenizer. With `resume`, a finished `out_dir` is returned as is and an interrupted run
+    continues from its last checkpoint. LoRA adapters are merged into the saved model.
+    Metrics: loss (mean training loss), steps, epochs, target_tokens, tokens_per_s (input tokens,
+    prompt included, per second of training), runtime_s, objective, last_losses (per objective), and
+    with several pseudo-targets, pseudo_targets_read (per process, per epoch: the lists it trained on).
+    """
+    out_dir = Path(out_dir)
+    done = out_dir / METRICS_FILE
+    if resume and done.exists():
+        return json.loads(done.read_text())
+    settings = settings or TrainConfig()
+    if needs_launch(settings.processes, settings.accelerate_config):
+        run_training_job(out_dir, process_count(settings.processes), settings.accelerate_config, student=student,
+                         examples=examples, settings=settings, teacher=teacher, objective=objective, kd=kd,
+                         template=template, lora=lora, joint=joint, tokenizer=tokenizer, resume=resume,
+                         progress=progress)
+        return json.loads(done.read_text())
+    trainer = build_trainer(
+        student, examples, out_dir, settings=settings, teacher=teacher, objective=objective, kd=kd,
+        template=template, lora=lora, joint=joint, tokenizer=tokenizer, progress=progress,
+    )
+    ckpt_dir = Path(trainer.args.output_dir)
+    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=last)
+    elapsed = time.perf_counter() - start
+    if "wandb" in trainer.args.report_to:  # else the next training of this process logs into this run
+        import wandb
+
+        wandb.finish()
+
+    final = trainer.accelerator.unwrap_model(trainer.model)
+    if lora is not None and not trainer.params_sharded:
+        final = final.merge_and_unload()
+    processes = trainer.accelerator.num_processes
+    metrics: dict[str, Any] = {
+        "loss": float(result.training_loss),
+        "steps": int(trainer.state.global_step),
+        "epochs": float(trainer.state.epoch or 0.0),
+        "target_tokens": trainer.target_tokens * processes,
+        "tokens_per_s": trainer.input_tokens * processes / max(elapsed, 1e-9),
+        "runtime_s": elapsed,
+        "objective": trainer.objective,
+        "last_losses": trainer.last_parts,
+        "final_logged_loss": _last_logged_loss(trainer),
+        # the loss curve the report draws: the checkpoints holding the Trainer's log are removed below
+        "loss_history": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e and "step" in e],
+    }
+    if trainer.noisy_teacher_dropout is not None:
+        metrics["noisy_teacher_dropout"] = trainer.noisy_teacher_dropout
+    if trainer.epoch_switch is not None:  # per process, per epoch (since a resume): the pseudo-target lists read
+        metrics["pseudo_targets_read"] = gather_object([trainer.epoch_switch.read])
+    if trainer.sampler is not None:
+        metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
+    if trainer.params_sharded:  # every process takes part: the shards are gathered into one checkpoint
+        trainer.save_model(str(out_dir))
+    if trainer.is_world_process_zero():
+        if not trainer.params_sharded:
+            final.to(trainer.save_dtype).save_pretrained(out_dir)
+        trainer.processing_class.save_pretrained(out_dir)
+        done.write_text(json.dumps(metrics, indent=2))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()  # no rank returns before the saved student is whole
+    return metrics
+
+
+def _last_logged_loss(trainer: Trainer) -> float | None:
+    for entry in reversed(trainer.state.log_history):
+        if "loss" in entry and math.isfinite(entry["loss"]):
+            return float(entry["loss"])
+    return None
