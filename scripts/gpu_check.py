@@ -39,7 +39,7 @@ from safetensors.torch import load_file
 from lionkd.config import LoraConfig, TrainConfig
 from lionkd.kd.data import TrainExample
 from lionkd.kd.joint_teaching import JointTeaching
-from lionkd.kd.trainer import build_trainer, train_student
+from lionkd.kd.train import build_trainer, train_student
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.models import resolve_model_path
