@@ -40,6 +40,7 @@ from transformers.utils import logging as hf_logging
 from lionkd.config import KDConfig, TrainConfig
 from lionkd.kd.blackbox import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
 from lionkd.kd.data import TrainExample
+from lionkd.kd.job import TrainJob
 from lionkd.kd.prune import prune_layers
 from lionkd.kd.pseudo_targets import pt_schedule
 from lionkd.kd.train import train_student
@@ -191,8 +192,8 @@ def run_seed(base_url: str, start: Path, tok: Any, tests: list[Any], args: argpa
         t0 = time.time()
         schedule, objective = arms[arm]
         student = work / f"{arm}-{seed}"
-        metrics = train_student(str(start), schedule, student, settings=train, objective=objective,
-                                kd=KDConfig(), template="chat", progress=False)
+        metrics = train_student(TrainJob(str(start), schedule, student, settings=train, objective=objective,
+                                         kd=KDConfig(), template="chat", progress=False))
         out[arm] = evaluate_student(load(student)[0], tok, tests)["overall"]
         out[f"{arm}_train_loss"] = metrics["loss"]
         out[f"{arm}_s"] = round(time.time() - t0, 1)

@@ -88,6 +88,7 @@ class StepTimer:
 def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     from lionkd.config import TrainConfig
     from lionkd.kd.data import TrainExample
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.train import build_trainer
 
     tok, student, teacher, texts = setup(tmp)
@@ -95,8 +96,8 @@ def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     settings = TrainConfig(max_steps=steps, batch_size=BATCH, learning_rate=1e-4, max_length=PROMPT + TARGET,
                            warmup_ratio=0.0, save_steps=10_000, logging_steps=10_000,
                            **({"precision": "bf16"} if CUDA else {}))
-    trainer = build_trainer(student, examples, tmp / "lionkd", settings=settings, teacher=teacher, objective="logits",
-                            tokenizer=tok, template="raw", progress=False)
+    trainer = build_trainer(TrainJob(student, examples, tmp / "lionkd", settings=settings, teacher=teacher,
+                                     objective="logits", tokenizer=tok, template="raw", progress=False))
     trainer.fuse_head = fuse_head
     trainer.args.save_strategy = "no"  # as for TRL: time training, not the final checkpoint
     return measure(trainer)

@@ -176,6 +176,7 @@ def gap_closed(arm: dict[str, float], teacher: dict[str, float], ft: dict[str, f
 
 
 def run_study(s: Settings, work: Path) -> dict[str, Any]:
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.joint_teaching import JointTeaching
     from lionkd.kd.prune import prune_layers
     from lionkd.kd.pseudo_targets import pt_schedule
@@ -196,8 +197,8 @@ def run_study(s: Settings, work: Path) -> dict[str, Any]:
 
     t = time.perf_counter()
     teacher_dir = work / "teacher"
-    teacher_train = train_student(base_student_dir(), gold, teacher_dir, objective="ce", resume=False,
-                                  settings=train_settings(s, s.teacher_steps, s.teacher_lr, 0), progress=False)
+    teacher_train = train_student(TrainJob(base_student_dir(), gold, teacher_dir, objective="ce", resume=False,
+                                           settings=train_settings(s, s.teacher_steps, s.teacher_lr, 0), progress=False))
     teacher_metrics, teacher_answers = evaluate(teacher_dir, tests)
     base_metrics, base_answers = evaluate(base_student_dir(), tests)
     student_init = work / "student-init"
@@ -232,11 +233,11 @@ def run_study(s: Settings, work: Path) -> dict[str, Any]:
                                   top_p=0.95, seed=seed) if arm.joint else None
             out_dir = work / f"seed{seed}" / slug(arm.name)
             t = time.perf_counter()
-            train = train_student(
+            train = train_student(TrainJob(
                 student_init, examples, out_dir, teacher=teacher_dir if arm.objective != "ce" else None,
                 objective=arm.objective, joint=joint, resume=False, progress=False,
                 settings=train_settings(s, s.student_steps, s.student_lr, seed),
-            )
+            ))
             train_s = time.perf_counter() - t
             metrics, answers = evaluate(out_dir, tests)
             per_epoch = len(examples[0]) if isinstance(examples[0], list) else len(examples)

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 
 from lionkd.config import LoraConfig, TrainConfig
 from lionkd.kd.data import TrainExample
+from lionkd.kd.job import TrainJob
 from lionkd.kd.train import build_trainer
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
@@ -63,8 +64,8 @@ def messages(instruction: str) -> list[dict[str, str]]:
 def train_rate(path: str, examples: list[TrainExample], precision: str, lora: bool, out: Path) -> float:
     settings = TrainConfig(max_steps=STEPS + 1, batch_size=BATCH, learning_rate=2e-5, warmup_ratio=0,
                            max_length=96, precision=precision, save_steps=10_000, logging_steps=100)
-    trainer = build_trainer(path, examples, out, settings=settings, lora=LoraConfig() if lora else None,
-                            progress=False)
+    trainer = build_trainer(TrainJob(path, examples, out, settings=settings, lora=LoraConfig() if lora else None,
+                                     progress=False))
     timer = StepTimer()
     trainer.add_callback(timer)
     trainer.train()

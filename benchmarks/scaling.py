@@ -29,6 +29,7 @@ import torch
 
 from lionkd.config import TrainConfig
 from lionkd.kd.data import TrainExample
+from lionkd.kd.job import TrainJob
 from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
@@ -51,7 +52,7 @@ def train(path: str, examples: list[TrainExample], processes: int, out: Path) ->
     settings = TrainConfig(max_steps=STEPS, batch_size=BATCH, learning_rate=2e-5, warmup_ratio=0, max_length=96,
                            precision="fp32", processes=processes, save_steps=10_000, logging_steps=100)
     started = time.perf_counter()
-    metrics = train_student(path, examples, out, settings=settings, progress=False)
+    metrics = train_student(TrainJob(path, examples, out, settings=settings, progress=False))
     return {"processes": processes, "tokens_per_s": round(metrics["tokens_per_s"], 1),
             "train_s": round(metrics["runtime_s"], 1), "wall_s": round(time.perf_counter() - started, 1)}
 

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from conftest import run_cli, sandbox_run_config
 from lionkd.config import TrainConfig, load_config
 from lionkd.distill.pipeline import distill
+from lionkd.kd.job import TrainJob
 from lionkd.kd.train import train_student
 from lionkd.store import Store
 from test_kd_pipeline import build_teacher, write_config
@@ -40,8 +41,8 @@ def test_two_processes_train_the_same_model_over_several_steps_and_epochs(tmp_pa
                            warmup_ratio=0, max_length=32, processes=1)
     kd = {"teacher": tmp_path / "teacher", "objective": {"ce": 0.5, "logits": 0.5}, "template": "alpaca",
           "progress": False}
-    one = train_student(base, data, tmp_path / "one", settings=settings, **kd)
-    two = train_student(base, data, tmp_path / "two", settings=settings.model_copy(update={"processes": 2}), **kd)
+    one = train_student(TrainJob(base, data, tmp_path / "one", settings=settings, **kd))
+    two = train_student(TrainJob(base, data, tmp_path / "two", settings=settings.model_copy(update={"processes": 2}), **kd))
     assert one["steps"] == two["steps"] == 4  # 16 examples, global batch 8, 2 epochs
     assert (tmp_path / "two" / "train_job.pkl").is_file()
     diff = max_difference(saved_weights(tmp_path / "one"), saved_weights(tmp_path / "two"))

@@ -23,6 +23,7 @@ from lionkd.kd.blackbox import (
     teacher_messages,
 )
 from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.job import TrainJob
 from lionkd.kd.losses import sparse_kd_loss
 from lionkd.kd.train import train_student
 from lionkd.llm.base import Backend, GenRequest, GenResult
@@ -172,8 +173,8 @@ def test_cross_tokenizer_white_box_kd_trains_on_aligned_targets(tmp_path):
     before = loss()
     settings = TrainConfig(max_steps=40, learning_rate=5e-3, batch_size=4, warmup_ratio=0.0, logging_steps=10,
                            save_steps=1000, lr_scheduler="constant")
-    metrics = train_student(student, sparse, tmp_path / "out", settings=settings, objective={"logits": 1.0},
-                            tokenizer=student_tok, template="alpaca", progress=False)
+    metrics = train_student(TrainJob(student, sparse, tmp_path / "out", settings=settings, objective={"logits": 1.0},
+                                     tokenizer=student_tok, template="alpaca", progress=False))
     assert metrics["steps"] == 40
     assert loss() < 0.7 * before
 
@@ -202,9 +203,9 @@ def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypat
     seen: list = []  # what the KD trainer was given
     real = trainer_module.train_student
 
-    def spy(student, examples, out_dir, **kw):
-        seen.append((examples, kw.get("objective"), kw.get("teacher")))
-        return real(student, examples, out_dir, **kw)
+    def spy(job):
+        seen.append((job.examples, job.objective, job.teacher))
+        return real(job)
 
     monkeypatch.setattr(trainer_module, "train_student", spy)
     with ServerThread(create_app({"teacher": backend})) as server:

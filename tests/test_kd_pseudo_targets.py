@@ -10,6 +10,7 @@ import torch
 from lionkd.config import TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
 from lionkd.kd.generation import generate_token_ids
+from lionkd.kd.job import TrainJob
 from lionkd.kd.joint_teaching import JointTeaching, StudentSampler
 from lionkd.kd.losses import kd_loss, sparse_kd_loss
 from lionkd.kd.pseudo_targets import (
@@ -89,8 +90,8 @@ def test_schedule_trains_epoch_lists_in_turn(tmp_path: Path) -> None:
 
     trainer_mod.KDTrainer.compute_loss = spy
     try:
-        train_student(tiny_llama(), lists, tmp_path / "s", settings=TrainConfig(epochs=3, batch_size=4, max_length=16),
-                      tokenizer=tok, template="alpaca", progress=False)
+        train_student(TrainJob(tiny_llama(), lists, tmp_path / "s", settings=TrainConfig(epochs=3, batch_size=4, max_length=16),
+                               tokenizer=tok, template="alpaca", progress=False))
     finally:
         trainer_mod.KDTrainer.compute_loss = original
     assert seen == ["one", "two", "one"]
@@ -111,8 +112,8 @@ def test_cached_topk_matches_teacher_and_trains_without_teacher(tmp_path: Path) 
     torch.testing.assert_close(sparse, dense, atol=1e-4, rtol=1e-4)  # k = V: the cache is exact
 
     small = cache_teacher_topk(teacher, tok, data, k=8, template="alpaca", max_length=32)
-    metrics = train_student(tiny_llama(), small, tmp_path / "c", settings=TrainConfig(max_steps=2, batch_size=4,
-                            max_length=32), objective="logits", tokenizer=tok, template="alpaca", progress=False)
+    metrics = train_student(TrainJob(tiny_llama(), small, tmp_path / "c", settings=TrainConfig(max_steps=2, batch_size=4,
+                                     max_length=32), objective="logits", tokenizer=tok, template="alpaca", progress=False))
     assert metrics["last_losses"]["logits"] > 0
 
 
@@ -143,9 +144,9 @@ def test_joint_teaching_trains(tmp_path: Path, family: str) -> None:
     student = tiny_llama() if family == "llama" else tiny_t5()
     teacher = tiny_llama(seed=4) if family == "llama" else tiny_t5(seed=4)
     joint = JointTeaching(alpha=0.5, max_new_tokens=6)
-    metrics = train_student(student, examples(8), tmp_path / family, settings=TrainConfig(max_steps=4, batch_size=4,
-                            max_length=32), teacher=teacher, objective="logits", joint=joint, tokenizer=tok,
-                            template="alpaca", progress=False)
+    metrics = train_student(TrainJob(student, examples(8), tmp_path / family, settings=TrainConfig(max_steps=4, batch_size=4,
+                                     max_length=32), teacher=teacher, objective="logits", joint=joint, tokenizer=tok,
+                                     template="alpaca", progress=False))
     assert metrics["student_samples"]["replaced"] > 0
     assert metrics["steps"] == 4 and metrics["last_losses"]["logits"] > 0
 
@@ -159,10 +160,10 @@ def test_joint_teaching_has_no_cross_entropy_on_student_samples(tmp_path: Path, 
     settings = TrainConfig(max_steps=2, batch_size=4, max_length=32)
 
     def train(alpha: float, name: str) -> dict:
-        trainer = trainer_module.build_trainer(
+        trainer = trainer_module.build_trainer(TrainJob(
             tiny_llama(), examples(8), tmp_path / name, settings=settings, teacher=tiny_llama(seed=4),
             objective={"ce": 1.0, "logits": 1.0}, joint=JointTeaching(alpha=alpha, max_new_tokens=4) if alpha else None,
-            tokenizer=tok, template="alpaca", progress=False)
+            tokenizer=tok, template="alpaca", progress=False))
         trainer.fuse_head = fused
         trainer.train()
         return trainer.last_parts

@@ -22,6 +22,7 @@ from transformers import (
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
 from lionkd.kd.data import Collator, TopK, TrainExample, encode_example
 from lionkd.kd.heads import plain_linear_head
+from lionkd.kd.job import TrainJob
 from lionkd.kd.train import build_trainer, train_student
 
 WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
@@ -81,10 +82,10 @@ def first_step_grads(batch_size: int, grad_accum: int, objective: str, out_dir: 
         warmup_ratio=0.0,
     )
     teacher = tiny_llama(seed=1) if objective != "ce" else None
-    trainer = build_trainer(
+    trainer = build_trainer(TrainJob(
         tiny_llama(), examples(8), out_dir, settings=settings, teacher=teacher, objective=objective,
         tokenizer=tiny_tokenizer(), template="alpaca", progress=False,
-    )
+    ))
     trainer.args.max_grad_norm = 1e9  # compare raw gradients
     recorder = GradRecorder()
     trainer.add_callback(recorder)
@@ -114,8 +115,8 @@ def test_ce_finetune_reduces_loss_and_saves(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
     settings = TrainConfig(precision="fp32", epochs=15, learning_rate=3e-2, batch_size=4, max_length=32, logging_steps=1)
-    metrics = train_student(tiny_llama(), data, tmp_path / "m", settings=settings, tokenizer=tok,
-                            template="alpaca", progress=False)
+    metrics = train_student(TrainJob(tiny_llama(), data, tmp_path / "m", settings=settings, tokenizer=tok,
+                                     template="alpaca", progress=False))
     assert metrics["steps"] == 30 and metrics["tokens_per_s"] > 0
     assert metrics["final_logged_loss"] < 0.2 and metrics["loss"] > 5 * metrics["final_logged_loss"]
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
@@ -124,7 +125,7 @@ def test_ce_finetune_reduces_loss_and_saves(tmp_path: Path) -> None:
     out = model.generate(torch.tensor([prompt]), max_new_tokens=7, do_sample=False, pad_token_id=0)
     assert reloaded.decode(out[0, len(prompt):], skip_special_tokens=True) == "the cat sat on the mat"
     # a finished run is not trained again
-    assert train_student("unused", data, tmp_path / "m", settings=settings) == json.loads(
+    assert train_student(TrainJob("unused", data, tmp_path / "m", settings=settings)) == json.loads(
         (tmp_path / "m" / "train_metrics.json").read_text())
 
 
@@ -134,8 +135,8 @@ def test_logits_kd_moves_student_towards_teacher(tmp_path: Path) -> None:
     settings = TrainConfig(precision="fp32", epochs=8, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
     for divergence in ("forward_kl", "jsd"):
         kd = KDConfig(divergence=divergence)
-        metrics = train_student(tiny_llama(), examples(8), tmp_path / divergence, settings=settings,
-                                teacher=teacher, kd=kd, tokenizer=tok, template="alpaca", progress=False)
+        metrics = train_student(TrainJob(tiny_llama(), examples(8), tmp_path / divergence, settings=settings,
+                                         teacher=teacher, kd=kd, tokenizer=tok, template="alpaca", progress=False))
         assert metrics["objective"] == {"logits": 1.0}
         assert metrics["last_losses"]["logits"] < 0.5 * metrics["loss"]
 
@@ -146,8 +147,8 @@ def test_weighted_objectives_with_attention_and_noisy(tmp_path: Path) -> None:
     teacher.config.attention_dropout = 0.1
     settings = TrainConfig(precision="fp32", max_steps=3, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
     weights = {"logits": 0.5, "attention": 0.5, "noisy": 0.2, "ce": 0.0}
-    metrics = train_student(tiny_llama(), examples(8), tmp_path / "w", settings=settings, teacher=teacher,
-                            objective=weights, tokenizer=tok, template="alpaca", progress=False)
+    metrics = train_student(TrainJob(tiny_llama(), examples(8), tmp_path / "w", settings=settings, teacher=teacher,
+                                     objective=weights, tokenizer=tok, template="alpaca", progress=False))
     assert set(metrics["last_losses"]) == {"logits", "attention", "noisy"}
     assert all(v > 0 for v in metrics["last_losses"].values())
 
@@ -156,8 +157,8 @@ def test_encoder_decoder_t5(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
     data = [TrainExample(prompt="what did the dog do", target="the dog ran to the park")] * 8
     settings = TrainConfig(precision="fp32", epochs=10, learning_rate=1e-2, batch_size=4, max_length=32, logging_steps=1)
-    metrics = train_student(tiny_t5(), data, tmp_path / "t5", settings=settings, teacher=tiny_t5(seed=5, d_model=64),
-                            objective={"ce": 1.0, "logits": 0.5, "attention": 0.5}, tokenizer=tok, progress=False)
+    metrics = train_student(TrainJob(tiny_t5(), data, tmp_path / "t5", settings=settings, teacher=tiny_t5(seed=5, d_model=64),
+                                     objective={"ce": 1.0, "logits": 0.5, "attention": 0.5}, tokenizer=tok, progress=False))
     assert metrics["last_losses"]["ce"] < 1.0
     model = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "t5")
     src = tok("what did the dog do")["input_ids"]
@@ -172,8 +173,8 @@ def test_lora_trains_adapters_and_saves_merged(tmp_path: Path) -> None:
     data = [TrainExample(prompt="what did the cat do", target="the cat sat on the mat")] * 8
     settings = TrainConfig(precision="fp32", epochs=3, learning_rate=1e-2, batch_size=4, max_length=32)
     lora = LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj"])
-    train_student(base, data, tmp_path / "lora", settings=settings, tokenizer=tok, lora=lora, template="alpaca",
-                  progress=False)
+    train_student(TrainJob(base, data, tmp_path / "lora", settings=settings, tokenizer=tok, lora=lora, template="alpaca",
+                           progress=False))
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora")
     after = dict(merged.named_parameters())
     changed = {n for n in before if not torch.equal(before[n], after[n])}
@@ -195,9 +196,9 @@ def one_step_fused_vs_logits(student_fn, teacher_fn, objective, kd: KDConfig, tm
         settings = TrainConfig(precision="fp32", max_steps=1, batch_size=8, learning_rate=1e-3, max_length=32, seed=0, warmup_ratio=0.0)
         student, teacher = student_fn(), teacher_fn() if teacher_fn else None
         widths = HeadWidths(*(m for m in (student, teacher) if m is not None))
-        trainer = build_trainer(student, data or examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,
-                                objective=objective, kd=kd, tokenizer=tiny_tokenizer(), template="alpaca",
-                                progress=False)
+        trainer = build_trainer(TrainJob(student, data or examples(8), tmp_path / str(fuse), settings=settings, teacher=teacher,
+                                         objective=objective, kd=kd, tokenizer=tiny_tokenizer(), template="alpaca",
+                                         progress=False))
         trainer.fuse_head = fuse
         trainer.args.max_grad_norm = 1e9
         recorder = GradRecorder()
@@ -281,8 +282,8 @@ def test_training_curves_go_to_wandb_offline_named_by_run_and_stage(tmp_path: Pa
                            logging_steps=1, report_to=["wandb"])
     for k in (1, 2):  # two trainings in one process (two Lion iterations): two runs, each with its name
         out = tmp_path / "myrun" / "students" / f"iter-{k}"
-        train_student(tiny_llama(), examples(8), out, settings=settings, tokenizer=tiny_tokenizer(),
-                      template="alpaca", progress=False)
+        train_student(TrainJob(tiny_llama(), examples(8), out, settings=settings, tokenizer=tiny_tokenizer(),
+                               template="alpaca", progress=False))
     runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     names = []
     for run in runs:
@@ -304,12 +305,13 @@ def test_attention_stacks_include_cross_attention() -> None:
 
 def _attention_trainer(tmp_path: Path, **kd: object):
     from lionkd.config import KDConfig
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.train import build_trainer
 
     data = [TrainExample(prompt="what did the dog do", target="the dog ran")] * 4
-    return build_trainer(tiny_t5(), data, tmp_path, settings=TrainConfig(precision="fp32"), teacher=tiny_t5(seed=5),
-                         objective={"logits": 0.5, "attention": 0.5}, kd=KDConfig(**kd), tokenizer=tiny_tokenizer(),
-                         progress=False)
+    return build_trainer(TrainJob(tiny_t5(), data, tmp_path, settings=TrainConfig(precision="fp32"), teacher=tiny_t5(seed=5),
+                                  objective={"logits": 0.5, "attention": 0.5}, kd=KDConfig(**kd), tokenizer=tiny_tokenizer(),
+                                  progress=False))
 
 
 def test_encoder_relations_are_a_mean_per_row_whatever_the_target_length(tmp_path: Path) -> None:
@@ -369,7 +371,7 @@ def test_noisy_kd_input_noise_and_teacher_dropout(tmp_path: Path, capfd: pytest.
     assert not torch.isin(noised[changed], torch.tensor([0, 1, 2, 3])).any()
 
     settings = TrainConfig(precision="fp32", max_steps=1, batch_size=4, max_length=32)
-    metrics = train_student(tiny_llama(), examples(4), tmp_path / "noisy", settings=settings, teacher=tiny_llama(seed=2),
-                            objective="noisy", tokenizer=tiny_tokenizer(), template="alpaca", progress=False)
+    metrics = train_student(TrainJob(tiny_llama(), examples(4), tmp_path / "noisy", settings=settings, teacher=tiny_llama(seed=2),
+                                     objective="noisy", tokenizer=tiny_tokenizer(), template="alpaca", progress=False))
     assert metrics["noisy_teacher_dropout"] is False
     assert "the teacher has no dropout" in capfd.readouterr().err

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from conftest import run_cli
 from lionkd.config import TrainConfig
 from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.job import TrainJob
 from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
@@ -120,8 +121,8 @@ def test_two_dozen_steps_raise_held_out_exact_match(smollm, tmp_path):
     # bf16 autocast, not `auto`: the test must not depend on what a speed probe finds on the day
     settings = TrainConfig(max_steps=24, batch_size=8, learning_rate=1.5e-4, precision="bf16", lr_scheduler="constant",
                            warmup_ratio=0, max_length=96, logging_steps=8, save_steps=1000)
-    metrics = train_student(smollm, _examples(random.Random(0), 240), tmp_path / "trained", settings=settings,
-                            progress=False)
+    metrics = train_student(TrainJob(smollm, _examples(random.Random(0), 240), tmp_path / "trained", settings=settings,
+                                     progress=False))
     assert metrics["steps"] == 24
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trained")
     assert trained.dtype == torch.float32  # stored as its base was
@@ -140,7 +141,7 @@ def test_bf16_stored_checkpoint_trains_on_fp32_master_weights(smollm, tmp_path):
     examples = _examples(random.Random(1), 16)
     settings = TrainConfig(max_steps=2, batch_size=8, learning_rate=2e-5, warmup_ratio=0, max_length=64,
                            save_dtype="float32", save_steps=1000)
-    train_student(tmp_path / "bf16", examples, tmp_path / "master", settings=settings, progress=False)
+    train_student(TrainJob(tmp_path / "bf16", examples, tmp_path / "master", settings=settings, progress=False))
     after = AutoModelForCausalLM.from_pretrained(tmp_path / "master").state_dict()
     tok = AutoTokenizer.from_pretrained(tmp_path / "bf16")
     seen = sorted({t for e in examples for t in encode_example(tok, e, max_length=64)["prompt"]})
@@ -153,8 +154,8 @@ def test_bf16_stored_checkpoint_trains_on_fp32_master_weights(smollm, tmp_path):
             continue
         moved = changed.float().mean().item()
         assert moved > 0.95, (key, moved)  # bf16 weights updated in place would mostly stay put at 2e-5
-    train_student(tmp_path / "bf16", examples, tmp_path / "kept", settings=settings.model_copy(
-        update={"save_dtype": "auto"}), progress=False)
+    train_student(TrainJob(tmp_path / "bf16", examples, tmp_path / "kept", settings=settings.model_copy(
+        update={"save_dtype": "auto"}), progress=False))
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "kept").dtype == torch.bfloat16
 
 

@@ -154,6 +154,38 @@ class TrainConfig(Strict):
         default_factory=list, description="trackers that also get the training logs (each run named for its "
         "iteration and stage); tensorboard writes into each trained model's folder, under tensorboard/")
 
+    def training_arguments(self, output_dir: Path, *, per_device_batch: int, precision: str, run_name: str) -> Any:
+        """These settings as `transformers.TrainingArguments` of one training: `per_device_batch` examples per
+        micro-batch on each process, autocast `precision` ("bf16", "fp16", "fp32"), checkpoints in
+        `output_dir`, and the trackers' `run_name`."""
+        import torch
+        from transformers import TrainingArguments
+
+        return TrainingArguments(
+            output_dir=str(output_dir),
+            num_train_epochs=self.epochs,
+            max_steps=self.max_steps,
+            learning_rate=self.learning_rate,
+            lr_scheduler_type=self.lr_scheduler,
+            warmup_steps=self.warmup_ratio,
+            per_device_train_batch_size=per_device_batch,
+            gradient_accumulation_steps=self.grad_accum,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
+            logging_steps=self.logging_steps,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=1,
+            report_to=list(self.report_to) or "none",
+            run_name=run_name,
+            remove_unused_columns=False,
+            disable_tqdm=True,  # the KD trainer draws its own progress, in the style of every other stage
+            use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0,
+        )
+
     @field_validator("report_to")
     @classmethod
     def _trackers_installed(cls, value: list[str]) -> list[str]:

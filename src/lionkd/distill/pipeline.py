@@ -34,6 +34,7 @@ from ..data import write_jsonl
 from ..errors import BudgetExceeded, UserError
 from ..eval.local_model import evaluate_model
 from ..kd.data import TrainExample
+from ..kd.job import TrainJob
 from ..kd.joint_teaching import JointTeaching
 from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
@@ -169,8 +170,9 @@ def finetune_teacher(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str
     from ..kd.train import train_student
 
     settings = cfg.kd.teacher_train or cfg.student.train
-    metrics = train_student(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
-                            settings=settings, objective="ce", template=cfg.student.template, progress=progress)
+    job = TrainJob(model_path(cfg.teacher.model, "teacher.model"), data.labeled, cfg.run_dir / "teacher",
+                   settings=settings, objective="ce", template=cfg.student.template, progress=progress)
+    metrics = train_student(job)
     return {"path": str(cfg.run_dir / "teacher"), "examples": len(data.labeled), "loss": metrics.get("loss"),
             "steps": metrics.get("steps")}
 
@@ -342,11 +344,11 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
     # with every target's top-k cached, only Joint-Teaching samples and other objectives need the live teacher
     live_teacher = kd.teacher_topk == 0 or joint is not None or bool(set(kd.objective) - {"ce", "logits"})
     live_teacher = live_teacher and alignment is None and not api_teacher(cfg)
-    metrics = train_student(
+    metrics = train_student(TrainJob(
         student_init_path(cfg), schedule, cfg.run_dir / "student-kd", settings=cfg.student.train,
         teacher=teacher_path(cfg) if live_teacher else None, objective=objective, kd=kd,
         template=cfg.student.template, lora=cfg.student.lora, joint=joint, progress=progress,
-    )
+    ))
     sources = Counter(e.source for epoch in schedule for e in epoch)
     return {"path": str(cfg.run_dir / "student-kd"), "epoch_lists": len(schedule), "examples_per_epoch":
             len(schedule[0]), "gold": sources.get("gold", 0) // len(schedule), "pseudo_targets": len(records),
@@ -360,8 +362,9 @@ def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
     from ..kd.train import train_student
 
     settings: TrainConfig = cfg.student.train.model_copy(update={"epochs": cfg.kd.final_ce_epochs, "max_steps": -1})
-    metrics = train_student(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,
-                            objective="ce", template=cfg.student.template, lora=cfg.student.lora, progress=progress)
+    job = TrainJob(cfg.run_dir / "student-kd", data.labeled, cfg.run_dir / "student", settings=settings,
+                   objective="ce", template=cfg.student.template, lora=cfg.student.lora, progress=progress)
+    metrics = train_student(job)
     return {"path": str(cfg.run_dir / "student"), "epochs": cfg.kd.final_ce_epochs, "loss": metrics.get("loss"),
             "steps": metrics.get("steps")}
 

@@ -2,7 +2,7 @@
 
 The orchestrator (`lionkd run`, `lionkd distill`) stays one process that alone calls APIs and writes
 the run store. A training stage that needs more than one process is written to `OUT/train_job.pkl`
-(examples, settings, model paths) and run by `python -m lionkd.kd.job` on every process, started by
+(its `TrainJob`: examples, settings, model paths) and run by `python -m lionkd.kd.job` on every process, started by
 Accelerate's launcher when an Accelerate config is given (DDP, DeepSpeed ZeRO, FSDP2), otherwise by
 torchrun (gloo on CPU, NCCL on GPUs). Rank 0 saves the student and `train_metrics.json`; the
 orchestrator waits for the launcher and reads them. The child checkpoints like any training stage,
@@ -17,9 +17,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..errors import UserError
+
+if TYPE_CHECKING:
+    from .job import TrainJob
 
 JOB_FILE = "train_job.pkl"
 LAUNCHED_ENV = ("LOCAL_RANK", "WORLD_SIZE")  # set by torchrun and accelerate launch in every process
@@ -58,16 +61,17 @@ def launcher_command(processes: int, accelerate_config: Path | None) -> list[str
             "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lionkd.kd.job"]
 
 
-def run_training_job(out_dir: Path, processes: int, accelerate_config: Path | None, **job: Any) -> None:
+def run_training_job(job: TrainJob, processes: int, accelerate_config: Path | None) -> None:
     """Write the job next to where the student will be saved and run it; returns when it has finished."""
     for key in ("student", "teacher", "tokenizer"):
-        value = job.get(key)
+        value = getattr(job, key)
         if value is not None and not isinstance(value, (str, Path)):
             raise ValueError(f"a training stage on several processes takes a model path for '{key}'")
+    out_dir = Path(job.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / JOB_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(pickle.dumps({"out_dir": str(out_dir), **job}))
+    tmp.write_bytes(pickle.dumps(job))
     tmp.replace(path)
     env = os.environ.copy()
     if "OMP_NUM_THREADS" not in env:  # share the cores: torchrun would otherwise leave each process one thread

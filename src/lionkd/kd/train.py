@@ -1,5 +1,5 @@
-"""Training a student: `train_student` (train, save, return metrics; resumable, launched on several
-processes when configured) and `build_trainer` (a ready `KDTrainer`), the KD engine's entry points."""
+"""Training a student: `train_student(job)` (train, save, return metrics; resumable, launched on several
+processes when configured) and `build_trainer(job)` (a ready `KDTrainer`), the KD engine's entry points."""
 
 from __future__ import annotations
 
@@ -7,18 +7,18 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import gather_object
 from torch import nn
-from transformers import PreTrainedModel, Trainer, TrainingArguments
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..config import KDConfig, LoraConfig, TrainConfig
+from ..config import LoraConfig, TrainConfig
 from ..errors import UserError
 from ..llm.precision import DTYPES, training_precision
 from .callbacks import EpochSwitch, TrainingProgress
@@ -31,10 +31,10 @@ from .data import (
     encode_example,
     is_encoder_decoder,
 )
-from .joint_teaching import JointTeaching, StudentSampler
+from .job import TrainJob
+from .joint_teaching import StudentSampler
 from .launch import needs_launch, process_count, run_training_job, world_size
 from .loading import check_same_vocab, load_model, load_tokenizer
-from .objectives import resolve_objective
 from .trainer import KDTrainer
 
 METRICS_FILE = "train_metrics.json"
@@ -82,34 +82,17 @@ def per_device_batch(settings: TrainConfig) -> int:
 
 
 
-def build_trainer(
-    student: str | Path | PreTrainedModel,
-    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
-    out_dir: str | Path,
-    *,
-    settings: TrainConfig | None = None,
-    teacher: str | Path | PreTrainedModel | None = None,
-    objective: str | Mapping[str, float] | None = None,
-    kd: KDConfig | None = None,
-    template: PromptTemplate = "chat",
-    lora: LoraConfig | None = None,
-    joint: JointTeaching | None = None,
-    tokenizer: Any = None,
-    progress: bool = True,
-) -> KDTrainer:
-    """A ready `KDTrainer` (see `train_student` for the arguments); checkpoints go to out_dir/checkpoints."""
-    settings = settings or TrainConfig()
-    kd = kd or KDConfig()
-    if objective is None and teacher is not None:
-        objective = kd.objective
-    weights = resolve_objective(objective, teacher is not None)
+def build_trainer(job: TrainJob) -> KDTrainer:
+    """A ready `KDTrainer` for `job`; checkpoints go to out_dir/checkpoints."""
+    settings, student, teacher, lora, joint = job.settings, job.student, job.teacher, job.lora, job.joint
+    weights = job.objective_weights()
 
     model = load_model(student)
     # Saved as its base was stored (unless configured), trained on fp32 master weights whatever that is.
     stored = model.dtype if settings.save_dtype == "auto" else DTYPES[settings.save_dtype]
     model.float()
     precision = training_precision(settings.precision)
-    tok = load_tokenizer(student, tokenizer)
+    tok = load_tokenizer(student, job.tokenizer)
     encdec = is_encoder_decoder(model)
     teacher_model = None
     if teacher is not None and set(weights) - {"ce"}:
@@ -124,36 +107,14 @@ def build_trainer(
         model = _apply_lora(model, lora)
 
     per_device = per_device_batch(settings)
-    dataset = _encode_all(examples, tok, template, settings.max_length, encdec)
+    dataset = _encode_all(job.examples, tok, job.template, settings.max_length, encdec)
     collator = Collator(
         pad_token_id=tok.pad_token_id,
         encoder_decoder=encdec,
         decoder_start_token_id=getattr(model.config, "decoder_start_token_id", None),
     )
-    args = TrainingArguments(
-        output_dir=str(Path(out_dir) / "checkpoints"),
-        num_train_epochs=settings.epochs,
-        max_steps=settings.max_steps,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type=settings.lr_scheduler,
-        warmup_steps=settings.warmup_ratio,
-        per_device_train_batch_size=per_device,
-        gradient_accumulation_steps=settings.grad_accum,
-        weight_decay=settings.weight_decay,
-        seed=settings.seed,
-        bf16=precision == "bf16",
-        fp16=precision == "fp16",
-        logging_steps=settings.logging_steps,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=1,
-        report_to=list(settings.report_to) or "none",
-        run_name=run_name(out_dir),
-        remove_unused_columns=False,
-        disable_tqdm=True,  # progress is drawn by TrainingProgress, in the style of every other stage
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
-    )
+    args = settings.training_arguments(job.out_dir / "checkpoints", per_device_batch=per_device,
+                                       precision=precision, run_name=run_name(job.out_dir))
     sampler = (
         StudentSampler(joint, tok, settings.max_length, encdec) if joint is not None and joint.alpha > 0 else None
     )
@@ -165,7 +126,7 @@ def build_trainer(
         processing_class=tok,
         teacher=teacher_model,
         objective=weights,
-        kd=kd,
+        kd=job.kd,
         vocab_size=len(tok),
         sampler=sampler,
     )
@@ -178,10 +139,10 @@ def build_trainer(
         trainer.add_callback(trainer.epoch_switch)
     for callback in trainer.callback_handler.callbacks:  # its default folder is under checkpoints/, deleted at the end
         if type(callback).__name__ == "TensorBoardCallback" and getattr(callback, "logging_dir", "") is None:
-            callback.logging_dir = str(Path(out_dir) / "tensorboard")
+            callback.logging_dir = str(job.out_dir / "tensorboard")
     for quiet in (PrinterCallback, ProgressCallback):  # they print raw dicts and tqdm bars
         trainer.remove_callback(quiet)
-    if progress:
+    if job.progress:
         trainer.add_callback(TrainingProgress())
     return trainer
 
@@ -200,50 +161,24 @@ def run_name(out_dir: str | Path) -> str:
 
 
 
-def train_student(
-    student: str | Path | PreTrainedModel,
-    examples: Sequence[TrainExample] | Sequence[Sequence[TrainExample]],
-    out_dir: str | Path,
-    *,
-    settings: TrainConfig | None = None,
-    teacher: str | Path | PreTrainedModel | None = None,
-    objective: str | Mapping[str, float] | None = None,
-    kd: KDConfig | None = None,
-    template: PromptTemplate = "chat",
-    lora: LoraConfig | None = None,
-    joint: JointTeaching | None = None,
-    tokenizer: Any = None,
-    resume: bool = True,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Train `student` on `examples`, save it (model + tokenizer) to `out_dir`, return metrics.
+def train_student(job: TrainJob) -> dict[str, Any]:
+    """Run `job` (see `TrainJob`): train, save the student to its `out_dir`, return metrics.
 
-    `examples` is one list (the same every epoch) or a list of equally long lists (epoch e trains on
-    list e mod n: the pseudo-target schedule). `objective` defaults to `kd.objective` with a teacher
-    and to "ce" without. `tokenizer` is needed only when `student` is a model object without a
-    saved tokenizer. With `resume`, a finished `out_dir` is returned as is and an interrupted run
-    continues from its last checkpoint. LoRA adapters are merged into the saved model.
     Metrics: loss (mean training loss), steps, epochs, target_tokens, tokens_per_s (input tokens,
     prompt included, per second of training), runtime_s, objective, last_losses (per objective), and
     with several pseudo-targets, pseudo_targets_read (per process, per epoch: the lists it trained on).
     """
-    out_dir = Path(out_dir)
+    out_dir = Path(job.out_dir)
     done = out_dir / METRICS_FILE
-    if resume and done.exists():
+    if job.resume and done.exists():
         return json.loads(done.read_text())
-    settings = settings or TrainConfig()
+    settings = job.settings
     if needs_launch(settings.processes, settings.accelerate_config):
-        run_training_job(out_dir, process_count(settings.processes), settings.accelerate_config, student=student,
-                         examples=examples, settings=settings, teacher=teacher, objective=objective, kd=kd,
-                         template=template, lora=lora, joint=joint, tokenizer=tokenizer, resume=resume,
-                         progress=progress)
+        run_training_job(job, process_count(settings.processes), settings.accelerate_config)
         return json.loads(done.read_text())
-    trainer = build_trainer(
-        student, examples, out_dir, settings=settings, teacher=teacher, objective=objective, kd=kd,
-        template=template, lora=lora, joint=joint, tokenizer=tokenizer, progress=progress,
-    )
+    trainer = build_trainer(job)
     ckpt_dir = Path(trainer.args.output_dir)
-    last = get_last_checkpoint(str(ckpt_dir)) if resume and ckpt_dir.is_dir() else None
+    last = get_last_checkpoint(str(ckpt_dir)) if job.resume and ckpt_dir.is_dir() else None
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=last)
     elapsed = time.perf_counter() - start
@@ -253,7 +188,7 @@ def train_student(
         wandb.finish()
 
     final = trainer.accelerator.unwrap_model(trainer.model)
-    if lora is not None and not trainer.params_sharded:
+    if job.lora is not None and not trainer.params_sharded:
         final = final.merge_and_unload()
     processes = trainer.accelerator.num_processes
     metrics: dict[str, Any] = {

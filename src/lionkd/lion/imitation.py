@@ -15,6 +15,7 @@ from typing import Any
 from rich.progress import Progress
 
 from ..config import RunConfig
+from ..kd.job import TrainJob
 from ..llm.factory import request_defaults
 from ..records import Instruction, Response
 from ..store import Store
@@ -74,10 +75,10 @@ def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], ans
         from ..llm.models import resolve_model_path
 
         kd_teacher = str(resolve_model_path(cfg.teacher.model))
-    metrics = train_student(
+    metrics = train_student(TrainJob(
         student_init(cfg, iteration), examples + replay, student_dir(cfg, iteration),
-        settings=cfg.student.train, teacher=kd_teacher, kd=cfg.kd if white_box else None,
+        settings=cfg.student.train, teacher=kd_teacher, kd=cfg.kd,
         template=cfg.student.template, lora=cfg.student.lora, progress=show_progress,
-    )
+    ))
     return {"examples": len(examples), "replayed": len(replay), "train_loss": metrics.get("loss"),
             "train_steps": metrics.get("steps"), "logit_kd": white_box}
