@@ -9,6 +9,7 @@ import torch
 
 from lionkd.kd.losses import (
     DIVERGENCES,
+    DivergenceSpec,
     LinearHead,
     ce_loss,
     ce_term,
@@ -40,20 +41,20 @@ def direct_kl(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
 def test_zero_for_identical_distributions(divergence: str) -> None:
     x = logits(2, 5, 17)
     mask = torch.ones(2, 5)
-    assert kd_loss(x, x.clone(), mask, divergence=divergence).abs() < 1e-6
+    assert kd_loss(x, x.clone(), mask, spec=DivergenceSpec(divergence)).abs() < 1e-6
 
 
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_positive_for_different_distributions(divergence: str) -> None:
-    assert kd_loss(logits(2, 5, 17), logits(2, 5, 17, seed=1), torch.ones(2, 5), divergence=divergence) > 1e-3
+    assert kd_loss(logits(2, 5, 17), logits(2, 5, 17, seed=1), torch.ones(2, 5), spec=DivergenceSpec(divergence)) > 1e-3
 
 
 def test_forward_and_reverse_kl_match_definition() -> None:
     s, t, mask = logits(3, 4, 11), logits(3, 4, 11, seed=1), torch.ones(3, 4)
-    torch.testing.assert_close(kd_loss(s, t, mask, divergence="forward_kl"), direct_kl(t, s).mean())
-    torch.testing.assert_close(kd_loss(s, t, mask, divergence="reverse_kl"), direct_kl(s, t).mean())
+    torch.testing.assert_close(kd_loss(s, t, mask, spec=DivergenceSpec("forward_kl")), direct_kl(t, s).mean())
+    torch.testing.assert_close(kd_loss(s, t, mask, spec=DivergenceSpec("reverse_kl")), direct_kl(s, t).mean())
     torch.testing.assert_close(
-        kd_loss(s, t, mask, divergence="tv"), 0.5 * (s.softmax(-1) - t.softmax(-1)).abs().sum(-1).mean()
+        kd_loss(s, t, mask, spec=DivergenceSpec("tv")), 0.5 * (s.softmax(-1) - t.softmax(-1)).abs().sum(-1).mean()
     )
 
 
@@ -62,10 +63,10 @@ def test_skew_kl_matches_definition() -> None:
     p, q = t.softmax(-1), s.softmax(-1)
     m = a * p + (1 - a) * q
     expected = (p * (p.log() - m.log())).sum(-1).mean()
-    torch.testing.assert_close(kd_loss(s, t, mask, divergence="skew_forward_kl", alpha=a), expected)
+    torch.testing.assert_close(kd_loss(s, t, mask, spec=DivergenceSpec("skew_forward_kl", alpha=a)), expected)
     m = a * q + (1 - a) * p
     expected = (q * (q.log() - m.log())).sum(-1).mean()
-    torch.testing.assert_close(kd_loss(s, t, mask, divergence="skew_reverse_kl", alpha=a), expected)
+    torch.testing.assert_close(kd_loss(s, t, mask, spec=DivergenceSpec("skew_reverse_kl", alpha=a)), expected)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
@@ -77,7 +78,7 @@ def test_jsd_equals_trl(beta: float) -> None:
     labels = torch.randint(0, 13, (2, 6))
     labels[0, :2] = -100  # prompt
     labels[1, 4:] = -100  # padding
-    ours = kd_loss(s, t, (labels != -100).float(), divergence="jsd", beta=beta, temperature=2.0, chunk_size=3)
+    ours = kd_loss(s, t, (labels != -100).float(), chunk_size=3, spec=DivergenceSpec("jsd", temperature=2.0, beta=beta))
     # TRL applies the temperature without the T^2 factor
     theirs = GKDTrainer.generalized_jsd_loss(s, t, labels=labels, beta=beta, temperature=2.0) * 4.0
     torch.testing.assert_close(ours, theirs)
@@ -88,7 +89,7 @@ def test_jsd_equals_trl(beta: float) -> None:
 
 def test_temperature_scales_logits_and_multiplies_by_t_squared() -> None:
     s, t, mask = logits(2, 4, 10), logits(2, 4, 10, seed=1), torch.ones(2, 4)
-    torch.testing.assert_close(kd_loss(s, t, mask, temperature=3.0), 9.0 * direct_kl(t / 3, s / 3).mean())
+    torch.testing.assert_close(kd_loss(s, t, mask, spec=DivergenceSpec(temperature=3.0)), 9.0 * direct_kl(t / 3, s / 3).mean())
 
 
 def test_mask_and_num_items() -> None:
@@ -111,7 +112,7 @@ def test_chunked_gradients_equal_unchunked(divergence: str) -> None:
     grads = []
     for chunk in (1, 4, 10_000):
         s = logits(3, 7, 19).requires_grad_(True)
-        loss = kd_loss(s, t, mask, divergence=divergence, beta=0.3, chunk_size=chunk)
+        loss = kd_loss(s, t, mask, chunk_size=chunk, spec=DivergenceSpec(divergence, beta=0.3))
         loss.backward()
         grads.append((loss.detach(), s.grad))
     for loss, grad in grads[1:]:
@@ -169,7 +170,7 @@ def test_sparse_topk_tail_rules() -> None:
     # zero when the student matches the teacher on the buckets (the rest bucket included)
     assert sparse_kd_loss(t, ids, lps, mask, tail="rest").abs() < 1e-5
     for divergence in DIVERGENCES:
-        assert sparse_kd_loss(s, ids, lps, mask, tail="rest", divergence=divergence) > 0
+        assert sparse_kd_loss(s, ids, lps, mask, tail="rest", spec=DivergenceSpec(divergence)) > 0
     # "rest" compares k + 1 buckets: top-k and the remaining mass, by hand
     p = lps.exp()
     q = s.log_softmax(-1).gather(-1, ids).exp()
@@ -182,12 +183,12 @@ def test_sparse_topk_tail_rules() -> None:
     expected = (p_r * (p_r.log() - q.log())).sum(-1).mean()
     torch.testing.assert_close(sparse_kd_loss(s, ids, lps, mask, tail="renorm"), expected)
     with pytest.raises(ValueError, match="renorm"):
-        sparse_kd_loss(s, ids, lps, mask, tail="renorm", divergence="reverse_kl")
+        sparse_kd_loss(s, ids, lps, mask, tail="renorm", spec=DivergenceSpec("reverse_kl"))
     # chunked gradients agree
     grads = []
     for chunk in (1, 100):
         x = s.clone().requires_grad_(True)
-        sparse_kd_loss(x, ids, lps, mask, chunk_size=chunk, divergence="jsd").backward()
+        sparse_kd_loss(x, ids, lps, mask, chunk_size=chunk, spec=DivergenceSpec("jsd")).backward()
         grads.append(x.grad)
     torch.testing.assert_close(grads[0], grads[1])
 
@@ -236,7 +237,7 @@ def test_fused_kd_equals_logits_kd_in_value_and_gradients(divergence: str, bias:
     s_weight, s_bias = head(16, 8, seed=5, bias=bias)
     t_weight, t_bias = head(14, 12, seed=7, bias=bias)
     mask = ragged_mask()
-    options = {"divergence": divergence, "temperature": 2.0, "beta": beta, "alpha": 0.2, "vocab_size": vocab}
+    options = {"spec": DivergenceSpec(divergence, temperature=2.0, beta=beta, alpha=0.2), "vocab_size": vocab}
     params = leaves(s_hidden, s_weight, s_bias)
     ref = kd_loss(project(s_hidden, s_weight, s_bias), project(t_hidden, t_weight, t_bias), mask, 20, **options)
     ref_grads = torch.autograd.grad(ref, params)
@@ -274,14 +275,14 @@ def test_fused_terms_share_one_pass_and_report_parts() -> None:
     s_logits = project(hidden, weight, None)
     refs = {
         "ce": ce_loss(s_logits, targets, mask, 12),
-        "kd": kd_loss(s_logits, t_logits, mask, 12, divergence="reverse_kl", temperature=1.5),
-        "topk": sparse_kd_loss(s_logits, ids, lps, mask, 12, divergence="jsd", temperature=1.5),
+        "kd": kd_loss(s_logits, t_logits, mask, 12, spec=DivergenceSpec("reverse_kl", temperature=1.5)),
+        "topk": sparse_kd_loss(s_logits, ids, lps, mask, 12, spec=DivergenceSpec("jsd", temperature=1.5)),
     }
     weights = {"ce": 0.3, "kd": 1.0, "topk": 0.5}
     terms = {
         "ce": (0.3, ce_term(targets)),
-        "kd": (1.0, kd_term(t_logits, divergence="reverse_kl", temperature=1.5)),
-        "topk": (0.5, sparse_kd_term(ids, lps, divergence="jsd", temperature=1.5)),
+        "kd": (1.0, kd_term(t_logits, spec=DivergenceSpec("reverse_kl", temperature=1.5))),
+        "topk": (0.5, sparse_kd_term(ids, lps, spec=DivergenceSpec("jsd", temperature=1.5))),
     }
     total, parts = fused_head_loss(LinearHead(hidden, weight), mask, 12, terms=terms, chunk_size=4)
     ref_total = sum(weights[k] * v for k, v in refs.items())
@@ -322,8 +323,8 @@ def test_fused_kd_edge_cases() -> None:
     t_bias = torch.zeros(10)
     t_bias[3] = float("-inf")
     for divergence in ("forward_kl", "jsd", "tv"):  # (reverse KL is infinite there, as it should be)
-        ref = kd_loss(project(hidden, weight, None), project(t_hidden, t_weight, t_bias), mask, divergence=divergence)
-        fused = fused_kd_loss(hidden, weight, t_hidden, t_weight, mask, teacher_bias=t_bias, divergence=divergence)
+        ref = kd_loss(project(hidden, weight, None), project(t_hidden, t_weight, t_bias), mask, spec=DivergenceSpec(divergence))
+        fused = fused_kd_loss(hidden, weight, t_hidden, t_weight, mask, teacher_bias=t_bias, spec=DivergenceSpec(divergence))
         assert torch.isfinite(fused)
         torch.testing.assert_close(fused, ref)
     # an empty mask gives zero and zero gradients

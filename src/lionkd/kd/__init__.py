@@ -5,6 +5,7 @@ Entry points: `lionkd.kd.train.train_student`, `lionkd.kd.prune.prune_layers`,
 """
 
 from .losses import (
+    DivergenceSpec,
     ce_loss,
     divergence_rows,
     fused_ce_loss,
@@ -15,6 +16,7 @@ from .losses import (
 )
 
 __all__ = [
+    "DivergenceSpec",
     "ce_loss",
     "divergence_rows",
     "fused_ce_loss",

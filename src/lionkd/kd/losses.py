@@ -25,16 +25,48 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Literal
 
 import torch
+
+if TYPE_CHECKING:
+    from ..config import KDConfig
 
 Divergence = Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"]
 TopkTail = Literal["rest", "renorm"]
 DIVERGENCES: tuple[str, ...] = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
 
 CHUNK_ELEMENTS = 1 << 23  # ~32 MiB of float32 per [chunk, V] intermediate
+
+
+@dataclass(frozen=True)
+class DivergenceSpec:
+    """Which divergence word-level KD takes, and its settings; one for every KD loss and term here.
+
+    `beta` is GKD's JSD weight (`jsd` only), `alpha` DistiLLM's skew (`skew_*` only); `temperature`
+    divides both sides' logits, and the loss is multiplied by its square.
+    """
+
+    divergence: Divergence = "forward_kl"
+    temperature: float = 1.0
+    beta: float = 0.5
+    alpha: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"unknown divergence {self.divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+
+    @classmethod
+    def from_config(cls, kd: KDConfig) -> DivergenceSpec:
+        return cls(kd.divergence, temperature=kd.temperature, beta=kd.jsd_beta, alpha=kd.skew_alpha)
+
+    def rows(self, student_logp: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+        """Per-row divergence of log-probability rows [N, V] -> [N], already at the temperature."""
+        return divergence_rows(student_logp, teacher_logp, self.divergence, beta=self.beta, alpha=self.alpha)
+
+
+FORWARD_KL = DivergenceSpec()
 
 
 # --------------------------------------------------------------------------- divergences on rows
@@ -175,26 +207,21 @@ def kd_loss(
     mask: torch.Tensor,
     num_items: float | torch.Tensor | None = None,
     *,
-    divergence: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    spec: DivergenceSpec = FORWARD_KL,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Word-level KD against the teacher's full distribution (see the module doc for conventions)."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     vocab = common_vocab(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
 
     def row_loss(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return _dense_rows(s, t, vocab, temperature, divergence, beta, alpha)
+        return _dense_rows(s, t, vocab, spec)
 
     total = _ChunkedRowLoss.apply(
         _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(vocab, chunk_size),
         _flat(teacher_logits).detach(),
     )
-    return _normalise(total * temperature**2, mask, num_items)
+    return _normalise(total * spec.temperature**2, mask, num_items)
 
 
 def sparse_kd_loss(
@@ -204,17 +231,14 @@ def sparse_kd_loss(
     mask: torch.Tensor,
     num_items: float | torch.Tensor | None = None,
     *,
-    divergence: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    spec: DivergenceSpec = FORWARD_KL,
     tail: TopkTail = "rest",
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Word-level KD against the teacher's top-k only: ids and log-probabilities [B, T, k].
 
     The teacher's log-probabilities must already be at the training temperature (cache them that
-    way); the student's logits are divided by `temperature` here. The mass the teacher puts outside
+    way); the student's logits are divided by `spec.temperature` here. The mass the teacher puts outside
     its top-k is handled explicitly by `tail`:
     - "rest" (default): compare k + 1 buckets, the top-k tokens and one "rest" bucket holding the
       remaining mass (1 - sum of the teacher's top-k probabilities against the student's mass on all
@@ -222,25 +246,23 @@ def sparse_kd_loss(
     - "renorm": renormalise the teacher over its top-k (its tail counts as zero) and take
       KL(teacher || student) against the student's full distribution. Forward KL only.
     """
-    _check_topk(teacher_ids, student_logits.shape[-1], divergence, tail)
+    _check_topk(teacher_ids, student_logits.shape[-1], spec.divergence, tail)
 
     def row_loss(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
-        return _sparse_rows(s, ids, t_logp, temperature, divergence, beta, alpha, tail)
+        return _sparse_rows(s, ids, t_logp, spec, tail)
 
     total = _ChunkedRowLoss.apply(
         _flat(student_logits), _flat(mask).float(), row_loss, _chunk_rows(student_logits.shape[-1], chunk_size),
         _flat(teacher_ids), _flat(teacher_logprobs).detach(),
     )
-    return _normalise(total * temperature**2, mask, num_items)
+    return _normalise(total * spec.temperature**2, mask, num_items)
 
 
-def _dense_rows(
-    s: torch.Tensor, t: torch.Tensor, vocab: int, temperature: float, divergence: Divergence, beta: float, alpha: float
-) -> torch.Tensor:
+def _dense_rows(s: torch.Tensor, t: torch.Tensor, vocab: int, spec: DivergenceSpec) -> torch.Tensor:
     """Per-row divergence of student and teacher logits rows over their first `vocab` columns."""
-    s = s[:, :vocab].float() / temperature
-    t = t[:, :vocab].float() / temperature
-    return divergence_rows(s.log_softmax(-1), t.log_softmax(-1), divergence, beta=beta, alpha=alpha)
+    s = s[:, :vocab].float() / spec.temperature
+    t = t[:, :vocab].float() / spec.temperature
+    return spec.rows(s.log_softmax(-1), t.log_softmax(-1))
 
 
 def _check_topk(teacher_ids: torch.Tensor, student_vocab: int, divergence: Divergence, tail: TopkTail) -> None:
@@ -256,14 +278,11 @@ def _sparse_rows(
     s: torch.Tensor,
     ids: torch.Tensor,
     t_logp: torch.Tensor,
-    temperature: float,
-    divergence: Divergence,
-    beta: float,
-    alpha: float,
+    spec: DivergenceSpec,
     tail: TopkTail,
 ) -> torch.Tensor:
     """Per-row divergence of student logits rows against the teacher's top-k (see `sparse_kd_loss`)."""
-    s_logp = (s.float() / temperature).log_softmax(-1)
+    s_logp = (s.float() / spec.temperature).log_softmax(-1)
     s_top = s_logp.gather(-1, ids.long())
     t_logp = t_logp.float()
     if tail == "renorm":
@@ -271,9 +290,7 @@ def _sparse_rows(
         return (t_logp.exp() * (t_logp - s_top)).sum(-1)
     s_rest = _log1mexp(s_top.logsumexp(-1, keepdim=True))
     t_rest = _log1mexp(t_logp.logsumexp(-1, keepdim=True))
-    return divergence_rows(
-        torch.cat([s_top, s_rest], -1), torch.cat([t_logp, t_rest], -1), divergence, beta=beta, alpha=alpha
-    )
+    return spec.rows(torch.cat([s_top, s_rest], -1), torch.cat([t_logp, t_rest], -1))
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -504,17 +521,12 @@ def ce_term(targets: torch.Tensor, row_scale: torch.Tensor | None = None) -> Hea
 def kd_term(
     teacher: LinearHead | torch.Tensor,
     *,
-    divergence: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    spec: DivergenceSpec = FORWARD_KL,
     vocab_size: int | None = None,
 ) -> HeadTerm:
     """Word-level KD as `kd_loss`; the teacher is its own hidden states and head, or its logits [..., V]."""
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
-    if divergence == "jsd" and beta in (0.0, 1.0):  # GKD's end points are plain KLs
-        divergence = "forward_kl" if beta == 0.0 else "reverse_kl"
+    if spec.divergence == "jsd" and spec.beta in (0.0, 1.0):  # GKD's end points are plain KLs
+        spec = replace(spec, divergence="forward_kl" if spec.beta == 0.0 else "reverse_kl")
     if isinstance(teacher, LinearHead):
         teacher_vocab, teacher_logits = teacher.vocab, teacher.logits
     else:
@@ -528,10 +540,10 @@ def kd_term(
         vocab = common_vocab(z.shape[-1], teacher_vocab, vocab_size)
         with torch.no_grad():
             t = teacher_logits(pos)[:, :vocab].to(z.device)
-        if divergence in ("forward_kl", "reverse_kl"):
-            return _analytic_kl(z[:, :vocab], t, temperature, reverse=divergence == "reverse_kl")
-        loss, grad = _with_autograd(lambda s: _dense_rows(s, t, vocab, temperature, divergence, beta, alpha), z[:, :vocab])
-        return loss * temperature**2, grad.mul_(temperature**2)
+        if spec.divergence in ("forward_kl", "reverse_kl"):
+            return _analytic_kl(z[:, :vocab], t, spec.temperature, reverse=spec.divergence == "reverse_kl")
+        loss, grad = _with_autograd(lambda s: _dense_rows(s, t, vocab, spec), z[:, :vocab])
+        return loss * spec.temperature**2, grad.mul_(spec.temperature**2)
 
     return term
 
@@ -568,10 +580,7 @@ def sparse_kd_term(
     teacher_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
     *,
-    divergence: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    spec: DivergenceSpec = FORWARD_KL,
     tail: TopkTail = "rest",
 ) -> HeadTerm:
     """Word-level KD against cached teacher top-k ids and log-probabilities [..., k], as `sparse_kd_loss`."""
@@ -579,11 +588,11 @@ def sparse_kd_term(
     logprobs = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])
 
     def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_topk(ids, z.shape[-1], divergence, tail)
+        _check_topk(ids, z.shape[-1], spec.divergence, tail)
         i = ids.index_select(0, pos.to(ids.device)).to(z.device)
         lp = logprobs.index_select(0, pos.to(logprobs.device)).to(z.device)
-        loss, grad = _with_autograd(lambda s: _sparse_rows(s, i, lp, temperature, divergence, beta, alpha, tail), z)
-        return loss * temperature**2, grad.mul_(temperature**2)
+        loss, grad = _with_autograd(lambda s: _sparse_rows(s, i, lp, spec, tail), z)
+        return loss * spec.temperature**2, grad.mul_(spec.temperature**2)
 
     return term
 
@@ -598,18 +607,14 @@ def fused_kd_loss(
     *,
     student_bias: torch.Tensor | None = None,
     teacher_bias: torch.Tensor | None = None,
-    divergence: Divergence = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
+    spec: DivergenceSpec = FORWARD_KL,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
 ) -> torch.Tensor:
     """`kd_loss` of the logits `hidden @ weight.T + bias` of both sides, without building them."""
     teacher = LinearHead(teacher_hidden.detach(), teacher_weight.detach(),
                          teacher_bias.detach() if teacher_bias is not None else None)
-    term = kd_term(teacher, divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-                   vocab_size=vocab_size)
+    term = kd_term(teacher, spec=spec, vocab_size=vocab_size)
     student = LinearHead(student_hidden, student_weight, student_bias)
     total, _ = fused_head_loss(student, mask, num_items, terms={"kd": (1.0, term)}, chunk_size=chunk_size)
     return total

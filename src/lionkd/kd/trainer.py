@@ -36,6 +36,7 @@ from .callbacks import EpochSwitch
 from .heads import head_inputs, plain_linear_head
 from .joint_teaching import StudentSampler
 from .losses import (
+    DivergenceSpec,
     HeadTerm,
     LinearHead,
     ce_loss,
@@ -169,8 +170,7 @@ class KDTrainer(Trainer):
         student = LinearHead(s_hidden[-1], head.weight, head.bias) if head is not None else None
         terms: dict[str, HeadTerm] = {}
         parts: dict[str, torch.Tensor] = {}
-        kd_options = {"divergence": kd.divergence, "temperature": kd.temperature, "beta": kd.jsd_beta,
-                      "alpha": kd.skew_alpha}
+        spec = DivergenceSpec.from_config(kd)
         if "ce" in w:
             ce_mask, ce_n = self._ce_mask(inputs, num_items_in_batch)
             if student is not None:
@@ -186,9 +186,9 @@ class KDTrainer(Trainer):
             if name == "logits" and "topk_ids" in inputs and "attention" not in w:
                 topk = inputs["topk_ids"], inputs["topk_logprobs"]
                 if student is not None:
-                    terms[name] = sparse_kd_term(*topk, **kd_options, tail=kd.topk_tail)
+                    terms[name] = sparse_kd_term(*topk, spec=spec, tail=kd.topk_tail)
                 else:
-                    parts[name] = sparse_kd_loss(out.logits, *topk, mask, n, **kd_options, tail=kd.topk_tail)
+                    parts[name] = sparse_kd_loss(out.logits, *topk, mask, n, spec=spec, tail=kd.topk_tail)
                 continue
             teacher_out, states = self._teacher_forward(
                 model_inputs, noisy=noisy, capture="attention" in w and not t_states, fused=student is not None
@@ -197,9 +197,9 @@ class KDTrainer(Trainer):
             if name is None:
                 continue
             if student is not None:
-                terms[name] = kd_term(teacher_out, **kd_options, vocab_size=self.vocab_size)
+                terms[name] = kd_term(teacher_out, spec=spec, vocab_size=self.vocab_size)
             else:
-                parts[name] = kd_loss(out.logits, teacher_out, mask, n, **kd_options, vocab_size=self.vocab_size)
+                parts[name] = kd_loss(out.logits, teacher_out, mask, n, spec=spec, vocab_size=self.vocab_size)
         attention = None
         if "attention" in w:
             attention = self._attention_loss(s_states, t_states, inputs, num_items_in_batch is not None)
