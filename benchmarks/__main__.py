@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SPEED = ["llm_throughput", "hf_generate", "novelty", "kd_loss", "kd_step", "real_student", "scaling"]
-RESULTS = ["blackbox_kd", "lion_vs_self_instruct", "pt_kd_study"]
+RESULTS = ["api_teacher_kd", "lion_vs_self_instruct", "pt_kd_study"]
 
 
 def main() -> None:

@@ -78,7 +78,7 @@ class EndpointConfig(Strict):
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(1024, ge=1)
     seed: int | None = None
-    logprobs: int | None = Field(None, ge=0, le=20, description="top_logprobs to ask for (black-box KD)")
+    logprobs: int | None = Field(None, ge=0, le=20, description="top_logprobs to ask for (API-teacher KD)")
     concurrency: int = Field(16, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)

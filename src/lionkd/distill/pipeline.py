@@ -89,7 +89,7 @@ def check_config(cfg: RunConfig) -> None:
         raise UserError("kd.labeled.path: lionkd distill needs labeled data (a file or dataset name)")
     resolve_objective(cfg.kd.objective, has_teacher=True)
     if api_teacher(cfg):
-        from ..kd.blackbox import check_api_teacher
+        from .api_teacher_stages import check_api_teacher
 
         check_api_teacher(cfg)
     else:
@@ -108,7 +108,7 @@ def model_path(name: str, key: str) -> str:
 
 
 def api_teacher(cfg: RunConfig) -> bool:
-    """A teacher reached through an API: PTs with top-k log-probabilities (see `blackbox.py`)."""
+    """A teacher reached through an API: PTs with top-k log-probabilities (see `lionkd.kd.api_teacher`)."""
     return cfg.teacher.backend == "openai"
 
 
@@ -205,8 +205,8 @@ def init_student(cfg: RunConfig) -> dict[str, Any]:
 
 def check_vocabularies(cfg: RunConfig) -> None:
     """Logit KD compares distributions token by token: one vocabulary for teacher and student."""
-    from ..kd.blackbox import cross_tokenizer_allowed
     from ..kd.loading import check_same_vocab, load_tokenizer
+    from .api_teacher_stages import cross_tokenizer_allowed
 
     if set(cfg.kd.objective) <= {"ce"} or api_teacher(cfg) or cross_tokenizer_allowed(cfg):
         return  # other vocabularies then teach through aligned sparse targets
@@ -284,7 +284,7 @@ def pt_records(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample]) -> 
 def generate_api_pts(cfg: RunConfig, store: Store, inputs: Sequence[TrainExample],
                      labeled: Sequence[TrainExample], progress: bool) -> dict[str, Any]:
     """K PTs with top-k log-probabilities per input from an API teacher, through the run's call cache."""
-    from ..kd.blackbox import api_pseudo_targets_stage
+    from .api_teacher_stages import api_pseudo_targets_stage
 
     with progress_bars(progress) as bars:
         task = bars.add_task(f"pseudo-targets (API, K={cfg.kd.pt_count})", total=len(inputs))
@@ -326,13 +326,13 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
     schedule = pt_schedule(data.labeled, records)
     objective, alignment = kd.objective, None
     if api_teacher(cfg):
-        from ..kd.blackbox import api_schedule
+        from .api_teacher_stages import api_schedule
 
         pts = [p for ps in _matching(store, cfg).values() for p in ps]
         schedule, objective, alignment = api_schedule(cfg, data.labeled, pts, data.pt_inputs(), schedule,
                                                       student_init_path(cfg))
     elif "logits" in kd.objective and not _same_vocabulary(cfg):
-        from ..kd.blackbox import cross_tokenizer_schedule
+        from .api_teacher_stages import cross_tokenizer_schedule
 
         schedule, alignment = cross_tokenizer_schedule(cfg, schedule, teacher_path(cfg), student_init_path(cfg))
     elif kd.teacher_topk > 0 and "logits" in kd.objective:

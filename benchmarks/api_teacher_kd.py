@@ -13,10 +13,10 @@ the paper's pruned students), far enough below the teacher for a few thousand PT
 the base student itself (`--student base`). Unlabeled instructions are fresh training-split problems
 drawn as the test set is (uniform over tasks and levels). Accuracy is greedy exact match on held-out
 world problems. Teacher and student share a tokenizer here (the alignment is then exact); the
-cross-tokenizer path is tested in tests/test_kd_blackbox.py. Prints a table and writes
-benchmarks/results/blackbox_kd.{json,md}.
+cross-tokenizer path is tested in tests/test_kd_api_teacher.py. Prints a table and writes
+benchmarks/results/api_teacher_kd.{json,md}.
 
-    python benchmarks/blackbox_kd.py [--seeds 0 1 2 3 4 --inputs 1000 --k 2 --steps 600 --teacher-steps 2000]
+    python benchmarks/api_teacher_kd.py [--seeds 0 1 2 3 4 --inputs 1000 --k 2 --steps 600 --teacher-steps 2000]
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from lionkd.config import KDConfig, TrainConfig
-from lionkd.kd.blackbox import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
+from lionkd.kd.api_teacher import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
 from lionkd.kd.data import TrainExample
 from lionkd.kd.job import TrainJob
 from lionkd.kd.prune import prune_layers
@@ -68,7 +68,7 @@ def teacher_dir(steps: int, lr: float, seed: int, batch_size: int = 32) -> tuple
     base = base_student_dir()
     weights = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()[:12]
     key = f"{weights}-s{steps}-lr{lr:g}-seed{seed}-b{batch_size}"
-    out = Path(tempfile.gettempdir()) / f"lionkd-blackbox-teacher-{key}"
+    out = Path(tempfile.gettempdir()) / f"lionkd-api-teacher-{key}"
     if (out / "config.json").exists():
         print(f"teacher: reusing {out}", flush=True)
         return out, True
@@ -87,7 +87,7 @@ def teacher_dir(steps: int, lr: float, seed: int, batch_size: int = 32) -> tuple
 
 def unlabeled_instructions(n: int, seed: int) -> list[str]:
     """`n` distinct training-split instructions, uniform over tasks and levels (the test distribution)."""
-    rng = random.Random(f"blackbox-kd-inputs:{seed}")
+    rng = random.Random(f"blackbox-kd-inputs:{seed}")  # the seed string the recorded figures were made with
     seen: dict[str, None] = {}
     while len(seen) < n:
         seen[world.sample(rng).instruction] = None
@@ -236,7 +236,7 @@ def main() -> None:
     tdir, cached = teacher_dir(args.teacher_steps, args.teacher_lr, seed=99)
     teacher, tok = load(tdir)
     tests = world.test_set(per_task=args.test_per_task)
-    with tempfile.TemporaryDirectory(prefix="lionkd-blackbox-kd-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="lionkd-api-teacher-kd-") as tmp:
         work = Path(tmp)
         start = student_start(args.student, args.keep, work / "student-start")
         base_acc = evaluate_student(load(base)[0], tok, tests)["overall"]
@@ -260,8 +260,8 @@ def main() -> None:
               "base_accuracy": base_acc, "start_accuracy": start_acc, "teacher_accuracy": teacher_acc,
               "test_items": len(tests), "summary": summary, "per_seed": per_seed}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "blackbox_kd.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / "blackbox_kd.md").write_text(markdown(report))
+    (RESULTS / "api_teacher_kd.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / "api_teacher_kd.md").write_text(markdown(report))
 
 
 if __name__ == "__main__":

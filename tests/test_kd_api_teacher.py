@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lionkd.config import RunConfig, TrainConfig, load_config
 from lionkd.errors import BudgetExceeded
-from lionkd.kd.blackbox import (
+from lionkd.kd.api_teacher import (
     APIPTSettings,
     aligned_examples,
     cross_tokenizer_examples,
@@ -249,7 +249,7 @@ def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypat
 
 
 def test_api_teacher_without_logprobs_is_sequence_level_kd():
-    from lionkd.kd.blackbox import api_schedule
+    from lionkd.distill.api_teacher_stages import api_schedule
 
     cfg = RunConfig.model_validate({"teacher": {"backend": "openai", "model": "m", "logprobs": None}})
     schedule = [[TrainExample(target="x", prompt="y")]]
