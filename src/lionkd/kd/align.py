@@ -412,6 +412,135 @@ def _key(surface: bytes, normalize: Any) -> bytes | None:
     return normalize(text.strip()).strip().encode() or None
 
 
+@dataclass
+class _Sides:
+    """One text as the teacher's tokens and as the student's tokenisation of it, each token with its byte span."""
+
+    scheme: TokenScheme
+    parsed: list[tuple[bytes, float, list[tuple[bytes, float]]]]  # the teacher's (chosen, logprob, alternatives)
+    data: bytes
+    t_spans: list[Span]
+    s_ids: list[int]
+    s_tokens: list[str]
+    s_spans: list[Span | None]
+
+    @property
+    def unusable(self) -> set[int | None]:
+        """Student ids that never pair with a teacher token (special tokens, unknown)."""
+        return {*self.scheme.special_ids, self.scheme.unk_id}
+
+
+def _both_sides(teacher_tokens: Sequence[TokenLogprob | Mapping[str, Any]], student_tokenizer: Any) -> _Sides:
+    """The teacher's tokens (cut to the prefix that spells whole characters) and the student's tokens of
+    the text they spell, each with its byte span."""
+    scheme = token_scheme(student_tokenizer)
+    parsed = [_as_token_logprob(t) for t in teacher_tokens]
+    parsed = parsed[: _usable_prefix([p[0] for p in parsed])]
+    data = b"".join(p[0] for p in parsed)
+    text = data.decode()
+    t_spans: list[Span] = []
+    pos = 0
+    for chosen, _, _ in parsed:
+        t_spans.append((pos, pos + len(chosen)))
+        pos += len(chosen)
+    enc = student_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    s_ids: list[int] = list(enc["input_ids"])
+    s_tokens: list[str] = student_tokenizer.convert_ids_to_tokens(s_ids)
+    return _Sides(scheme, parsed, data, t_spans, s_ids, s_tokens, scheme.spans(text, s_tokens, enc["offset_mapping"]))
+
+
+def _match_by_span(sides: _Sides) -> dict[int, int]:
+    """Student position -> teacher position for tokens with identical spans, whole or without their whitespace."""
+    unusable, data = sides.unusable, sides.data
+    s_full = [None if idx in unusable else sp for sp, idx in zip(sides.s_spans, sides.s_ids, strict=True)]
+    s_content = [
+        None if sp is None or sides.scheme.is_blank(tok) else _content_span(data, sp)
+        for sp, tok in zip(s_full, sides.s_tokens, strict=True)
+    ]
+    match: dict[int, int] = {}
+    t_content = [_content_span(data, sp) for sp in sides.t_spans]
+    for t_side, s_side in ((sides.t_spans, s_full), (t_content, s_content)):
+        teacher_at = _unique_positions(t_side)
+        taken = set(match.values())
+        for sp, j in _unique_positions(s_side).items():
+            i = teacher_at.get(sp)
+            if i is not None and j not in match and i not in taken:
+                match[j] = i
+                taken.add(i)
+    return match
+
+
+def _match_by_edits(sides: _Sides, anchored: dict[int, int]) -> dict[int, int]:
+    """More student -> teacher pairs: a minimum-edit alignment inside each gap between anchored pairs."""
+    scheme = sides.scheme
+    normalize = (
+        scheme.backend.normalizer.normalize_str
+        if scheme.kind == "wordpiece" and scheme.backend.normalizer is not None
+        else (lambda s: s)
+    )
+    t_keys = [_key(c, normalize) for c, _, _ in sides.parsed]
+    s_keys = [
+        None if idx in sides.unusable else _key(scheme.token_bytes(tok) or b"", lambda s: s)
+        for tok, idx in zip(sides.s_tokens, sides.s_ids, strict=True)
+    ]
+
+    def overlaps(i: int, j: int) -> bool:
+        if sides.s_spans[j] is None:
+            return True
+        (a, b), (c, d) = sides.t_spans[i], sides.s_spans[j]
+        # A zero-width span (trimmed offsets) overlaps what it touches.
+        return (a < d and c < b) if a < b and c < d else (a <= d and c <= b)
+
+    found: dict[int, int] = {}
+    anchors = [(-1, -1), *sorted((i, j) for j, i in anchored.items()), (len(sides.parsed), len(sides.s_ids))]
+    for (ti, sj), (tn, sn) in zip(anchors, anchors[1:], strict=False):
+        t_gap, s_gap = range(ti + 1, tn), range(sj + 1, sn)
+        grid = [[overlaps(i, j) for j in s_gap] for i in t_gap]
+        for a, b in _edit_pairs([t_keys[i] for i in t_gap], [s_keys[j] for j in s_gap], grid):
+            found[s_gap[b]] = t_gap[a]
+    return found
+
+
+def _target_row(sides: _Sides, j: int, i: int) -> tuple[list[tuple[int, float]], float]:
+    """Student position j's sparse target from teacher position i: the teacher's alternatives mapped into
+    the student's vocabulary (best first), and the share of their probability mass that mapped."""
+    scheme, data = sides.scheme, sides.data
+    s_id = sides.s_ids[j]
+    chosen, logprob, top = sides.parsed[i]
+    # An empty chosen token (a SentencePiece marker with no text of its own) says nothing about form.
+    lead_from = _leading_ws(_decoded(chosen) or "") if chosen else None
+    lead_to = (
+        ""
+        if scheme.kind == "wordpiece"
+        else _leading_ws(_decoded(scheme.token_bytes(sides.s_tokens[j]) or b"") or "")
+    )
+    start = sides.t_spans[i][0]
+    prev_char = data[max(0, start - 4) : start].decode(errors="ignore")[-1:] or None
+    merged: dict[int, float] = {}
+    total = mapped = 0.0
+    for alt, lp in _alternatives(chosen, logprob, top):
+        p = math.exp(lp)
+        total += p
+        idx = s_id if alt == chosen else scheme.lookup(alt, lead_from=lead_from, lead_to=lead_to, prev_char=prev_char)
+        if idx is None:
+            continue
+        mapped += p
+        merged[idx] = _logaddexp(merged[idx], lp) if idx in merged else lp
+    return sorted(merged.items(), key=lambda kv: -kv[1]), (mapped / total if total > 0 else 0.0)
+
+
+def _padded(rows: Sequence[Sequence[tuple[int, float]]], k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of (id, logprob) as [T, k] tensors, padded with id -1 and log-probability -inf."""
+    width = k or max((len(r) for r in rows), default=1)
+    topk_ids = torch.full((len(rows), width), -1, dtype=torch.long)
+    topk_logprobs = torch.full((len(rows), width), float("-inf"), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        for c, (idx, lp) in enumerate(row[:width]):
+            topk_ids[r, c] = idx
+            topk_logprobs[r, c] = lp
+    return topk_ids, topk_logprobs
+
+
 def align_teacher_tokens(
     teacher_tokens: Sequence[TokenLogprob | Mapping[str, Any]],
     student_tokenizer: Any,
@@ -425,121 +554,38 @@ def align_teacher_tokens(
     `logprobs.content` list. `k` fixes the row width (default: as wide as the widest row). With
     `append_eos`, the token that ends a student's answer (its chat template's end of turn, else EOS)
     ends the sequence as an unaligned (cross-entropy) row.
+
+    Steps: both sides' tokens with their byte spans; pairs of identical spans; pairs by minimum edit
+    distance between them; a target row per student token (its own token, as cross-entropy, where
+    it has no teacher counterpart).
     """
-    scheme = token_scheme(student_tokenizer)
-    parsed = [_as_token_logprob(t) for t in teacher_tokens]
-    parsed = parsed[: _usable_prefix([p[0] for p in parsed])]
-    data = b"".join(p[0] for p in parsed)
-    text = data.decode()
-
-    t_spans: list[Span] = []
-    pos = 0
-    for chosen, _, _ in parsed:
-        t_spans.append((pos, pos + len(chosen)))
-        pos += len(chosen)
-
-    enc = student_tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    s_ids: list[int] = list(enc["input_ids"])
-    s_tokens: list[str] = student_tokenizer.convert_ids_to_tokens(s_ids)
-    s_spans = scheme.spans(text, s_tokens, enc["offset_mapping"])
-
-    # Pass 1: identical spans, whole or without their whitespace.
-    unusable = {*scheme.special_ids, scheme.unk_id}
-    s_full = [None if idx in unusable else sp for sp, idx in zip(s_spans, s_ids, strict=True)]
-    s_content = [
-        None if sp is None or scheme.is_blank(tok) else _content_span(data, sp)
-        for sp, tok in zip(s_full, s_tokens, strict=True)
-    ]
-    match: dict[int, int] = {}  # student position -> teacher position
-    for t_side, s_side in ((t_spans, s_full), ([_content_span(data, sp) for sp in t_spans], s_content)):
-        teacher_at = _unique_positions(t_side)
-        taken = set(match.values())
-        for sp, j in _unique_positions(s_side).items():
-            i = teacher_at.get(sp)
-            if i is not None and j not in match and i not in taken:
-                match[j] = i
-                taken.add(i)
+    sides = _both_sides(teacher_tokens, student_tokenizer)
+    match = _match_by_span(sides)
     span_matched = set(match)
+    match |= _match_by_edits(sides, match)
 
-    # Pass 2: minimum-edit alignment inside each gap between span-aligned pairs.
-    normalize = (
-        scheme.backend.normalizer.normalize_str
-        if scheme.kind == "wordpiece" and scheme.backend.normalizer is not None
-        else (lambda s: s)
-    )
-    t_keys = [_key(c, normalize) for c, _, _ in parsed]
-    s_keys = [
-        None if idx in unusable else _key(scheme.token_bytes(tok) or b"", lambda s: s)
-        for tok, idx in zip(s_tokens, s_ids, strict=True)
-    ]
-
-    def overlaps(i: int, j: int) -> bool:
-        if s_spans[j] is None:
-            return True
-        (a, b), (c, d) = t_spans[i], s_spans[j]
-        # A zero-width span (trimmed offsets) overlaps what it touches.
-        return (a < d and c < b) if a < b and c < d else (a <= d and c <= b)
-
-    anchors = [(-1, -1), *sorted((i, j) for j, i in match.items()), (len(parsed), len(s_ids))]
-    for (ti, sj), (tn, sn) in zip(anchors, anchors[1:], strict=False):
-        t_gap, s_gap = range(ti + 1, tn), range(sj + 1, sn)
-        grid = [[overlaps(i, j) for j in s_gap] for i in t_gap]
-        for a, b in _edit_pairs([t_keys[i] for i in t_gap], [s_keys[j] for j in s_gap], grid):
-            match[s_gap[b]] = t_gap[a]
-
-    # Targets.
     rows: list[list[tuple[int, float]]] = []
     kept: list[float] = []
-    for j, s_id in enumerate(s_ids):
-        i = match.get(j)
-        if i is None:
+    for j, s_id in enumerate(sides.s_ids):
+        if j not in match:
             rows.append([(s_id, 0.0)])
             continue
-        chosen, logprob, top = parsed[i]
-        # An empty chosen token (a SentencePiece marker with no text of its own) says nothing about form.
-        lead_from = _leading_ws(_decoded(chosen) or "") if chosen else None
-        lead_to = (
-            ""
-            if scheme.kind == "wordpiece"
-            else _leading_ws(_decoded(scheme.token_bytes(s_tokens[j]) or b"") or "")
-        )
-        start = t_spans[i][0]
-        prev_char = data[max(0, start - 4) : start].decode(errors="ignore")[-1:] or None
-        merged: dict[int, float] = {}
-        total = mapped = 0.0
-        for alt, lp in _alternatives(chosen, logprob, top):
-            p = math.exp(lp)
-            total += p
-            idx = (
-                s_id
-                if alt == chosen
-                else scheme.lookup(alt, lead_from=lead_from, lead_to=lead_to, prev_char=prev_char)
-            )
-            if idx is None:
-                continue
-            mapped += p
-            merged[idx] = _logaddexp(merged[idx], lp) if idx in merged else lp
-        kept.append(mapped / total if total > 0 else 0.0)
-        rows.append(sorted(merged.items(), key=lambda kv: -kv[1]))
-
+        row, mass = _target_row(sides, j, match[j])
+        rows.append(row)
+        kept.append(mass)
+    s_ids = list(sides.s_ids)
     if append_eos:
         eos = answer_end_id(student_tokenizer, "chat")
         s_ids.append(eos)
         rows.append([(eos, 0.0)])
 
-    width = k or max((len(r) for r in rows), default=1)
+    topk_ids, topk_logprobs = _padded(rows, k)
     n = len(rows)
-    topk_ids = torch.full((n, width), -1, dtype=torch.long)
-    topk_logprobs = torch.full((n, width), float("-inf"), dtype=torch.float32)
-    for r, row in enumerate(rows):
-        for c, (idx, lp) in enumerate(row[:width]):
-            topk_ids[r, c] = idx
-            topk_logprobs[r, c] = lp
     teacher_index = torch.full((n,), -1, dtype=torch.long)
     for j, i in match.items():
         teacher_index[j] = i
     return AlignedTargets(
-        text=text,
+        text=sides.data.decode(),
         input_ids=torch.tensor(s_ids, dtype=torch.long),
         topk_ids=topk_ids,
         topk_logprobs=topk_logprobs,
