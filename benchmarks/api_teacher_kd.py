@@ -38,8 +38,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from lionkd.config import KDConfig, TrainConfig
-from lionkd.kd.api_teacher import APIPTSettings, aligned_schedule, generate_api_pseudo_targets
-from lionkd.kd.data import TrainExample
+from lionkd.kd.api_teacher import APIPTConfig, aligned_schedule, generate_api_pseudo_targets
+from lionkd.kd.examples import TrainExample
 from lionkd.kd.job import TrainJob
 from lionkd.kd.prune import prune_layers
 from lionkd.kd.pseudo_targets import pt_schedule
@@ -160,7 +160,7 @@ def teacher_pseudo_targets(base_url: str, instructions: list[str], args: argpars
                            store_dir: Path) -> tuple[list[TrainExample], list[Any]]:
     """K sampled PTs with top-k log-probabilities per instruction, asked over HTTP through the call cache."""
     inputs = [TrainExample(target="", messages=[{"role": "user", "content": q}]) for q in instructions]
-    settings = APIPTSettings(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
+    settings = APIPTConfig(k=args.k, top_logprobs=args.top, instruction="", max_tokens=32, seed=seed,
                              temperature=1.0, top_p=0.95)
     with Store.open_run(store_dir) as store:
         llm = CachedLLM(OpenAIBackend("teacher", base_url=base_url, api_key="unused"), store)

@@ -87,7 +87,7 @@ class StepTimer:
 
 def run_lionkd(steps: int, tmp: Path, fuse_head: bool = True) -> dict:
     from lionkd.config import TrainConfig
-    from lionkd.kd.data import TrainExample
+    from lionkd.kd.examples import TrainExample
     from lionkd.kd.job import TrainJob
     from lionkd.kd.train import build_trainer
 

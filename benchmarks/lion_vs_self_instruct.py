@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Any
 
 from lionkd.config import (
+    AnsweringConfig,
     EndpointConfig,
-    GenerationConfig,
     LionConfig,
     RunConfig,
     SandboxOptions,
@@ -170,7 +170,7 @@ def arm_config(s: Settings, seed: int, arm: str, seeds_file: Path, run_dir: Path
                               warmup_ratio=0.0, batch_size=p.batch_size, max_length=p.max_length,
                               replay_fraction=0.5, logging_steps=100000, save_steps=100000,
                               precision=p.precision, seed=seed),
-            generation=GenerationConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
+            generation=AnsweringConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
                                         batch_size=p.generation_batch),
         ),
         lion=LionConfig(seed_pool=seeds_file, iterations=s.iterations, new_per_iteration=s.new_per_iteration,

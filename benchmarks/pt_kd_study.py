@@ -105,7 +105,7 @@ def draw_problems(tasks: tuple[str, ...], n: int, rng: random.Random, taken: set
 
 
 def as_example(instruction: str, target: str = "") -> Any:
-    from lionkd.kd.data import TrainExample
+    from lionkd.kd.examples import TrainExample
 
     return TrainExample(target=target, messages=[{"role": "user", "content": instruction}],
                         source="gold" if target else "input")
@@ -152,12 +152,12 @@ def by_task_accuracy(tests: list[Any], answers: list[str]) -> dict[str, float]:
 def pseudo_targets(teacher_dir: Path, inputs: list[Any], method: str, k: int, s: Settings) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lionkd.kd.pseudo_targets import PTSettings, generate_pseudo_targets
+    from lionkd.kd.pseudo_targets import PTConfig, generate_pseudo_targets
 
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     pt_method = "beam" if method == "greedy" else method
-    settings = PTSettings(method=pt_method, k=k, num_beams=k, max_new_tokens=s.pt_max_new_tokens,
+    settings = PTConfig(method=pt_method, k=k, num_beams=k, max_new_tokens=s.pt_max_new_tokens,
                           batch_size=256, seed=0)
     return generate_pseudo_targets(teacher, tok, inputs, settings, teacher_name="sandbox-teacher")
 

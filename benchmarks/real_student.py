@@ -25,7 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from lionkd.config import LoraConfig, TrainConfig
-from lionkd.kd.data import TrainExample
+from lionkd.kd.examples import TrainExample
 from lionkd.kd.job import TrainJob
 from lionkd.kd.train import build_trainer
 from lionkd.llm.base import GenRequest

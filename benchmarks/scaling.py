@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lionkd.config import TrainConfig
-from lionkd.kd.data import TrainExample
+from lionkd.kd.examples import TrainExample
 from lionkd.kd.job import TrainJob
 from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest

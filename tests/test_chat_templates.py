@@ -3,7 +3,7 @@
 import pytest
 
 from lionkd.errors import UserError
-from lionkd.kd.data import TrainExample, encode_example
+from lionkd.kd.examples import TrainExample, encode_example
 from lionkd.llm.templates import answer_end_id, end_of_turn_ids, stop_token_ids
 from llm_fakes import tiny_tokenizer
 

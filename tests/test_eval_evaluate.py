@@ -12,7 +12,7 @@ import sacrebleu
 import torch
 
 from lionkd.eval import metrics
-from lionkd.eval.evaluate import EvalSettings, run_eval
+from lionkd.eval.evaluate import EvalConfig, run_eval
 from lionkd.llm.base import Backend, Choice, GenRequest, GenResult
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.sandbox.student import build_student, save_student, train_tokenizer
@@ -71,7 +71,7 @@ def data_file(tmp_path: Path) -> Path:
 
 def test_local_model_metrics_judge_and_speed(tmp_path: Path, student_dir: Path, data_file: Path) -> None:
     with ServerThread(create_app({"referee": TargetReferee("referee")})) as server:
-        settings = EvalSettings(
+        settings = EvalConfig(
             data=str(data_file), out_dir=tmp_path / "out", model=str(student_dir), input_column="question",
             target_column="answer", category_column="kind", max_new_tokens=4, batch_size=8,
             judge=True, referee_model="referee", referee_base_url=server.base_url,

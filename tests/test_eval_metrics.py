@@ -12,7 +12,7 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from lionkd.errors import UserError
 from lionkd.eval import metrics
-from lionkd.kd.data import TrainExample
+from lionkd.kd.examples import TrainExample
 from lionkd.sandbox.student import build_student, train_tokenizer
 
 PREDICTIONS = [

@@ -16,13 +16,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from lionkd.config import RunConfig, TrainConfig, load_config
 from lionkd.errors import BudgetExceeded
 from lionkd.kd.api_teacher import (
-    APIPTSettings,
+    APIPTConfig,
     aligned_examples,
     cross_tokenizer_examples,
     generate_api_pseudo_targets,
     teacher_messages,
 )
-from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.examples import Collator, TrainExample, encode_example
 from lionkd.kd.job import TrainJob
 from lionkd.kd.losses import sparse_kd_loss
 from lionkd.kd.train import train_student
@@ -115,7 +115,7 @@ def test_api_pts_are_cached_stored_and_align_to_another_tokenizer(tmp_path):
     backend = Counting(HFBackend(word_teacher(teacher_tok), tokenizer=teacher_tok))
     inputs = [TrainExample(target="", prompt=q) for q in QUESTIONS[:4]]
     demos = [TrainExample(target="42", prompt="add 12 and 30")]
-    settings = APIPTSettings(k=2, top_logprobs=4, fewshot=1, max_tokens=10, seed=3)
+    settings = APIPTConfig(k=2, top_logprobs=4, fewshot=1, max_tokens=10, seed=3)
     # the demonstration is shown to other inputs, never to itself; zero demonstrations: instruction only
     assert len(teacher_messages(inputs[1], demos, "Do it.", 1)) == 4
     assert len(teacher_messages(inputs[0], demos, "Do it.", 1)) == 2

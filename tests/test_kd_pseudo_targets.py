@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from lionkd.config import TrainConfig
-from lionkd.kd.data import Collator, TrainExample, encode_example
-from lionkd.kd.generation import generate_token_ids
+from lionkd.kd.decoding import generate_token_ids
+from lionkd.kd.examples import Collator, TrainExample, encode_example
 from lionkd.kd.job import TrainJob
 from lionkd.kd.joint_teaching import JointTeaching, StudentSampler
 from lionkd.kd.losses import kd_loss, sparse_kd_loss
 from lionkd.kd.pseudo_targets import (
-    PTSettings,
+    PTConfig,
     cache_teacher_topk,
     generate_pseudo_targets,
     pt_schedule,
@@ -45,19 +45,19 @@ def test_pseudo_targets_records_and_methods() -> None:
     tok = tiny_tokenizer()
     teacher = tiny_llama(seed=4)
     inputs = examples(3)
-    sampled = generate_pseudo_targets(teacher, tok, inputs, PTSettings(method="sample", k=3, max_new_tokens=5),
+    sampled = generate_pseudo_targets(teacher, tok, inputs, PTConfig(method="sample", k=3, max_new_tokens=5),
                                       template="alpaca", teacher_name="tiny")
     assert len(sampled) == 9 and len({r["id"] for r in sampled}) == 9
     assert [r["k"] for r in sampled[:3]] == [0, 1, 2]
     assert all(r["teacher"] == "tiny" and r["method"] == "sample" and r["params"]["top_p"] == 0.95 for r in sampled)
-    hot = generate_pseudo_targets(teacher, tok, inputs, PTSettings(method="high_temp", k=2, max_new_tokens=5),
+    hot = generate_pseudo_targets(teacher, tok, inputs, PTConfig(method="high_temp", k=2, max_new_tokens=5),
                                   template="alpaca")
     assert hot[0]["params"]["temperature"] == 1.5
-    beams = generate_pseudo_targets(teacher, tok, inputs[:1], PTSettings(method="beam", k=2, max_new_tokens=5),
+    beams = generate_pseudo_targets(teacher, tok, inputs[:1], PTConfig(method="beam", k=2, max_new_tokens=5),
                                     template="alpaca")
     assert len(beams) == 2 and beams[0]["params"]["num_beams"] == 4 and not beams[0]["params"]["do_sample"]
     # the same settings and seed give the same PTs
-    again = generate_pseudo_targets(teacher, tok, inputs, PTSettings(method="sample", k=3, max_new_tokens=5),
+    again = generate_pseudo_targets(teacher, tok, inputs, PTConfig(method="sample", k=3, max_new_tokens=5),
                                     template="alpaca", teacher_name="tiny")
     assert [r["target"] for r in again] == [r["target"] for r in sampled]
     assert len(records_to_dataset(sampled)) == 9

@@ -20,7 +20,7 @@ from transformers import (
 )
 
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
-from lionkd.kd.data import Collator, TopK, TrainExample, encode_example
+from lionkd.kd.examples import Collator, TopK, TrainExample, encode_example
 from lionkd.kd.heads import plain_linear_head
 from lionkd.kd.job import TrainJob
 from lionkd.kd.train import build_trainer, train_student

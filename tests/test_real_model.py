@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import run_cli
 from lionkd.config import TrainConfig
-from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.examples import Collator, TrainExample, encode_example
 from lionkd.kd.job import TrainJob
 from lionkd.kd.train import train_student
 from lionkd.llm.base import GenRequest

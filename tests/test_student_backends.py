@@ -9,7 +9,7 @@ import pytest
 
 from conftest import run_cli, sandbox_run_config
 from lionkd.errors import UserError
-from lionkd.llm.served import ServedModel
+from lionkd.llm.server_command import ServedModel
 from lionkd.store import Store
 
 

@@ -378,14 +378,14 @@ def eval_command(
     """Evaluate a model on a data set: task metrics, judge evaluation, speed, harness benchmarks."""
     from rich.markdown import Markdown
 
-    from .eval.evaluate import RESULTS_JSON, EvalSettings, run_eval
+    from .eval.evaluate import RESULTS_JSON, EvalConfig, run_eval
     from .report.eval_tables import eval_markdown
 
     if template not in ("chat", "alpaca"):
         raise UserError(f"--template: must be chat or alpaca, not '{template}'")
     if reference not in ("target", "teacher"):
         raise UserError(f"--reference: must be target or teacher, not '{reference}'")
-    settings = EvalSettings(
+    settings = EvalConfig(
         data=data, out_dir=out, model=model, base_url=base_url, api_key_env=api_key_env, split=split,
         input_column=input_column, target_column=target_column, category_column=category_column, limit=limit,
         template=template, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
@@ -455,13 +455,13 @@ def demo(
 ) -> None:
     """A whole Lion run on the offline sandbox world, served over HTTP on 127.0.0.1 (no API key)."""
     library_bars(progress)
-    from .lion.demo import DemoSettings, results_table, run_demo
+    from .lion.demo import DemoConfig, results_table, run_demo
     from .report.build import build_report
     from .run_guard import hold_run
 
     _on_interrupt(run_dir, "run the same `lionkd demo` command again to resume")
     with hold_run(run_dir):  # the demo writes its seeds and scores around the run: all of it under one lock
-        summary, scores = run_demo(DemoSettings(run_dir, student, iterations, seeds, new, epochs, test_per_task,
+        summary, scores = run_demo(DemoConfig(run_dir, student, iterations, seeds, new, epochs, test_per_task,
                                                 seed, progress))
         html, _ = build_report(summary.run_dir)
     console.print(results_table(summary, scores))

@@ -199,7 +199,9 @@ class TrainConfig(Strict):
         return value
 
 
-class GenerationConfig(Strict):
+class AnsweringConfig(Strict):
+    """`student.generation`: how the student answers the Cache Pool (its decoding settings and backend)."""
+
     temperature: float = Field(0.7, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_new_tokens: int | None = Field(
@@ -228,7 +230,7 @@ class StudentConfig(Strict):
         "a chat template may then insert its own default, as SmolLM2's does)")
     lora: LoraConfig | None = None
     train: TrainConfig = Field(default_factory=TrainConfig)
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation: AnsweringConfig = Field(default_factory=AnsweringConfig)
 
 
 # --------------------------------------------------------------------------- Lion

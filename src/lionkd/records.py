@@ -105,6 +105,10 @@ class Judgement:
     def gap(self) -> float:
         return self.teacher_score - self.student_score
 
+    def is_hard(self, tau: float) -> bool:
+        """Hard for the student (Lion's discrimination): the teacher's score beats the student's by tau or more."""
+        return self.gap >= tau
+
     @property
     def orders_agree(self) -> bool:
         """Both orders prefer the same model (or both call it a tie)."""

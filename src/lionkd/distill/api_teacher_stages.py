@@ -15,13 +15,13 @@ from ..kd.api_teacher import (
     DEFAULT_INSTRUCTION,
     MAX_TOP_LOGPROBS,
     AlignmentStats,
-    APIPTSettings,
+    APIPTConfig,
     aligned_schedule,
     generate_api_pseudo_targets,
     pick_demonstrations,
     with_cross_tokenizer_targets,
 )
-from ..kd.data import TrainExample
+from ..kd.examples import TrainExample
 from ..records import PseudoTarget
 from ..store import Store
 
@@ -47,10 +47,10 @@ def check_api_teacher(cfg: RunConfig) -> None:
         raise UserError("kd.temperature: an API teacher's log-probabilities are at temperature 1; set 1.0")
 
 
-def api_pt_settings(cfg: RunConfig) -> APIPTSettings:
+def api_pt_settings(cfg: RunConfig) -> APIPTConfig:
     kd = cfg.kd
     temperature = kd.pt_temperature if kd.pt_temperature is not None else (1.5 if kd.pt_method == "high_temp" else 1.0)
-    return APIPTSettings(
+    return APIPTConfig(
         k=kd.pt_count, top_logprobs=cfg.teacher.logprobs or 0, fewshot=kd.fewshot,
         instruction=kd.teacher_instruction if kd.teacher_instruction is not None else DEFAULT_INSTRUCTION,
         temperature=temperature, top_p=kd.pt_top_p, max_tokens=kd.pt_max_new_tokens, seed=cfg.seed,

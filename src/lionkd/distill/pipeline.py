@@ -33,10 +33,10 @@ from ..config import RunConfig, TrainConfig
 from ..data import write_jsonl
 from ..errors import BudgetExceeded, UserError
 from ..eval.local_model import evaluate_model
-from ..kd.data import TrainExample
+from ..kd.examples import TrainExample
 from ..kd.job import TrainJob
 from ..kd.joint_teaching import JointTeaching
-from ..kd.pseudo_targets import PTSettings, cache_teacher_topk, generate_pseudo_targets, pt_schedule
+from ..kd.pseudo_targets import PTConfig, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
 from ..records import PseudoTarget
 from ..store import Store
@@ -213,8 +213,8 @@ def check_vocabularies(cfg: RunConfig) -> None:
     check_same_vocab(load_tokenizer(student_init_path(cfg)), load_tokenizer(teacher_path(cfg)))
 
 
-def pt_settings(cfg: RunConfig) -> PTSettings:
-    settings = PTSettings.from_config(cfg.kd)
+def pt_settings(cfg: RunConfig) -> PTConfig:
+    settings = PTConfig.from_config(cfg.kd)
     return replace(settings, batch_size=cfg.teacher.batch_size, seed=cfg.seed)
 
 

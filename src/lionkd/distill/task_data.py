@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from ..config import DataConfig, RunConfig
 from ..data import load_table
 from ..errors import UserError
-from ..kd.data import TrainExample
+from ..kd.examples import TrainExample
 from ..records import content_id
 
 

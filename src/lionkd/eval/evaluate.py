@@ -28,7 +28,7 @@ from typing import Any, Literal
 from ..config import EndpointConfig, RunConfig, load_config
 from ..data import load_table, write_jsonl
 from ..errors import UserError
-from ..kd.data import TrainExample
+from ..kd.examples import TrainExample
 from ..llm.base import Backend, GenRequest
 from ..llm.cache import CachedLLM
 from ..llm.factory import open_llm, request_defaults
@@ -47,7 +47,7 @@ RESULTS_MD = "eval.md"
 
 
 @dataclass
-class EvalSettings:
+class EvalConfig:
     """Everything `lionkd eval` was asked to do."""
 
     data: str
@@ -108,7 +108,7 @@ class Example:
 # --------------------------------------------------------------------------- data
 
 
-def read_examples(s: EvalSettings) -> list[Example]:
+def read_examples(s: EvalConfig) -> list[Example]:
     rows = load_table(s.data, s.split)
     if not rows:
         raise UserError(f"{s.data}: no rows")
@@ -145,7 +145,7 @@ def _local_path(model: str) -> Path | None:
     return resolved if resolved.is_dir() else None
 
 
-def open_model(s: EvalSettings) -> Backend:
+def open_model(s: EvalConfig) -> Backend:
     """The model under evaluation: an endpoint when a base URL is given, else a local folder."""
     if s.remote:
         endpoint = EndpointConfig(backend="openai", model=s.model, base_url=s.base_url, api_key_env=s.api_key_env)
@@ -157,13 +157,13 @@ def open_model(s: EvalSettings) -> Backend:
                                batch_size=s.batch_size)
 
 
-def _run_config(s: EvalSettings) -> RunConfig | None:
+def _run_config(s: EvalConfig) -> RunConfig | None:
     return load_config(s.config, check_paths=False) if s.config is not None else None
 
 
-def referee_endpoint(s: EvalSettings, cfg: RunConfig | None) -> EndpointConfig:
+def referee_endpoint(s: EvalConfig, cfg: RunConfig | None) -> EndpointConfig:
     if s.referee_model is not None:
-        base = cfg.referee.model_dump() if cfg is not None else {"temperature": 0.2, "max_tokens": 512}
+        base = (cfg or RunConfig()).referee.model_dump()  # the referee's settings, its defaults without a config
         base.update(backend="openai", model=s.referee_model, base_url=s.referee_base_url,
                     api_key_env=s.referee_api_key_env)
         return EndpointConfig.model_validate(base)
@@ -191,7 +191,7 @@ async def _answers(llm: CachedLLM, requests: list[GenRequest], stage: str, progr
 # --------------------------------------------------------------------------- the pipeline
 
 
-def run_eval(s: EvalSettings, progress: Progress | None = None) -> dict[str, Any]:
+def run_eval(s: EvalConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Run every evaluation asked for; write the output folder; return the results."""
     unknown = sorted(set(s.metrics) - set(metrics.ALL_METRICS))
     if unknown:
@@ -249,7 +249,7 @@ def run_eval(s: EvalSettings, progress: Progress | None = None) -> dict[str, Any
     return results
 
 
-def _task_metrics(s: EvalSettings, backend: Backend, examples: list[Example], predictions: list[str],
+def _task_metrics(s: EvalConfig, backend: Backend, examples: list[Example], predictions: list[str],
                   progress: Progress | None) -> dict[str, Any] | None:
     scored = [i for i, ex in enumerate(examples) if ex.target is not None]
     if not scored or not s.metrics:
@@ -280,7 +280,7 @@ def _task_metrics(s: EvalSettings, backend: Backend, examples: list[Example], pr
     return out
 
 
-def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[Example],
+def _teacher_answers(s: EvalConfig, cfg: RunConfig | None, store: Store, examples: list[Example],
                      progress: Progress | None) -> list[str | None]:
     from ..lion.prompts import LionPrompts
 
@@ -304,7 +304,7 @@ def _teacher_answers(s: EvalSettings, cfg: RunConfig | None, store: Store, examp
     return list(texts)
 
 
-def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[Example], predictions: list[str],
+def _judge(s: EvalConfig, cfg: RunConfig | None, store: Store, examples: list[Example], predictions: list[str],
            references: list[str | None], progress: Progress | None) -> dict[str, Any]:
     from ..lion.prompts import LionPrompts
     from ..referee import RefereeCallError
@@ -316,7 +316,7 @@ def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[
     referee = open_llm(endpoint, store, "referee")
     prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order) if cfg is not None else LionPrompts()
     prompt = prompts.referee
-    retries = cfg.lion.referee_retries if cfg is not None else 2
+    retries = (cfg or RunConfig()).lion.referee_retries
     items = [JudgeItem(examples[i].input, predictions[i], references[i] or "", examples[i].category) for i in chosen]
     done = [0]
 
@@ -334,7 +334,7 @@ def _judge(s: EvalSettings, cfg: RunConfig | None, store: Store, examples: list[
     return {"referee": endpoint.model, "reference": s.reference, **scores.to_dict()}
 
 
-def _speed(s: EvalSettings, backend: Backend, examples: list[Example], progress: Progress | None) -> dict[str, Any]:
+def _speed(s: EvalConfig, backend: Backend, examples: list[Example], progress: Progress | None) -> dict[str, Any]:
     from ..llm.hf import load_model
 
     options = {"prompt": examples[0].input, "new_tokens": s.speed_new_tokens, "runs": s.speed_runs,

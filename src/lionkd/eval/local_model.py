@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..config import RunConfig
-from ..kd.data import TrainExample, prompt_ids
+from ..kd.examples import TrainExample, prompt_ids
 
 EVAL_METRICS = ("bleu", "rouge", "exact_match")
 
@@ -16,8 +16,8 @@ EVAL_METRICS = ("bleu", "rouge", "exact_match")
 def evaluate_model(cfg: RunConfig, path: str, examples: Sequence[TrainExample], *, dtype: str = "auto",
                    device: str = "auto", bars: Any = None, label: str = "eval") -> tuple[dict[str, Any], list[str]]:
     """Beam-search answers to `examples` and their task metrics and target perplexity."""
-    from ..kd.data import is_encoder_decoder
-    from ..kd.generation import generate_token_ids
+    from ..kd.decoding import generate_token_ids
+    from ..kd.examples import is_encoder_decoder
     from ..llm.hf import load_model
     from .metrics import target_perplexity, text_metrics
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import UserError
-from ..kd.data import Collator, PromptTemplate, TrainExample, encode_example, is_encoder_decoder
+from ..kd.examples import Collator, PromptTemplate, TrainExample, encode_example, is_encoder_decoder
 from ..kd.heads import head_inputs, plain_linear_head
 
 TASK_METRICS = ("bleu", "rouge", "exact_match")
@@ -92,7 +92,7 @@ def target_perplexity(
 ) -> float:
     """exp of the mean teacher-forced loss over all target tokens (and EOS); prompt tokens are masked.
 
-    Examples are encoded exactly as in training (`lionkd.kd.data`), so the number is comparable to
+    Examples are encoded exactly as in training (`lionkd.kd.examples`), so the number is comparable to
     the training loss.
     """
     if not examples:

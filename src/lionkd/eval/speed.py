@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..kd.data import is_encoder_decoder
+from ..kd.examples import is_encoder_decoder
 from ..llm.templates import Template, render_prompt
 
 DEFAULT_PROMPT = "Explain in a few sentences why the sky is blue, and what changes at sunset."

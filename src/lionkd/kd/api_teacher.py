@@ -29,7 +29,7 @@ from ..llm.cache import CachedLLM
 from ..records import PseudoTarget, content_id, stable_json
 from ..store import Store
 from .align import AlignedTargets, align_teacher_tokens, api_token_bytes, local_teacher_logprobs
-from .data import PromptTemplate, TopK, TrainExample, prompt_text, target_ids
+from .examples import PromptTemplate, TopK, TrainExample, prompt_text, target_ids
 from .pseudo_targets import pt_schedule
 
 MAX_TOP_LOGPROBS = 20  # what OpenAI-compatible APIs allow
@@ -41,7 +41,7 @@ DEFAULT_INSTRUCTION = "Complete the task in the user's message. Reply with the a
 
 
 @dataclass
-class APIPTSettings:
+class APIPTConfig:
     """How PTs are asked of an API teacher."""
 
     k: int = 4  # PTs per input (one request with n = k; the call cache keeps each sample)
@@ -88,7 +88,7 @@ def generate_api_pseudo_targets(
     llm: CachedLLM,
     inputs: Sequence[TrainExample],
     demos: Sequence[TrainExample],
-    settings: APIPTSettings,
+    settings: APIPTConfig,
     *,
     store: Store | None = None,
     teacher_name: str | None = None,

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from transformers.trainer_callback import TrainerCallback
 
-from .data import EpochDataset
+from .examples import EpochDataset
 
 
 class EpochSwitch(TrainerCallback):

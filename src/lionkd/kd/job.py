@@ -20,7 +20,7 @@ from ..config import KDConfig, LoraConfig, TrainConfig
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-    from .data import PromptTemplate, TrainExample
+    from .examples import PromptTemplate, TrainExample
     from .joint_teaching import JointTeaching
 
 

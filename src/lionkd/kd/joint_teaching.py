@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .data import fit_length
-from .generation import generate_token_ids
+from .decoding import generate_token_ids
+from .examples import fit_length
 
 
 @dataclass

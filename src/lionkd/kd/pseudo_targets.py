@@ -18,14 +18,22 @@ import torch
 
 from ..config import KDConfig
 from ..records import content_id, stable_json
-from .data import Collator, PromptTemplate, TopK, TrainExample, encode_example, is_encoder_decoder, prompt_ids
-from .generation import generate_token_ids
+from .decoding import generate_token_ids
+from .examples import (
+    Collator,
+    PromptTemplate,
+    TopK,
+    TrainExample,
+    encode_example,
+    is_encoder_decoder,
+    prompt_ids,
+)
 
 PTMethod = Literal["beam", "sample", "high_temp"]
 
 
 @dataclass
-class PTSettings:
+class PTConfig:
     method: PTMethod = "sample"
     k: int = 4  # pseudo-targets per input
     temperature: float | None = None  # default: 1.0 for "sample", 1.5 for "high_temp"
@@ -36,7 +44,7 @@ class PTSettings:
     seed: int = 0
 
     @classmethod
-    def from_config(cls, kd: KDConfig) -> PTSettings:
+    def from_config(cls, kd: KDConfig) -> PTConfig:
         method = "sample" if kd.pt_method == "none" else kd.pt_method
         return cls(method=method, k=kd.pt_count, temperature=kd.pt_temperature, top_p=kd.pt_top_p,
                    num_beams=kd.pt_num_beams, max_new_tokens=kd.pt_max_new_tokens)
@@ -53,7 +61,7 @@ def generate_pseudo_targets(
     teacher: Any,
     tokenizer: Any,
     inputs: Sequence[TrainExample],
-    settings: PTSettings | None = None,
+    settings: PTConfig | None = None,
     *,
     template: PromptTemplate = "chat",
     teacher_name: str | None = None,
@@ -63,7 +71,7 @@ def generate_pseudo_targets(
     Record keys: id, input_id, k, target, finished (ended with EOS), method, params, teacher, and the
     input's prompt or messages.
     """
-    settings = settings or PTSettings()
+    settings = settings or PTConfig()
     encdec = is_encoder_decoder(teacher)
     params = settings.generation_params()
     name = teacher_name or getattr(teacher, "name_or_path", "") or type(teacher).__name__

@@ -22,7 +22,7 @@ from ..config import LoraConfig, TrainConfig
 from ..errors import UserError
 from ..llm.precision import DTYPES, training_precision
 from .callbacks import EpochSwitch, TrainingProgress
-from .data import (
+from .examples import (
     Collator,
     EpochDataset,
     ExampleDataset,

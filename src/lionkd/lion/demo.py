@@ -19,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ..config import EndpointConfig, GenerationConfig, LionConfig, RunConfig, StudentConfig, TrainConfig
+from ..config import AnsweringConfig, EndpointConfig, LionConfig, RunConfig, StudentConfig, TrainConfig
 from ..data import write_jsonl
 from ..store import Store
 from .loop import RunSummary, run_lion
@@ -68,7 +68,7 @@ def preset_for(student: str) -> StudentPreset:
 
 
 @dataclass
-class DemoSettings:
+class DemoConfig:
     run_dir: Path = Path("runs/demo")
     student: str = REAL_STUDENT
     iterations: int | None = None  # None: the student preset's
@@ -86,7 +86,7 @@ class DemoSettings:
             ("train_epochs", self.train_epochs), ("test_per_task", self.test_per_task)) if v is not None})
 
 
-def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
+def demo_config(settings: DemoConfig, base_url: str) -> RunConfig:
     """A Lion run whose three LLM roles are the sandbox world behind an OpenAI-compatible server."""
     p = settings.preset
 
@@ -109,7 +109,7 @@ def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
             train=TrainConfig(epochs=p.train_epochs, learning_rate=p.learning_rate, lr_scheduler="constant",
                               warmup_ratio=0.0, batch_size=p.batch_size, max_length=p.max_length,
                               replay_fraction=0.5, logging_steps=5, save_steps=100000, precision=p.precision),
-            generation=GenerationConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
+            generation=AnsweringConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
                                         batch_size=p.generation_batch),
         ),
         lion=LionConfig(seed_pool=settings.run_dir / "seeds.jsonl", iterations=p.iterations,
@@ -117,7 +117,7 @@ def demo_config(settings: DemoSettings, base_url: str) -> RunConfig:
     )
 
 
-def write_seed_pool(settings: DemoSettings) -> Path:
+def write_seed_pool(settings: DemoConfig) -> Path:
     from ..sandbox import seed_pool
 
     path = settings.run_dir / "seeds.jsonl"
@@ -126,7 +126,7 @@ def write_seed_pool(settings: DemoSettings) -> Path:
     return path
 
 
-def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dict[str, Any]]:
+def score_students(summary: RunSummary, settings: DemoConfig) -> dict[int, dict[str, Any]]:
     """Held-out accuracy of the base student and of every iteration's student, stored as metrics."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -154,7 +154,7 @@ def score_students(summary: RunSummary, settings: DemoSettings) -> dict[int, dic
     return scores
 
 
-def run_demo(settings: DemoSettings) -> tuple[RunSummary, dict[int, dict[str, Any]]]:
+def run_demo(settings: DemoConfig) -> tuple[RunSummary, dict[int, dict[str, Any]]]:
     import torch
 
     from ..llm.sandbox_backend import SandboxBackend

@@ -37,7 +37,7 @@ def split_hard_easy(cache_ids: Sequence[str], judgements: dict[str, Judgement], 
         j = judgements.get(i)
         if j is None or not j.ok:
             split.excluded.append(i)
-        elif j.gap >= tau:
+        elif j.is_hard(tau):
             split.hard.append(i)
         else:
             split.easy.append(i)

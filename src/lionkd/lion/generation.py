@@ -92,7 +92,7 @@ def learnable_weights(seeds: Sequence[Instruction], judged: Sequence[Instruction
         j = judgements.get(ins.id)
         if j is not None and j.ok:
             seen[group_of(ins)] += 1
-            wins[group_of(ins)] += j.gap < tau
+            wins[group_of(ins)] += not j.is_hard(tau)
     weights = []
     for ins in seeds:
         g = group_of(ins)

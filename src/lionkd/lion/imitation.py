@@ -26,7 +26,7 @@ from .students import student_dir, student_init
 
 def training_examples(instructions: Sequence[Instruction], answers: dict[str, Response],
                       system_prompt: str | None = None) -> list[Any]:
-    from ..kd.data import TrainExample
+    from ..kd.examples import TrainExample
 
     return [TrainExample(messages=student_messages(ins.prompt, system_prompt), target=answers[ins.id].text)
             for ins in instructions if ins.id in answers]

@@ -36,7 +36,7 @@ def open_student(cfg: RunConfig, iteration: int) -> Iterator[Any]:
     gen = cfg.student.generation
     path = str(student_dir(cfg, iteration).resolve())  # also the model's name: unique per iteration
     if gen.backend == "server":
-        from ..llm.served import ServedModel
+        from ..llm.server_command import ServedModel
 
         with ServedModel(gen.server_command, path) as served:
             endpoint = EndpointConfig(backend="openai", model=path, base_url=served.base_url, api_key_env=None,

@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ..config import SECRET_MASK
+from ..config import SECRET_MASK, LionConfig
 from ..errors import UserError
 from ..store import STORE_NAME, Store
 from . import distill_sections, lion_sections
@@ -202,7 +202,7 @@ def collect_sections(run_dir: Path, out_dir: Path | None = None) -> tuple[str, l
     """
     config = load_masked_config(run_dir)
     evaluations = load_evaluations(run_dir)
-    tau = float(((config or {}).get("lion") or {}).get("tau", 1.0))
+    tau = float(((config or {}).get("lion") or {}).get("tau", LionConfig.model_fields["tau"].default))
     with Store.open_existing(run_dir) as store:
         led = ledger(store.usage(), config)
         distill = is_distill_run(store, config)

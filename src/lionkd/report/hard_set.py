@@ -32,10 +32,10 @@ def _answers_up_to(store: Store, role: str, iteration: int) -> dict[str, Respons
 
 
 def verdict(judgement: Judgement | None, tau: float) -> str:
-    """hard / easy / excluded, as the discrimination stage splits the Cache Pool (gap >= tau is hard)."""
+    """hard / easy / excluded, as the discrimination stage splits the Cache Pool (`Judgement.is_hard`)."""
     if judgement is None or not judgement.ok:
         return "excluded"
-    return "hard" if judgement.gap >= tau else "easy"
+    return "hard" if judgement.is_hard(tau) else "easy"
 
 
 def judged_rows(store: Store, tau: float) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""A model served by a child process for the length of one stage.
+"""`student.generation.server_command`: a model served by a child process for the length of one stage.
 
 `ServedModel(command, model)` starts `command` (e.g. `vllm serve {model} --port {port}
 --tensor-parallel-size 8`, or lionkd's own `serve`), waits until its OpenAI-compatible API answers,

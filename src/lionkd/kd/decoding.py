@@ -1,4 +1,4 @@
-"""Batched generation with a local transformers model, returning new token ids only.
+"""Decoding with a local transformers model: batched beam search or sampling, returning new token ids only.
 
 Used for pseudo-targets (teacher) and Joint-Teaching (student). Decoder-only prompts are left padded
 so every continuation starts at the same column; the prompt is cut off by that column, never by
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..llm.templates import stop_token_ids
-from .data import is_encoder_decoder
+from .examples import is_encoder_decoder
 
 
 def _pad_left(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
