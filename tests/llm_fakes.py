@@ -224,11 +224,26 @@ TINY_CORPUS = [
 ] * 20
 
 
-def tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE) -> Any:
-    """A byte-level BPE tokenizer trained on the spot (vocab ~300), with pad/bos/eos and a chat template."""
+WORD_SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE, *, words: Sequence[str] | None = None,
+                   pad_is_eos: bool = False) -> Any:
+    """A tokenizer trained on the spot, with pad/bos/eos and `chat_template`.
+
+    By default a byte-level BPE (vocab ~300) with the roles' special tokens; with `words`, a word-level
+    tokenizer of exactly those words (ids 0-3: <pad> <s> </s> <unk>), padding with EOS if `pad_is_eos`.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    if words is not None:
+        tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Whitespace()
+        tok.train_from_iterator([" ".join(words)], trainers.WordLevelTrainer(special_tokens=WORD_SPECIALS))
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                       pad_token="</s>" if pad_is_eos else "<pad>", unk_token="<unk>",
+                                       chat_template=chat_template)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -240,21 +255,37 @@ def tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE) -> Any:
                                    additional_special_tokens=specials[3:], chat_template=chat_template)
 
 
-def tiny_model(tokenizer: Any, *, encoder_decoder: bool = False, seed: int = 0) -> Any:
-    """A randomly initialised Llama (or T5) with hidden size 32 and 2 layers."""
+def tiny_llama(vocab_size: int, *, seed: int = 0, hidden: int = 32, layers: int = 2, kv_heads: int = 2,
+               max_positions: int = 256, **token_ids: Any) -> Any:
+    """A randomly initialised Llama (seeded): `hidden` wide, `layers` deep, 4 attention heads."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, T5Config, T5ForConditionalGeneration
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=max_positions, **token_ids,
+    ))
+
+
+def tiny_t5(vocab_size: int, *, seed: int = 0, d_model: int = 32, layers: int = 2, **options: Any) -> Any:
+    """A randomly initialised T5 (seeded), `layers` deep on both sides; `options` go to its config."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return T5ForConditionalGeneration(T5Config(
+        vocab_size=vocab_size, d_model=d_model, d_kv=8, d_ff=64, num_layers=layers, num_decoder_layers=layers,
+        num_heads=4, **options,
+    ))
+
+
+def tiny_model(tokenizer: Any, *, encoder_decoder: bool = False, seed: int = 0) -> Any:
+    """A tiny Llama (or T5) sized to `tokenizer`, with its special token ids, in eval mode."""
     ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if encoder_decoder:
-        config = T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                          decoder_start_token_id=tokenizer.pad_token_id, **ids)
-        return T5ForConditionalGeneration(config).eval()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, **ids)
-    return LlamaForCausalLM(config).eval()
+        return tiny_t5(len(tokenizer), seed=seed, decoder_start_token_id=tokenizer.pad_token_id, **ids).eval()
+    return tiny_llama(len(tokenizer), seed=seed, bos_token_id=tokenizer.bos_token_id, **ids).eval()
 
 
 def tiny_model_dir(path: Any, *, encoder_decoder: bool = False) -> Any:

@@ -8,7 +8,7 @@ import string
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from lionkd.kd.align import (
     AlignedTargets,
@@ -21,6 +21,7 @@ from lionkd.kd.align import (
     token_scheme,
 )
 from lionkd.llm.base import TokenLogprob
+from llm_fakes import tiny_llama
 
 CORPUS = [
     "Hello world, this is a test. Hello there!",
@@ -369,23 +370,9 @@ def test_collate_pads_rows_and_positions(toks):
     assert collate_aligned_targets([a, b], k=2)["topk_ids"].shape[-1] == 2
 
 
-def _tiny_llama(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_local_teacher_logprobs_are_the_models(toks):
     teacher_tok = toks["bpe"]
-    model = _tiny_llama(len(teacher_tok))
+    model = tiny_llama(len(teacher_tok), max_positions=128).eval()
     prompt, target = "Question: greet.\nAnswer:", " Hello world, 2024! Café 😀"
     tokens = local_teacher_logprobs(model, teacher_tok, prompt, target, k=5)
     assert "".join(t.token for t in tokens) == target
@@ -408,7 +395,7 @@ def test_local_teacher_logprobs_are_the_models(toks):
 
 def test_local_teacher_across_schemes(toks):
     teacher_tok, student_tok = toks["bpe"], toks["unigram"]
-    model = _tiny_llama(len(teacher_tok))
+    model = tiny_llama(len(teacher_tok), max_positions=128).eval()
     target = "Hello world, this is a test.\nThe year 2024!"
     res = align_local_teacher(model, teacher_tok, "Say hi:", target, student_tok, k=4)
     assert isinstance(res, AlignedTargets)
@@ -423,7 +410,7 @@ def test_local_teacher_across_schemes(toks):
     assert res.topk_ids[ok].max() < len(student_tok)
     # a WordPiece teacher (spaces dropped by its tokenizer) still spells the text exactly
     wp = toks["wordpiece"]
-    wp_model = _tiny_llama(len(wp))
+    wp_model = tiny_llama(len(wp), max_positions=128).eval()
     tokens = local_teacher_logprobs(wp_model, wp, "[SEP]", "hello world, this is a test.", k=3)
     assert "".join(t.token for t in tokens) == "hello world, this is a test."
     res = align_teacher_tokens(tokens, teacher_tok)

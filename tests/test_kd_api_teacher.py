@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
 from lionkd.config import RunConfig, TrainConfig, load_config
 from lionkd.errors import BudgetExceeded
@@ -49,14 +49,6 @@ def wordpiece_tokenizer() -> PreTrainedTokenizerFast:
                                         show_progress=False)
     tok.train_from_iterator([WORDS, *QUESTIONS, "héllo 中文 ok, what is it?"] * 5, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[SEP]", pad_token="[PAD]")
-
-
-def tiny_llama(tokenizer, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    return LlamaForCausalLM(config).eval()
 
 
 def word_teacher(tok, *, force: str | None = None) -> LlamaForCausalLM:
@@ -156,7 +148,7 @@ def test_api_pts_are_cached_stored_and_align_to_another_tokenizer(tmp_path):
 def test_cross_tokenizer_white_box_kd_trains_on_aligned_targets(tmp_path):
     teacher_tok, student_tok = tiny_tokenizer(), wordpiece_tokenizer()
     teacher = tiny_model(teacher_tok, seed=1)
-    student = tiny_llama(student_tok, seed=2)
+    student = tiny_model(student_tok, seed=2)
     examples = [TrainExample(target=t, prompt=q) for q, t in
                 [("add 12 and 30", "the quick brown fox"), ("sort the list", "jumps over the lazy dog"),
                  ("reverse the word lion", "lion the word"), ("what is it", "héllo 中文 ok")]]
@@ -194,7 +186,7 @@ def test_distill_with_an_api_teacher_trains_on_aligned_top_k(tmp_path, monkeypat
     teacher_tok, student_tok = tiny_tokenizer(), wordpiece_tokenizer()
     backend = Counting(HFBackend(word_teacher(teacher_tok), tokenizer=teacher_tok))
     student_dir = tmp_path / "student0"
-    tiny_llama(student_tok, seed=4).save_pretrained(student_dir)
+    tiny_model(student_tok, seed=4).save_pretrained(student_dir)
     student_tok.save_pretrained(student_dir)
     labeled = _write_rows(tmp_path / "labeled.jsonl", [{"input": q, "target": "the fox"} for q in QUESTIONS[:3]])
     unlabeled = _write_rows(tmp_path / "unlabeled.jsonl", [{"input": q} for q in QUESTIONS[3:]])

@@ -10,22 +10,18 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    LlamaConfig,
-    LlamaForCausalLM,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 
+import llm_fakes as fakes
 from conftest import run_cli
 from lionkd.config import load_config
 from lionkd.distill.pipeline import distill
@@ -41,31 +37,19 @@ WORDS = ["cat", "dog", "bird", "fish", "red", "blue", "green", "big", "small", "
 ANSWER = "answer"  # ends every rendered prompt of the decoder-only model
 
 
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator([" ".join([*WORDS, ANSWER])],
-                            trainers.WordLevelTrainer(special_tokens=["<pad>", "<s>", "</s>", "<unk>"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
-    # a short chat template keeps decoder-only prompts to a few tokens; a reply ends with EOS
-    fast.chat_template = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
-                          "{{ eos_token }}{% endif %} {% endfor %}" + ANSWER)
-    return fast
+# a short chat template keeps decoder-only prompts to a few tokens; a reply ends with EOS
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['content'] }}{% if m['role'] == 'assistant' %}"
+                 "{{ eos_token }}{% endif %} {% endfor %}" + ANSWER)
+tiny_tokenizer = partial(fakes.tiny_tokenizer, CHAT_TEMPLATE, words=[*WORDS, ANSWER])
 
 
 def build_teacher(family: str, out: Path) -> Path:
-    torch.manual_seed(0)
     tok = tiny_tokenizer()
-    common = {"vocab_size": len(tok), "pad_token_id": 0, "eos_token_id": 2}
+    ids = {"pad_token_id": 0, "eos_token_id": 2}
     if family == "t5":
-        model = T5ForConditionalGeneration(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=4, num_decoder_layers=4,
-                                                    num_heads=4, decoder_start_token_id=0, dropout_rate=0.0,
-                                                    **common))
+        model = fakes.tiny_t5(len(tok), layers=4, decoder_start_token_id=0, dropout_rate=0.0, **ids)
     else:
-        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-                                             num_attention_heads=4, num_key_value_heads=4,
-                                             max_position_embeddings=64, bos_token_id=1, **common))
+        model = fakes.tiny_llama(len(tok), layers=4, kv_heads=4, max_positions=64, bos_token_id=1, **ids)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
-    LlamaConfig,
-    LlamaForCausalLM,
     PreTrainedTokenizerFast,
-    T5Config,
-    T5ForConditionalGeneration,
     TrainerCallback,
 )
 
+import llm_fakes as fakes
 from lionkd.config import KDConfig, LoraConfig, TrainConfig
 from lionkd.kd.examples import Collator, TopK, TrainExample, encode_example
 from lionkd.kd.heads import plain_linear_head
@@ -28,34 +25,11 @@ from lionkd.kd.train import build_trainer, train_student
 WORDS = ["the", "a", "cat", "dog", "bird", "sat", "on", "mat", "ran", "to", "park", "what", "did", "do", "answer", "question", "is", "red", "blue", "green", "one", "two", "three", "four", "five", "six", "seven", "big", "small", "happy", "sad", "fast", "slow", "tree", "house", "car"]
 
 
-def tiny_tokenizer(pad_is_eos: bool = False) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok.train_from_iterator([" ".join(WORDS)], trainers.WordLevelTrainer(special_tokens=specials))
-    pad = "</s>" if pad_is_eos else "<pad>"
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token=pad, unk_token="<unk>"
-    )
-
-
-def tiny_llama(seed: int = 0, hidden: int = 32, vocab: int = 64) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def tiny_t5(seed: int = 0, d_model: int = 32) -> T5ForConditionalGeneration:
-    torch.manual_seed(seed)
-    cfg = T5Config(
-        vocab_size=64, d_model=d_model, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
-        pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0,
-    )
-    return T5ForConditionalGeneration(cfg)
+# A word-level tokenizer of WORDS (pad_is_eos=True pads with EOS), and models sized to its ids.
+tiny_tokenizer = partial(fakes.tiny_tokenizer, None, words=WORDS)
+tiny_llama = partial(fakes.tiny_llama, 64, kv_heads=4, max_positions=128, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=0)
+tiny_t5 = partial(fakes.tiny_t5, 64, pad_token_id=0, eos_token_id=2, decoder_start_token_id=0, dropout_rate=0.0)
 
 
 def examples(n: int = 8) -> list[TrainExample]:
