@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers.utils import logging as hf_logging
 
+from _common import write_results
 from lionkd.config import KDConfig, TrainConfig
 from lionkd.kd.api_teacher import APIPTConfig, aligned_schedule, generate_api_pseudo_targets
 from lionkd.kd.examples import TrainExample
@@ -52,7 +53,6 @@ from lionkd.sandbox import world
 from lionkd.sandbox.student import base_student_dir, evaluate_student, save_student, train_on_world
 from lionkd.store import Store
 
-RESULTS = Path(__file__).parent / "results"
 ARMS = ("pt_ce", "pt_topk")
 
 
@@ -259,9 +259,7 @@ def main() -> None:
               "teacher": json.loads((tdir / "teacher_train.json").read_text()) | {"cached": cached},
               "base_accuracy": base_acc, "start_accuracy": start_acc, "teacher_accuracy": teacher_acc,
               "test_items": len(tests), "summary": summary, "per_seed": per_seed}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "api_teacher_kd.json").write_text(json.dumps(report, indent=1))
-    (RESULTS / "api_teacher_kd.md").write_text(markdown(report))
+    write_results("api_teacher_kd", report, markdown(report))
 
 
 if __name__ == "__main__":

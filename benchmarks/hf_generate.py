@@ -17,17 +17,16 @@ counts.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import sys
 import time
-from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from _common import write_results
 from lionkd.llm.base import GenRequest
 from lionkd.llm.hf import HFBackend
 
@@ -37,7 +36,6 @@ BATCH = 16
 NEW_TOKENS = 32
 NAIVE_PROMPTS = 16
 ROUNDS = 2
-RESULTS = Path(__file__).parent / "results" / "hf_generate.json"
 
 
 def build(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast, list[str]]:
@@ -118,9 +116,7 @@ def main(threads: int = 1) -> dict:
     result = {"prompts": PROMPTS, "batch_size": BATCH, "new_tokens": NEW_TOKENS, "params_m": round(params, 2),
               "load_average": load, "rows": rows, "speedup": round(speedup, 2),
               "speedup_from_batching": round(from_batching, 2), "identical_answers": same}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results("hf_generate", result)
     return result
 
 

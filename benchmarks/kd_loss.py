@@ -22,11 +22,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from _common import write_results
 from lionkd.eval.speed import resident_mb
 
-RESULTS = Path(__file__).parent / "results" / "kd_loss.json"
 VARIANTS = ("naive", "chunked", "fused")
 
 
@@ -107,9 +106,8 @@ def main() -> None:
             raise SystemExit(f"{r['variant']} and naive losses disagree")
         if abs(naive["grad_checksum"] - r["grad_checksum"]) > 1e-3 * abs(naive["grad_checksum"]):
             raise SystemExit(f"{r['variant']} and naive gradients disagree")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"shape": [args.batch, args.seq, args.vocab], "hidden": args.hidden, "rows": rows,
-                                   "load_average": load}, indent=2))
+    write_results("kd_loss", {"shape": [args.batch, args.seq, args.vocab], "hidden": args.hidden, "rows": rows,
+                              "load_average": load})
 
 
 if __name__ == "__main__":

@@ -29,9 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from _common import RESULTS, write_results
 from lionkd.eval.speed import resident_mb
 
-RESULTS = Path(__file__).parent / "results" / "kd_step.json"
 VOCAB, HIDDEN, LAYERS, BATCH, PROMPT, TARGET = 32000, 256, 2, 4, 64, 192
 CUDA = False  # set by --cuda, with SmolLM2-135M's shape below
 
@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--worker", choices=list(WORKERS))
     parser.add_argument("--tmp", default="/tmp/lionkd-bench-kd-step")
     parser.add_argument("--cuda", action="store_true", help="on the GPU, bf16, SmolLM2-135M's shape")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=RESULTS / "kd_step.json")
     args = parser.parse_args()
     if args.cuda:
         use_cuda()
@@ -198,11 +198,10 @@ def main() -> None:
     for r in rows:
         print(f"{r['trainer']:<15}{r['tokens_per_s']:>10.0f}{r['tokens_per_s_mean']:>8.0f}{r['peak_extra_mb']:>16.0f}"
               f"{r['throughput_vs_trl']:>11.2f}{r['mean_throughput_vs_trl']:>8.2f}{r['memory_vs_trl']:>12.2f}")
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"steps": args.steps, "rows": rows, "load_average": load,
-                                        "device": torch_device_name() if CUDA else "cpu", "batch": BATCH,
-                                        "tokens_per_sequence": PROMPT + TARGET, "vocab": VOCAB, "hidden": HIDDEN,
-                                        "layers": LAYERS}, indent=2))
+    write_results("kd_step", {"steps": args.steps, "rows": rows, "load_average": load,
+                              "device": torch_device_name() if CUDA else "cpu", "batch": BATCH,
+                              "tokens_per_sequence": PROMPT + TARGET, "vocab": VOCAB, "hidden": HIDDEN,
+                              "layers": LAYERS}, path=args.results)
 
 
 def torch_device_name() -> str:

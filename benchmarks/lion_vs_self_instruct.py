@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from _common import write_results
 from lionkd.config import (
     AnsweringConfig,
     EndpointConfig,
@@ -68,7 +69,6 @@ from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
 from lionkd.sandbox.world import TASKS
 from lionkd.store import STORE_NAME, Store
 
-RESULTS = Path(__file__).parent / "results"
 WORK = Path("runs/bench/lion_vs_self_instruct")
 LOOP_ARMS = ("lion", "lion-learnable", "self-instruct")  # run in this order: the first makes the shared prefix
 ARMS = ("base", "imitation", "self-instruct", "lion", "lion-learnable")
@@ -652,13 +652,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "notes": notes(s, summary, rare),
         "runs": runs,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    name = s.results_name()
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(result, summary["columns"])
-    (RESULTS / f"{name}.md").write_text(md)
     print(md)
-    log(f"wall time {result['wall_s'] / 60:.1f} min; wrote {RESULTS / name}.json and .md")
+    log(f"wall time {result['wall_s'] / 60:.1f} min")
+    write_results(s.results_name(), result, md)
     return result
 
 

@@ -12,7 +12,6 @@ to show where a shortfall comes from on a small machine (client and server share
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
@@ -23,6 +22,7 @@ from pathlib import Path
 import httpx
 import openai
 
+from _common import write_results
 from lionkd.llm.base import GenRequest
 from lionkd.llm.openai_backend import OpenAIBackend
 
@@ -30,7 +30,6 @@ DELAY_S = 0.05
 REQUESTS = 256
 SEQUENTIAL_REQUESTS = 64
 CONCURRENCY = (1, 8, 32, 128)
-RESULTS = Path(__file__).parent / "results" / "llm_throughput.json"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -152,9 +151,7 @@ def main() -> dict:
           f"{1000 / per_request:.0f} req/s")
     result = {"delay_s": DELAY_S, "requests": REQUESTS, "cpu_count": os.cpu_count(), "load_average": load,
               "sequential_sdk_rps": round(sequential, 1), "rows": rows}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {RESULTS}")
+    write_results("llm_throughput", result)
     return result
 
 

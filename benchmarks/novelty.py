@@ -11,20 +11,18 @@ and on that sample the two must take identical keep/reject decisions.
 
 from __future__ import annotations
 
-import json
 import random
 import time
-from pathlib import Path
 
 from rouge_score import rouge_scorer
 
+from _common import write_results
 from lionkd.lion.novelty import NoveltyFilter
 
 POOL_SIZE = 20_000
 CANDIDATES = 2_000
 REFERENCE_SAMPLE = 8  # candidates scored with rouge_score against the whole pool
 THRESHOLD = 0.7
-RESULTS = Path(__file__).parent / "results" / "novelty.json"
 
 OPENINGS = ["Write", "Explain", "List", "Describe", "Give", "Summarize", "Create", "Suggest", "Compare",
             "Classify", "Translate", "Rewrite", "Generate", "Identify", "Find", "Calculate", "Design", "Name"]
@@ -119,8 +117,7 @@ def main() -> dict:
     print(f"speed ratio: {result['speedup']:.0f}x  (rouge_score timed on {result['rouge_score_sample']},"
           f" extrapolated to {len(candidates)} candidates)")
     print(f"identical decisions on the sample ({expected.count(False)} rejected of {len(sample)}): {identical}")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_results("novelty", result)
     if not identical:
         raise SystemExit("decisions differ from rouge_score")
     return result

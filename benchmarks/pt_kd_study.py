@@ -29,7 +29,6 @@ Writes benchmarks/results/pt_kd_study.json and .md (the full run).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -43,7 +42,8 @@ from typing import Any
 
 import torch
 
-RESULTS = Path(__file__).parent / "results"
+from _common import write_results
+
 METRICS = ("exact_match", "rouge", "bleu")
 
 
@@ -398,10 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         print(markdown(result))
     else:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "pt_kd_study.json").write_text(json.dumps(result, indent=2) + "\n")
-        (RESULTS / "pt_kd_study.md").write_text(markdown(result))
-        print(f"wrote {RESULTS / 'pt_kd_study.json'} and .md")
+        write_results("pt_kd_study", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ at the end of turn. Both sides' answers are compared: batching must not change g
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from _common import messages, write_results
 from lionkd.config import LoraConfig, TrainConfig
 from lionkd.kd.examples import TrainExample
 from lionkd.kd.job import TrainJob
@@ -34,14 +34,12 @@ from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import world
 
 MODEL = "smollm2-135m-instruct"
-SYSTEM = "Answer with the result only."
 BATCH = 16
 STEPS = 5  # timed steps per run, after one warm-up step
 ROUNDS = 2
 GEN_PROMPTS = 32
 NAIVE_PROMPTS = 8
 NEW_TOKENS = 32
-RESULTS = Path(__file__).parent / "results" / "real_student.json"
 
 
 class StepTimer(TrainerCallback):
@@ -55,10 +53,6 @@ class StepTimer(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.times.append(time.perf_counter() - self.start)
-
-
-def messages(instruction: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
 
 
 def train_rate(path: str, examples: list[TrainExample], precision: str, lora: bool, out: Path) -> float:
@@ -143,9 +137,7 @@ def main() -> dict:
     print(f"\ngreedy answers identical between the two generation paths: {same}/{NAIVE_PROMPTS}")
     result = {"model": MODEL, "threads": torch.get_num_threads(), "load_average": load, "batch": BATCH,
               "timed_steps": STEPS, "rows": rows, "identical_answers": same, "compared_answers": NAIVE_PROMPTS}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results("real_student", result)
     return result
 
 

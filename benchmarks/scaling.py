@@ -17,7 +17,6 @@ vLLM when it is installed (skipped otherwise, and said so).
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from _common import messages, write_results
 from lionkd.config import TrainConfig
 from lionkd.kd.examples import TrainExample
 from lionkd.kd.job import TrainJob
@@ -37,15 +37,9 @@ from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import world
 
 MODEL = "smollm2-135m-instruct"
-SYSTEM = "Answer with the result only."
 BATCH = 16
 STEPS = 6
 ANSWERS = 64
-RESULTS = Path(__file__).parent / "results" / "scaling.json"
-
-
-def messages(instruction: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
 
 
 def train(path: str, examples: list[TrainExample], processes: int, out: Path) -> dict:
@@ -98,9 +92,7 @@ def main() -> dict:
     print(f"Cache-Pool answers/s: {generation}")
     result = {"model": MODEL, "device": device, "load_average": load, "global_batch": BATCH, "steps": STEPS,
               "training": rows, "efficiency": round(efficiency, 3), "answers_per_s": generation}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    write_results("scaling", result)
     return result
 
 
