@@ -1,3 +1,5 @@
+"""`python -m lionkd`: the `lionkd` command."""
+
 from lionkd.cli import main
 
 main()

@@ -1,9 +1,9 @@
 """The pairwise referee, shared by the Lion loop and by evaluation: its prompt (`prompt`), the reading of its
 replies (`parse`), its verdict on a pair of answers (`verdict`) and the judging of pairs in both orders
-(`judge`). It knows answers a and b, not which role wrote them.
+(`pairs`). It knows answers a and b, not which role wrote them.
 """
 
-from .judge import RefereeCallError, judge_pairs, stream_judgements
+from .pairs import RefereeCallError, judge_pairs, stream_judgements
 from .parse import parse_scores
 from .prompt import REFEREE, REFEREE_ORDERS, pairwise_messages
 from .verdict import UNPARSEABLE, JudgeSummary, PairVerdict, summarise
