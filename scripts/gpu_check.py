@@ -37,7 +37,8 @@ import torch
 from safetensors.torch import load_file
 
 from lionkd.config import LoraConfig, TrainConfig
-from lionkd.kd.data import TrainExample
+from lionkd.kd.examples import TrainExample
+from lionkd.kd.job import TrainJob
 from lionkd.kd.joint_teaching import JointTeaching
 from lionkd.kd.train import build_trainer, train_student
 from lionkd.llm.base import GenRequest
@@ -94,7 +95,7 @@ def base_model(name: str, fresh: bool, out: Path) -> str:
 def train(path: str, examples: list, out: Path, steps: int, batch: int, precision: str, **kw) -> dict:
     settings = TrainConfig(max_steps=steps, batch_size=batch, learning_rate=2e-5, warmup_ratio=0, max_length=128,
                            precision=precision, processes=1, save_steps=10_000, logging_steps=5)
-    return train_student(path, examples, out, settings=settings, progress=False, **kw)
+    return train_student(TrainJob(path, examples, out, settings=settings, progress=False, **kw))
 
 
 def main() -> None:
@@ -129,7 +130,7 @@ def main() -> None:
     with section("fp16"):
         settings = TrainConfig(max_steps=20, batch_size=16, learning_rate=2e-5, warmup_ratio=0, max_length=128,
                                precision="fp16", processes=1, save_steps=10_000, logging_steps=5)
-        trainer = build_trainer(path, examples, out / "fp16", settings=settings, progress=False)
+        trainer = build_trainer(TrainJob(path, examples, out / "fp16", settings=settings, progress=False))
         before = {k: v.detach().cpu().clone() for k, v in trainer.model.named_parameters()}
         result = trainer.train()
         scaler = trainer.accelerator.scaler
@@ -163,9 +164,9 @@ def main() -> None:
             settings = TrainConfig(max_steps=10, batch_size=16 * gpus, learning_rate=2e-5, warmup_ratio=0,
                                    max_length=128, precision="bf16", processes="auto",
                                    accelerate_config=ROOT / config, save_steps=10_000)
-            m = train_student(path, examples[:512], out / name, settings=settings, progress=False,
-                              joint=JointTeaching(alpha=0.25, max_new_tokens=16), teacher=path,
-                              objective={"logits": 1.0})
+            m = train_student(TrainJob(path, examples[:512], out / name, settings=settings, progress=False,
+                                       joint=JointTeaching(alpha=0.25, max_new_tokens=16), teacher=path,
+                                       objective={"logits": 1.0}))
             share = moved(path, out / name)
             # the gathered checkpoint reads back as an ordinary model folder and answers
             backend = HFBackend(str(out / name), device="cuda", dtype="bfloat16", batch_size=8)
