@@ -184,7 +184,6 @@ def test_long_tailed_pool_and_the_two_accuracies():
 
 @pytest.mark.parametrize(("call", "option"), [
     (lambda: world.seed_pool(0), "N"),
-    (lambda: world.seed_pool(10, seed=-1), "seed"),
     (lambda: world.seed_pool(10, levels=[0, 1]), "levels"),
     (lambda: world.seed_pool(10, levels=[]), "levels"),
     (lambda: world.seed_pool(10, task_weights={"poems": 1.0}), "task_weights"),

@@ -906,7 +906,6 @@ def seed_pool(n: int, seed: int = 0, *, task_weights: Mapping[str, float] | None
     pool); `levels` restricts the levels drawn; `rng` replaces the generator seeded by `seed`.
     """
     check_count("N", n)
-    check_count("seed", seed, least=0)
     allowed = check_levels(levels)
     if task_weights is not None:
         unknown = sorted(set(task_weights) - set(TASKS))
@@ -938,7 +937,6 @@ def test_set(per_task: int = 100, seed: int = 0, levels: Iterable[int] | None = 
     Distinct instructions where the level has enough of them; small levels repeat.
     """
     check_count("per_task", per_task)
-    check_count("seed", seed, least=0)
     allowed = check_levels(levels)
     rng = random.Random(f"test-set:{seed}")
     out: list[Instance] = []
