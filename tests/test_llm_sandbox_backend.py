@@ -1,13 +1,15 @@
 import asyncio
 import random
 import re
+from collections import Counter
 
 import pytest
 
+from lionkd.lion.prompts import GENERATOR_EASY, GENERATOR_HARD, LionPrompts
 from lionkd.llm.base import GenRequest
 from lionkd.llm.sandbox_backend import SandboxBackend
-from lionkd.sandbox import world
-from lionkd.sandbox.oracle import GENERIC_REPLY
+from lionkd.sandbox import oracle, world
+from lionkd.sandbox.oracle import GENERIC_REPLY, wants_rare
 
 # A simple reference parser: what any tolerant referee parser must at least read.
 SCORE_LINE = re.compile(r"assistant\s*([12])\W*?(\d+(?:\.\d+)?)", re.I)
@@ -110,20 +112,47 @@ def test_referee_malformed_rate_and_position_bias():
     assert s1 - s2 == 0.5
 
 
-def test_generator_hard_keeps_task_type_and_easy_keeps_domain():
+def lion_generator_prompt(seed: str, mode: str) -> str:
+    return LionPrompts().generator_messages(seed, mode)[0]["content"]
+
+
+def test_generator_does_what_lions_prompts_ask():
+    # The sandbox generator tells Lion's two prompts apart by their words (oracle.RARE_CUE); this test
+    # feeds it the prompts of lion/prompts.py, so that neither can drift from the other unnoticed.
+    assert not wants_rare(GENERATOR_HARD) and wants_rare(GENERATOR_EASY)
     generator = SandboxBackend("generator")
     rng = random.Random(2)
-    other_type = 0
-    for _ in range(80):
+    hard_steps, easy_steps, reworded = Counter(), Counter(), 0
+    for _ in range(150):
         seed = world.sample(rng)
-        hard = world.parse(ask(generator, generator_prompt(seed.instruction, rare=False))[0])
-        assert hard is not None and hard.task == seed.task and hard.level >= seed.level
-        assert hard.instruction != seed.instruction
-        easy = world.parse(ask(generator, generator_prompt(seed.instruction, rare=True))[0])
-        assert easy is not None and easy.domain == seed.domain
-        assert easy.instruction != seed.instruction
-        other_type += easy.task != seed.task
-    assert other_type > 40
+        # hard: "the same task type ... about as long and about as difficult"
+        hard = world.parse(ask(generator, lion_generator_prompt(seed.instruction, "hard"))[0])
+        assert hard is not None and hard.task == seed.task and hard.instruction != seed.instruction
+        hard_steps[hard.level - seed.level] += 1
+        reworded += hard.phrasing.core != seed.phrasing.core
+        # easy: "a rarer, less common topic or kind of request" of the same subject area, similar difficulty
+        easy = world.parse(ask(generator, lion_generator_prompt(seed.instruction, "easy"))[0])
+        assert easy is not None and easy.domain == seed.domain and easy.task != seed.task
+        rarer_exists = any(world.TASKS[t].weight < seed.spec.weight for t in world.DOMAINS[seed.domain])
+        assert easy.spec.weight < seed.spec.weight or not rarer_exists, (seed.task, easy.task)
+        easy_steps[easy.level - seed.level] += 1
+    for steps in (hard_steps, easy_steps):
+        assert set(steps) == {-1, 0, 1}  # the seed's level or one either side, never a jump
+        assert steps[0] > max(steps[-1], steps[1])
+    assert reworded > 100  # a new instruction is newly worded, as a generator LLM's is
+
+
+def test_referee_position_bias_cancels_over_both_orders():
+    # A correct teacher against a student one point below it: Lion averages the two orders, and the
+    # bias must not shrink the gap (capping Assistant 1 at 10 made a 9/10 student look easy).
+    referee = SandboxBackend("referee", position_bias=0.5)
+    inst = world.parse("Sort 3, 1, 2 in ascending order.")
+    close = "1 2 3"  # the right numbers, the wrong separators
+    assert oracle.points(inst, close) == 9
+    t1, s2 = parse_scores(ask(referee, referee_prompt(inst.instruction, "1, 2, 3", close))[0])
+    s1, t2 = parse_scores(ask(referee, referee_prompt(inst.instruction, close, "1, 2, 3"))[0])
+    assert ((t1 - s2) + (t2 - s1)) / 2 == 1.0
+    assert (t1, s2) == (10, 8.5) and (s1, t2) == (9.5, 10)
 
 
 def test_generator_seed_with_the_word_rare_inside_is_not_a_rare_request():
@@ -169,3 +198,19 @@ def test_usage_limits_stop_and_stream():
         return {i: r.text async for i, r in teacher.stream(requests)}
 
     assert asyncio.run(collect()) == {i: str(i + 1) for i in range(5)}
+
+
+@pytest.mark.parametrize("name", sorted(world.TASKS))
+def test_generated_instructions_pass_the_novelty_filter_as_a_real_generators_do(name):
+    # The paper's filter (ROUGE-L <= 0.7) against 50 same-type pool items must remove near copies, not a
+    # whole task type: a generator LLM rewords every instruction, and so does the sandbox generator.
+    from lionkd.lion.novelty import NoveltyFilter
+
+    pool = [r["instruction"] for r in world.seed_pool(50, seed=4, task_weights={name: 1.0})]
+    novelty = NoveltyFilter(pool, threshold=0.7)
+    generator = SandboxBackend("generator", seed=4)
+    rng = random.Random(name)
+    new = [ask(generator, lion_generator_prompt(rng.choice(pool), "hard"))[0] for _ in range(120)]
+    assert all(world.parse(t).task == name for t in new)
+    passed = sum(float(novelty.scores(t).max()) <= 0.7 for t in new) / len(new)
+    assert passed >= 0.5, passed

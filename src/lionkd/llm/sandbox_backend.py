@@ -48,8 +48,9 @@ def _cut(text: str, request: GenRequest) -> tuple[str, str]:
 class SandboxBackend(Backend):
     """An exact program playing "teacher", "referee" or "generator" (see `lionkd.sandbox.oracle`).
 
-    error_rate: the teacher's chance of a plausible wrong answer. position_bias: points the referee
-    adds to Assistant 1 (capped at 10). malformed_rate: the referee's chance of an unparseable reply.
+    error_rate: the teacher's chance of a plausible wrong answer. position_bias: points by which the
+    referee favours Assistant 1 (see `oracle.biased`). malformed_rate: the referee's chance of an
+    unparseable reply.
     """
 
     kind = "sandbox"

@@ -117,6 +117,22 @@ def _fmt(score: float) -> str:
     return str(int(score)) if float(score).is_integer() else f"{score:.1f}"
 
 
+def biased(p1: float, p2: float, position_bias: float) -> tuple[float, float]:
+    """Scores with Assistant 1 favoured by `position_bias` points on the 1-10 scale.
+
+    The bias acts on the difference, as a real referee's preference for the first answer does: where
+    Assistant 1 is already at the top of the scale, Assistant 2 is marked down instead. So the bias
+    cancels exactly when Lion averages the two orders; capping Assistant 1 at 10 alone would not (a
+    correct teacher could never collect it, a student could), and a student at 9/10 would look easy.
+    """
+    s1, s2 = p1 + position_bias, float(p2)
+    if s1 > 10:
+        s1, s2 = 10.0, s2 - (s1 - 10)
+    elif s1 < 1:
+        s1, s2 = 1.0, s2 + (1 - s1)
+    return s1, min(10.0, max(1.0, s2))
+
+
 def referee_reply(
     prompt: str, rng: random.Random, position_bias: float = 0.0, malformed_rate: float = 0.0
 ) -> str:
@@ -128,11 +144,11 @@ def referee_reply(
     inst = world.parse(instruction)
     p1, p2 = points(inst, a1), points(inst, a2)
     e = _explain(p1, p2)
-    s1 = min(10.0, max(1.0, p1 + position_bias))
+    s1, s2 = biased(p1, p2, position_bias)
     if rng.random() < malformed_rate:
-        return rng.choice(_MALFORMED_FORMATS).format(s1=_fmt(s1), s2=_fmt(p2), e=e)
+        return rng.choice(_MALFORMED_FORMATS).format(s1=_fmt(s1), s2=_fmt(s2), e=e)
     formats = _REFEREE_FORMATS_EXPLANATION_FIRST if asks_explanation_first(prompt) else _REFEREE_FORMATS
-    return rng.choice(formats).format(s1=_fmt(s1), s2=_fmt(p2), e=e, n=_explain_named(p1, p2))
+    return rng.choice(formats).format(s1=_fmt(s1), s2=_fmt(s2), e=e, n=_explain_named(p1, p2))
 
 
 # ---- generator -------------------------------------------------------------------------------
@@ -143,29 +159,49 @@ def parse_generator_seed(text: str) -> str | None:
     return m["seed"].strip() if m else None
 
 
+# How the generator tells Lion's two prompts apart (`lion.prompts.GENERATOR_HARD` / `GENERATOR_EASY`):
+# the easy (long-tail) prompt asks for a rarer topic, the hard one never says "rare". The coupling is
+# checked by a test that feeds both prompts of `lionkd.lion.prompts` to this generator.
+RARE_CUE = re.compile(r"\brarer?\b|long tail|less common", re.I)
+# The level of a generated instruction relative to its seed's: "about as difficult" is the seed's
+# level or one either side, the seed's own most often.
+LEVEL_STEPS = {-1: 0.25, 0: 0.5, 1: 0.25}
+
+
 def wants_rare(prompt: str) -> bool:
     """Does the prompt ask for a rarer instruction? (The seed itself may hold made-up words like "rare".)"""
-    return re.search(r"rare", _SEED_BLOCK.sub(" ", prompt), re.I) is not None
+    return RARE_CUE.search(_SEED_BLOCK.sub(" ", prompt)) is not None
+
+
+def similar_level(seed: Instance, task: str, rng: random.Random) -> int:
+    """A level of `task` within one of the seed's (the world's levels mean the same in every type)."""
+    levels = world.TASKS[task].levels
+    steps = [s for s in LEVEL_STEPS if seed.level + s in levels]
+    return seed.level + rng.choices(steps, [LEVEL_STEPS[s] for s in steps])[0]
+
+
+def rarer_tasks(seed: Instance) -> list[str]:
+    """The types of the seed's domain less common than the seed's; the domain's other types if none is."""
+    others = [t for t in world.DOMAINS[seed.domain] if t != seed.task]
+    rarer = [t for t in others if world.TASKS[t].weight < seed.spec.weight]
+    return rarer or others or [seed.task]
 
 
 def _same_type(seed: Instance, rng: random.Random) -> Instance:
-    levels = [lv for lv in seed.spec.levels if lv >= seed.level]
-    return world.sample(rng, task=seed.task, level=rng.choice(levels))
+    """What the hard prompt asks for: the same task type, about as difficult, newly worded."""
+    return world.sample(rng, task=seed.task, level=similar_level(seed, seed.task, rng))
 
 
 def _rarer(seed: Instance, rng: random.Random) -> Instance:
-    """A harder level of the same type, or a less common type of the same domain."""
-    if seed.level < seed.spec.levels[-1] and rng.random() < 0.25:
-        return world.sample(
-            rng, task=seed.task, level=rng.choice([lv for lv in seed.spec.levels if lv > seed.level])
-        )
-    others = [t for t in world.DOMAINS[seed.domain] if t != seed.task] or [seed.task]
-    task = rng.choices(others, [1.0 / world.TASKS[t].weight for t in others])[0]
-    return world.sample(rng, task=task)
+    """What the easy prompt asks for: a less common type of the same domain at a similar level."""
+    candidates = rarer_tasks(seed)
+    task = rng.choices(candidates, [1.0 / world.TASKS[t].weight for t in candidates])[0]
+    return world.sample(rng, task=task, level=similar_level(seed, task, rng))
 
 
 def generator_reply(prompt: str, rng: random.Random) -> str:
-    """A new instruction from the seed: same type at the same or a higher level, or rarer (see `_rarer`)."""
+    """A new instruction from the seed, in a fresh phrasing: the same type at a similar level, or (when the
+    prompt asks for a rarer one) a less common type of the same domain at a similar level."""
     seed_text = parse_generator_seed(prompt)
     seed = world.parse(seed_text) if seed_text else None
     if seed is None:
