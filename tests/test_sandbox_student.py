@@ -92,5 +92,5 @@ def test_shipped_base_student_loads_and_beats_chance():
     items = [x for x in world.test_set(per_task=30, seed=0) if x.task in easy]
     report = student.evaluate_student(model, tok, items)
     assert report["by_task"]["boolean"] > 0.7  # chance is 0.5
-    assert report["by_task"]["count_letters"] > 0.5  # chance is about 0.1
+    assert report["by_task"]["count_letters"] > 0.3  # chance is about 0.1
     assert report["by_task"]["repeat"] > 0.3  # chance is about 0
