@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,16 @@ from .novelty import NoveltyFilter, rouge_tokens
 from .prompts import PROMPT_MARKERS, LionPrompts
 
 _QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
+# A reply that talks about the prompt's task instead of being a new one ("Here is a new task: ...",
+# "Rewrite the instruction above ...", "This task asks ..."). The authors drop every reply holding the
+# word "instruction"; this keeps real requests that mention instructions ("Write instructions for
+# assembling a shelf") and catches "the task" as well.
+_ABOUT_THE_TASK = re.compile(
+    r"\b(?:the|this|that|above|given|example|seed|original|previous|same|new|following)\s+"
+    r"(?:(?:example|seed|original|new|given)\s+)?(?:instruction|task|prompt)s?\b"
+    r"|^(?:here\s+is|here's|sure|certainly|new\s+(?:task|instruction))\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -122,6 +133,8 @@ def reject_reason(text: str, finish_reason: str, min_words: int) -> str | None:
         return "prompt_echo"
     if not text[0].isalnum():
         return "starts_with_punctuation"
+    if _ABOUT_THE_TASK.search(text):
+        return "about_the_task"
     if len(text.split()) < min_words:
         return "too_short"
     return None
@@ -191,7 +204,9 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
         out.asked += len(seeds)
         out.seeds.update(mode for _, mode in seeds)
         requests = [
-            GenRequest.chat(prompts.generator_messages(by_id[i].prompt, mode),
+            # the instruction text alone, as the authors send it: an Alpaca input is data for one
+            # task, not part of the kind of task the generator should vary
+            GenRequest.chat(prompts.generator_messages(by_id[i].text, mode),
                             **(params | {"seed": slot_seed(cfg.seed, cfg.generator.seed, iteration, round_, slot)}))
             for slot, (i, mode) in enumerate(seeds)
         ]
