@@ -53,7 +53,7 @@ def test_learnable_weights_favour_partly_learned_groups() -> None:
             judged.append(ins)
             js[ins.id] = _judgement(ins.id, 9, 9 if k < wins else 2)
     seeds = [Instruction(text=f"{t} seed", task=t) for t in ("mastered", "hopeless", "halfway")]
-    w = learnable_weights(seeds, judged, js, tau=1.0)
+    w = learnable_weights(seeds, judged, js, tau=1.0, group_of=lambda ins: ins.task)
     assert w[2] > w[0] and w[2] > w[1] and abs(w[0] - w[1]) < 1e-12
     draws = random.Random(0).choices(range(3), weights=w, k=3000)
     assert draws.count(2) > 1.5 * draws.count(0)

@@ -1,0 +1,146 @@
+"""Groups of similar instructions: the unit on which Lion's own seed choice and novelty work.
+
+Real seed data carries no task type, so a group is found from the instruction text alone: each text
+becomes a TF-IDF vector over its content words (letters only, so numbers and other arguments do not
+count; words in fewer than 2 texts or in more than half of them are left out, so one-off arguments
+and filler words do not count either), and the vectors are clustered with spherical k-means
+(k-means++ start, seeded, so a rerun finds the same groups).
+
+With `how="task"` the groups are the instructions' task labels; an instruction without one (what the
+generator's long-tail prompt returns) joins the label whose centroid is closest to its text, so every
+group is a task type and no group is a domain or a cluster beside them. `how="auto"` takes the labels
+when every seed has one, and clusters otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import Counter
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+
+from ..records import Instruction
+from .novelty import rouge_tokens
+
+How = Literal["auto", "task", "text"]
+
+_CONTENT = re.compile(r"^[a-z]+$")
+# English function words: they say how a request is phrased, not what it asks for
+_STOP = frozenset(re.findall(r"[a-z]+", """a about above after again all also am an and any are as at be because been before being below
+between both but by can could did do does doing down during each few for from further had has have having he her here
+hers him his how i if in into is it its just me more most my no nor not now of off on once only or other our ours out
+over own please same she should so some such than that the their theirs them then there these they this those through
+to too under until up very was we were what when where which while who whom why will with would you your yours"""))
+_MAX_VOCAB = 4096  # the most frequent content words: bounds the centroids' size on large pools
+_ROUNDS = 25  # k-means rounds (it settles in far fewer on instruction pools)
+_RESTARTS = 4  # k-means++ starts; the tightest clustering wins
+EMPTY = "text:none"  # an instruction without a single counted word
+
+
+def content_words(text: str) -> list[str]:
+    return [t for t in rouge_tokens(text) if _CONTENT.match(t) and t not in _STOP]
+
+
+def auto_clusters(n: int) -> int:
+    """Clusters for `n` instructions when none are asked for: sqrt(n), between 2 and 100 (about as
+    many groups as a group has members, so each group's statistics rest on some dozens of items)."""
+    return max(2, min(100, round(math.sqrt(n))))
+
+
+class Grouping:
+    """The group of any instruction, fitted on a pool (the Cache Pool of one iteration)."""
+
+    def __init__(self, pool: Sequence[Instruction], how: How = "auto", clusters: int = 0, seed: int | str = 0) -> None:
+        texts = [ins.text for ins in pool]
+        labelled = [ins.task for ins in pool if ins.task]
+        if how == "auto":
+            how = "task" if pool and all(ins.origin != "seed" or ins.task for ins in pool) and labelled else "text"
+        self.how = how
+        docs = [content_words(t) for t in texts]
+        df = Counter(w for d in docs for w in set(d))
+        limit = max(2, len(docs) // 2)
+        kept = [w for w, c in df.most_common() if c >= 2 and (c <= limit or len(docs) < 4)][:_MAX_VOCAB]
+        self._vocab = {w: i for i, w in enumerate(kept)}
+        self._idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1.0 for w in kept])
+        matrix = self._vectors(docs)
+        if how == "task":
+            names = sorted(set(labelled))
+            self.names = [f"task:{t}" for t in names]
+            rows = {t: [i for i, ins in enumerate(pool) if ins.task == t] for t in names}
+            self._centroids = _normalised(np.stack([matrix[rows[t]].sum(axis=0) for t in names])) if names else \
+                np.zeros((0, len(kept)))
+            self._labels = {ins.id: f"task:{ins.task}" for ins in pool if ins.task}
+        else:
+            k = min(clusters or auto_clusters(len(pool)), max(1, len(pool)))
+            self._centroids = _kmeans(matrix, k, random.Random(f"groups-{seed}"))
+            self.names = [f"text:{j}:{self._name(c)}" for j, c in enumerate(self._centroids)]
+            self._labels = {}
+        self._memo: dict[str, str] = {}
+
+    def _vectors(self, docs: Sequence[list[str]]) -> np.ndarray:
+        out = np.zeros((len(docs), len(self._vocab)))
+        for r, d in enumerate(docs):
+            for w, c in Counter(w for w in d if w in self._vocab).items():
+                out[r, self._vocab[w]] = (1 + math.log(c)) * self._idf[self._vocab[w]]
+        return _normalised(out)
+
+    def _name(self, centroid: np.ndarray) -> str:
+        return "+".join(sorted(self._vocab, key=lambda w: -centroid[self._vocab[w]])[:2])
+
+    def of(self, ins: Instruction) -> str:
+        """The instruction's group: its task label (`task`), else the closest centroid to its text."""
+        if ins.id in self._labels:
+            return self._labels[ins.id]
+        if ins.text not in self._memo:
+            self._memo[ins.text] = self.of_texts([ins.text])[0]
+        return self._memo[ins.text]
+
+    def of_texts(self, texts: Sequence[str]) -> list[str]:
+        if not len(self._centroids):
+            return [EMPTY] * len(texts)
+        vectors = self._vectors([content_words(t) for t in texts])
+        best = (vectors @ self._centroids.T).argmax(axis=1)
+        return [self.names[b] if v.any() else EMPTY for b, v in zip(best, vectors, strict=True)]
+
+
+def _normalised(m: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(m, axis=1, keepdims=True)
+    return np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
+
+
+def _kmeans(x: np.ndarray, k: int, rng: random.Random) -> np.ndarray:
+    """Spherical k-means on unit rows (cosine similarity): k unit centroids (empty texts stay out),
+    the best of a few k-means++ starts by total similarity to the closest centroid."""
+    rows = np.flatnonzero(x.any(axis=1))
+    if not len(rows) or not x.shape[1]:
+        return np.zeros((0, x.shape[1]))
+    x = x[rows]
+    best, best_fit = None, -1.0
+    for _ in range(_RESTARTS):
+        c = _kmeans_once(x, min(k, len(x)), rng)
+        fit = float((x @ c.T).max(axis=1).sum())
+        if fit > best_fit + 1e-9:
+            best, best_fit = c, fit
+    return best  # type: ignore[return-value]
+
+
+def _kmeans_once(x: np.ndarray, k: int, rng: random.Random) -> np.ndarray:
+    centroids = [x[rng.randrange(len(x))]]
+    for _ in range(k - 1):  # k-means++: far from the centroids so far, in proportion to the distance
+        far = np.clip(1.0 - (x @ np.stack(centroids).T).max(axis=1), 0.0, None)
+        if far.sum() <= 0:
+            break
+        centroids.append(x[rng.choices(range(len(x)), weights=far.tolist())[0]])
+    c = np.stack(centroids)
+    assign = None
+    for _ in range(_ROUNDS):
+        new = (x @ c.T).argmax(axis=1)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        c = _normalised(np.stack([x[assign == j].sum(axis=0) if (assign == j).any() else c[j] for j in range(len(c))]))
+    return c
