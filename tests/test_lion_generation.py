@@ -74,12 +74,14 @@ def test_filters() -> None:
         assert reject_reason(about, "stop", 4) == "about_the_task", about
     assert reject_reason("Write instructions for assembling a shelf from a kit.", "stop", 4) is None
     assert reject_reason("Your task is to classify the review as positive or negative.", "stop", 4) is None
+    assert reject_reason("Here is a small task. Reverse the word apple.", "stop", 4) is None
+    assert reject_reason("Sure, here it is: reverse the word apple.", "stop", 4) == "about_the_task"
 
 
 def test_sandbox_instructions_are_never_taken_for_talk_about_the_task() -> None:
     from lionkd.sandbox import seed_pool
 
-    texts = [r["instruction"] for r in seed_pool(600, seed=3)]
+    texts = [r["instruction"] for r in seed_pool(2000, seed=3)]
     assert [t for t in texts if reject_reason(t, "stop", 1) == "about_the_task"] == []
 
 

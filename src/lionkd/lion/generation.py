@@ -32,13 +32,14 @@ from .targeting import Bandit, Group, gap_progress, group_thresholds, progress_w
 
 _QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
 # A reply that talks about the prompt's task instead of being a new one ("Here is a new task: ...",
-# "Rewrite the instruction above ...", "This task asks ..."). The authors drop every reply holding the
-# word "instruction"; this keeps real requests that mention instructions ("Write instructions for
-# assembling a shelf") and catches "the task" as well.
+# "Rewrite the instruction above ...", "This task asks ...", "Sure, ..."). The authors drop every
+# reply holding the word "instruction"; this keeps real requests that mention instructions ("Write
+# instructions for assembling a shelf") or frame themselves as a task ("Here is a small task. ...",
+# "Your task is to ..."), and catches talk about "the task" as well.
 _ABOUT_THE_TASK = re.compile(
     r"\b(?:the|this|that|above|given|example|seed|original|previous|same|new|following)\s+"
     r"(?:(?:example|seed|original|new|given)\s+)?(?:instruction|task|prompt)s?\b"
-    r"|^(?:here\s+is|here's|sure|certainly|new\s+(?:task|instruction))\b",
+    r"|^(?:sure|certainly|of\s+course)\b[,.!]|^new\s+(?:task|instruction)\b",
     re.IGNORECASE,
 )
 

@@ -2,7 +2,7 @@
 
 Real seed data carries no task type, so a group is found from the instruction text alone: each text
 becomes a TF-IDF vector over its content words (letters only, so numbers and other arguments do not
-count; words in fewer than 2 texts or in more than half of them are left out, so one-off arguments
+count; words in fewer than 2 texts or in more than a fifth of them are left out, so one-off arguments
 and filler words do not count either), and the vectors are clustered with spherical k-means
 (k-means++ start, seeded, so a rerun finds the same groups).
 
@@ -36,6 +36,7 @@ hers him his how i if in into is it its just me more most my no nor not now of o
 over own please same she should so some such than that the their theirs them then there these they this those through
 to too under until up very was we were what when where which while who whom why will with would you your yours"""))
 _MAX_VOCAB = 4096  # the most frequent content words: bounds the centroids' size on large pools
+_MAX_SHARE = 0.2  # a word in more of the texts than this says how they are phrased, not what they ask
 _ROUNDS = 25  # k-means rounds (it settles in far fewer on instruction pools)
 _RESTARTS = 4  # k-means++ starts; the tightest clustering wins
 EMPTY = "text:none"  # an instruction without a single counted word
@@ -62,10 +63,12 @@ class Grouping:
         self.how = how
         docs = [content_words(t) for t in texts]
         df = Counter(w for d in docs for w in set(d))
-        limit = max(2, len(docs) // 2)
-        kept = [w for w, c in df.most_common() if c >= 2 and (c <= limit or len(docs) < 4)][:_MAX_VOCAB]
+        limit = max(2, int(len(docs) * _MAX_SHARE))
+        kept = [w for w, c in df.most_common() if c >= 2 and (c <= limit or len(docs) < 10)][:_MAX_VOCAB]
         self._vocab = {w: i for i, w in enumerate(kept)}
-        self._idf = np.array([math.log((1 + len(docs)) / (1 + df[w])) + 1.0 for w in kept])
+        # squared IDF: a word that names the kind of request (reverse, weekday, poem) is rarer than
+        # one of the many ways of framing a request (quick, need, short), and should count for more
+        self._idf = np.array([(math.log((1 + len(docs)) / (1 + df[w])) + 1.0) ** 2 for w in kept])
         matrix = self._vectors(docs)
         if how == "task":
             names = sorted(set(labelled))
