@@ -86,6 +86,9 @@ PAIRS = (("ours", "self-instruct"), ("ours", "lion"), ("lion", "self-instruct"),
 OURS = {"seed_weighting": "progress", "hard_easy_ratio": "adaptive", "novelty_scope": "group", "grouping": "text"}
 CALL_ROLES = ("teacher", "referee", "generator", "student")
 TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paired
+# Training examples' token limit: the world's longest seeds (a context sentence, a format clause, a
+# level-5 list) reach ~95 SmolLM2 tokens with the system prompt and the answer; nothing is cut at 128.
+MAX_LENGTH = 128
 TAU = 1.0
 
 
@@ -179,7 +182,7 @@ def arm_config(s: Settings, seed: int, arm: str, seeds_file: Path, run_dir: Path
             # the demo's settings on a CPU: continue from the previous student at a constant rate and
             # replay half of the earlier data (a fresh warmup each round costs what was learned)
             train=TrainConfig(epochs=s.epochs, learning_rate=s.learning_rate, lr_scheduler="constant",
-                              warmup_ratio=0.0, batch_size=p.batch_size, max_length=p.max_length,
+                              warmup_ratio=0.0, batch_size=p.batch_size, max_length=max(p.max_length, MAX_LENGTH),
                               replay_fraction=0.5, logging_steps=100000, save_steps=100000,
                               precision=p.precision, seed=seed),
             generation=AnsweringConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
@@ -574,7 +577,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"Scale: {len(runs)} seed(s), {s['iterations']} iteration(s) + a last imitation, long-tailed seed pool of "
         f"{s['seed_pool']} (task types Zipf 1/rank^{s['zipf']:g}; rare = {', '.join(rare)}), N = "
         f"{s['new_per_iteration']} new instructions per iteration, {s['epochs']:g} epoch(s) per iteration, lr "
-        f"{s['learning_rate']:g} constant, replay 0.5, tau {TAU:g}; `lion` hard:easy 1:1, ROUGE-L <= 0.7; `ours` "
+        f"{s['learning_rate']:g} constant, max length {MAX_LENGTH}, replay 0.5, tau {TAU:g}; `lion` hard:easy 1:1, ROUGE-L <= 0.7; `ours` "
         + ", ".join(f"`lion.{k}: {v}`" for k, v in OURS.items())
         + f"; test set {s['test_per_task']} held-out items per task type ({result['test_items']} items).",
         "",
