@@ -56,40 +56,53 @@ class Grouping:
     """The group of any instruction, fitted on a pool (the Cache Pool of one iteration)."""
 
     def __init__(self, pool: Sequence[Instruction], how: How = "auto", clusters: int = 0, seed: int | str = 0) -> None:
-        texts = [ins.text for ins in pool]
         labelled = [ins.task for ins in pool if ins.task]
         if how == "auto":
             how = "task" if pool and all(ins.origin != "seed" or ins.task for ins in pool) and labelled else "text"
         self.how = how
-        docs = [content_words(t) for t in texts]
+        docs = [content_words(ins.text) for ins in pool]
         df = Counter(w for d in docs for w in set(d))
         limit = max(2, int(len(docs) * _MAX_SHARE))
         kept = [w for w, c in df.most_common() if c >= 2 and (c <= limit or len(docs) < 10)][:_MAX_VOCAB]
         self._vocab = {w: i for i, w in enumerate(kept)}
         # squared IDF: a word that names the kind of request (reverse, weekday, poem) is rarer than
         # one of the many ways of framing a request (quick, need, short), and should count for more
-        self._idf = np.array([(math.log((1 + len(docs)) / (1 + df[w])) + 1.0) ** 2 for w in kept])
-        matrix = self._vectors(docs)
+        self._idf = np.array([(math.log((1 + len(docs)) / (1 + df[w])) + 1.0) ** 2 for w in kept], dtype=np.float32)
+        x = self._vectors(docs)
         if how == "task":
             names = sorted(set(labelled))
             self.names = [f"task:{t}" for t in names]
-            rows = {t: [i for i, ins in enumerate(pool) if ins.task == t] for t in names}
-            self._centroids = _normalised(np.stack([matrix[rows[t]].sum(axis=0) for t in names])) if names else \
-                np.zeros((0, len(kept)))
-            self._labels = {ins.id: f"task:{ins.task}" for ins in pool if ins.task}
+            index = {t: j for j, t in enumerate(names)}
+            rows = np.array([i for i, ins in enumerate(pool) if ins.task])
+            self._centroids = _normalised(x.take(rows).sums(np.array([index[pool[i].task] for i in rows]), len(names))) \
+                if len(rows) else np.zeros((0, len(kept)), dtype=np.float32)
         else:
             k = min(clusters or auto_clusters(len(pool)), max(1, len(pool)))
-            self._centroids = _kmeans(matrix, k, random.Random(f"groups-{seed}"))
+            self._centroids = _kmeans(x, k, random.Random(f"groups-{seed}"))
             self.names = [f"text:{j}:{self._name(c)}" for j, c in enumerate(self._centroids)]
-            self._labels = {}
+        found = self._closest(x)
+        self._labels = {ins.id: f"task:{ins.task}" if how == "task" and ins.task else found[i]
+                        for i, ins in enumerate(pool)}
         self._memo: dict[str, str] = {}
 
-    def _vectors(self, docs: Sequence[list[str]]) -> np.ndarray:
-        out = np.zeros((len(docs), len(self._vocab)))
-        for r, d in enumerate(docs):
-            for w, c in Counter(w for w in d if w in self._vocab).items():
-                out[r, self._vocab[w]] = (1 + math.log(c)) * self._idf[self._vocab[w]]
-        return _normalised(out)
+    def _vectors(self, docs: Sequence[list[str]]) -> _Rows:
+        """TF-IDF rows (1 + log tf, squared IDF), each of unit length, as a sparse matrix."""
+        indptr, indices, data = [0], [], []
+        for d in docs:
+            counts = Counter(self._vocab[w] for w in d if w in self._vocab)
+            values = [(1 + math.log(c)) * float(self._idf[j]) for j, c in counts.items()]
+            norm = math.sqrt(sum(v * v for v in values)) or 1.0
+            indices += counts.keys()
+            data += [v / norm for v in values]
+            indptr.append(len(indices))
+        return _Rows(np.array(indptr), np.array(indices, dtype=np.int64), np.array(data, dtype=np.float32),
+                     len(self._vocab))
+
+    def _closest(self, x: _Rows) -> list[str]:
+        if not len(self._centroids):
+            return [EMPTY] * len(x)
+        best = x.dot(self._centroids).argmax(axis=1)
+        return [self.names[b] if filled else EMPTY for b, filled in zip(best, x.filled(), strict=True)]
 
     def _name(self, centroid: np.ndarray) -> str:
         return "+".join(sorted(self._vocab, key=lambda w: -centroid[self._vocab[w]])[:2])
@@ -103,11 +116,59 @@ class Grouping:
         return self._memo[ins.text]
 
     def of_texts(self, texts: Sequence[str]) -> list[str]:
-        if not len(self._centroids):
-            return [EMPTY] * len(texts)
-        vectors = self._vectors([content_words(t) for t in texts])
-        best = (vectors @ self._centroids.T).argmax(axis=1)
-        return [self.names[b] if v.any() else EMPTY for b, v in zip(best, vectors, strict=True)]
+        """The group of each text: the closest centroid to its words."""
+        return self._closest(self._vectors([content_words(t) for t in texts]))
+
+
+_CHUNK = 2048  # rows per dense block in products: bounds the memory of a large pool's clustering
+
+
+class _Rows:
+    """A sparse matrix of unit rows (CSR: row r holds data[indptr[r]:indptr[r+1]] at those columns)."""
+
+    def __init__(self, indptr: np.ndarray, indices: np.ndarray, data: np.ndarray, columns: int) -> None:
+        self.indptr, self.indices, self.data, self.columns = indptr, indices, data, columns
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def filled(self) -> np.ndarray:
+        return np.diff(self.indptr) > 0
+
+    def take(self, rows: np.ndarray) -> _Rows:
+        parts = [np.arange(self.indptr[r], self.indptr[r + 1]) for r in rows]
+        picked = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        return _Rows(np.concatenate([[0], np.cumsum(np.diff(self.indptr)[rows])]), self.indices[picked],
+                     self.data[picked], self.columns)
+
+    def row(self, r: int) -> np.ndarray:
+        out = np.zeros(self.columns, dtype=np.float32)
+        out[self.indices[self.indptr[r]:self.indptr[r + 1]]] = self.data[self.indptr[r]:self.indptr[r + 1]]
+        return out
+
+    def dot(self, c: np.ndarray) -> np.ndarray:
+        """self @ c.T for dense rows `c` (k x columns): every row's similarity to every centroid."""
+        out = np.zeros((len(self), len(c)), dtype=np.float32)
+        if not len(c):
+            return out
+        ct = np.ascontiguousarray(c.T, dtype=np.float32)
+        for lo in range(0, len(self), _CHUNK):
+            hi = min(len(self), lo + _CHUNK)
+            a, b = self.indptr[lo], self.indptr[hi]
+            if a == b:
+                continue
+            lengths = np.diff(self.indptr[lo:hi + 1])
+            products = ct[self.indices[a:b]] * self.data[a:b, None]
+            filled = np.flatnonzero(lengths)
+            out[lo + filled] = np.add.reduceat(products, (self.indptr[lo:hi] - a)[filled], axis=0)
+        return out
+
+    def sums(self, assign: np.ndarray, k: int) -> np.ndarray:
+        """Per group j < k: the sum of the rows assigned to it."""
+        out = np.zeros((k, self.columns), dtype=np.float32)
+        rows = np.repeat(np.arange(len(self)), np.diff(self.indptr))
+        np.add.at(out, (assign[rows], self.indices), self.data)
+        return out
 
 
 def _normalised(m: np.ndarray) -> np.ndarray:
@@ -115,35 +176,41 @@ def _normalised(m: np.ndarray) -> np.ndarray:
     return np.divide(m, norms, out=np.zeros_like(m), where=norms > 0)
 
 
-def _kmeans(x: np.ndarray, k: int, rng: random.Random) -> np.ndarray:
+def _kmeans(x: _Rows, k: int, rng: random.Random) -> np.ndarray:
     """Spherical k-means on unit rows (cosine similarity): k unit centroids (empty texts stay out),
     the best of a few k-means++ starts by total similarity to the closest centroid."""
-    rows = np.flatnonzero(x.any(axis=1))
-    if not len(rows) or not x.shape[1]:
-        return np.zeros((0, x.shape[1]))
-    x = x[rows]
+    x = x.take(np.flatnonzero(x.filled()))
+    if not len(x) or not x.columns:
+        return np.zeros((0, x.columns), dtype=np.float32)
     best, best_fit = None, -1.0
     for _ in range(_RESTARTS):
         c = _kmeans_once(x, min(k, len(x)), rng)
-        fit = float((x @ c.T).max(axis=1).sum())
-        if fit > best_fit + 1e-9:
+        fit = float(x.dot(c).max(axis=1).sum())
+        if fit > best_fit + 1e-6:
             best, best_fit = c, fit
     return best  # type: ignore[return-value]
 
 
-def _kmeans_once(x: np.ndarray, k: int, rng: random.Random) -> np.ndarray:
-    centroids = [x[rng.randrange(len(x))]]
+def _kmeans_once(x: _Rows, k: int, rng: random.Random) -> np.ndarray:
+    centroids = [x.row(rng.randrange(len(x)))]
+    closest = x.dot(centroids[0][None])[:, 0]
     for _ in range(k - 1):  # k-means++: far from the centroids so far, in proportion to the distance
-        far = np.clip(1.0 - (x @ np.stack(centroids).T).max(axis=1), 0.0, None)
+        far = np.clip(1.0 - closest, 0.0, None)
         if far.sum() <= 0:
             break
-        centroids.append(x[rng.choices(range(len(x)), weights=far.tolist())[0]])
+        cumulative = np.cumsum(far, dtype=np.float64)
+        pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        centroids.append(x.row(min(pick, len(x) - 1)))
+        closest = np.maximum(closest, x.dot(centroids[-1][None])[:, 0])
     c = np.stack(centroids)
     assign = None
     for _ in range(_ROUNDS):
-        new = (x @ c.T).argmax(axis=1)
+        new = x.dot(c).argmax(axis=1)
         if assign is not None and np.array_equal(new, assign):
             break
         assign = new
-        c = _normalised(np.stack([x[assign == j].sum(axis=0) if (assign == j).any() else c[j] for j in range(len(c))]))
+        sums = x.sums(assign, len(c))
+        empty = ~sums.any(axis=1)
+        sums[empty] = c[empty]  # a centroid that lost every member stays where it was
+        c = _normalised(sums)
     return c
