@@ -72,7 +72,7 @@ from lionkd.lion.demo import SMOLLM2, TINY, StudentPreset
 from lionkd.lion.students import student_dir
 from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
-from lionkd.sandbox.world import TASKS
+from lionkd.sandbox.world import TASKS, balanced_accuracy, pool_shares, weighted_accuracy, zipf_shares
 from lionkd.store import STORE_NAME, Store
 
 WORK = Path("runs/bench/lion_vs_self_instruct")
@@ -139,11 +139,8 @@ class BadOption(Exception):
 
 
 def task_shares(s: Settings) -> dict[str, float]:
-    """Seed share per task type: ranked by the world's weights (its notion of common), Zipf over rank."""
-    ranked = sorted(TASKS, key=lambda t: -TASKS[t].weight)  # stable: ties keep the world's order
-    raw = {t: 1.0 / (r + 1) ** s.zipf for r, t in enumerate(ranked)}
-    total = sum(raw.values())
-    return {t: w / total for t, w in raw.items()}
+    """Seed share per task type: ranked by the world's commonness, Zipf over rank."""
+    return zipf_shares(s.zipf)
 
 
 def rare_tasks(s: Settings) -> list[str]:
@@ -377,25 +374,25 @@ def evaluate(s: Settings, path: str | Path, items: list[Any], cache_file: Path |
     return result
 
 
-def columns_of(acc: dict[str, Any], rare: list[str], pool_shares: dict[str, float]) -> dict[str, float]:
-    """Per domain and over all types: balanced (every type counts alike: a plain mean over the
-    balanced test set's types) and seed-weighted (types weighted by their share of the seed pool,
-    what a user's traffic looks like); and the rare and the common types, balanced."""
+def columns_of(acc: dict[str, Any], rare: list[str], shares: dict[str, float]) -> dict[str, float]:
+    """Per domain and over all types: balanced (every type counts alike, as in the balanced test set)
+    and seed-weighted (types weighted by their share of the seed pool, what a user's traffic looks
+    like); and the rare and the common types, balanced."""
     by_task = acc["by_task"]
 
     def balanced(types: list[str]) -> float:
-        return statistics.fmean(by_task[t] for t in types) if types else float("nan")
+        return balanced_accuracy({t: by_task[t] for t in types}) if types else float("nan")
 
     def weighted(types: list[str]) -> float:
-        total = sum(pool_shares.get(t, 0.0) for t in types)
-        return sum(pool_shares.get(t, 0.0) * by_task[t] for t in types) / total if total else float("nan")
+        mine = {t: shares[t] for t in types if shares.get(t, 0.0) > 0}
+        return weighted_accuracy(by_task, mine) if mine else float("nan")  # no seed of the domain: no traffic
 
     out: dict[str, float] = {}
     for d in DOMAINS:
         types = [t for t in DOMAINS[d] if t in by_task]
-        out[f"{d}"] = balanced(types)
+        out[d] = balanced(types)
         out[f"{d} (seed-weighted)"] = weighted(types)
-    everything = [t for t in by_task]
+    everything = list(by_task)
     out["rare types"] = balanced([t for t in everything if t in rare])
     out["common types"] = balanced([t for t in everything if t not in rare])
     out["overall"] = balanced(everything)
@@ -474,8 +471,7 @@ def run_seed(s: Settings, seed: int, items: list[Any], work: Path, log: Callable
 
 def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any], rare: list[str]) -> dict[str, Any]:
     def shares(r: dict[str, Any]) -> dict[str, float]:
-        total = sum(r["seed_pool_tasks"].values())
-        return {t: c / total for t, c in r["seed_pool_tasks"].items()}
+        return pool_shares({"task": t} for t, c in r["seed_pool_tasks"].items() for _ in range(c))
 
     scores = {arm: [columns_of(base if arm == "base" else r[arm]["accuracy"], rare, shares(r)) for r in runs.values()]
               for arm in ARMS}
