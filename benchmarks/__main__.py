@@ -1,7 +1,7 @@
 """Run the benchmarks, each in its own process, and say where their tables went.
 
     python -m benchmarks                 the speed benchmarks (a few minutes in all)
-    python -m benchmarks --results       also the result benchmarks (about an hour on 2 cores)
+    python -m benchmarks --results       also the result benchmarks (a few hours on 2 cores)
     python -m benchmarks novelty kd_loss only these
 
 Every benchmark prints its table and writes JSON to benchmarks/results/.

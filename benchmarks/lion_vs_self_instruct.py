@@ -1,35 +1,40 @@
-"""Lion against self-instruct at equal teacher budget, on a real pretrained student (SmolLM2-135M-Instruct).
+"""The decisive Lion benchmark: the paper's Lion and our own against self-instruct, at equal teacher budget.
 
 The comparison a user faces: given a teacher budget of (seed pool + N new instructions per iteration)
-answers, does choosing the generator's seeds with a referee (Lion) beat drawing them uniformly from
-the Cache Pool (self-instruct, what Alpaca did)? Five arms on the offline sandbox world, each run with
-several seeds:
+answers, which way of choosing what the generator writes gives the best student? Five arms on the
+offline sandbox world, each run with several seeds, on a real pretrained student (SmolLM2-135M-Instruct):
 
-- `base`            SmolLM2-135M-Instruct as it ships;
-- `imitation`       fine-tuned on the teacher's answers to the seed pool alone (iteration 1 of every
-                    other arm: the same training on the same pool, so it is their common starting point);
-- `self-instruct`   the Lion loop with `lion.selection: uniform`: no discrimination, generation seeds
-                    drawn uniformly from the whole Cache Pool, the same generator, both of Lion's
-                    generator prompts (same task type / rarer task of the same domain, 1:1), the same
-                    novelty filter, N new instructions per iteration and the same training;
-- `lion`            the paper's rule: seeds drawn uniformly from what the referee called hard
-                    (teacher - student >= tau 1.0), hard:easy 1:1;
-- `lion-learnable`  the same with `lion.seed_weighting: learnable` (seeds weighted towards task types
-                    the student has partly learned).
+- `base`           SmolLM2-135M-Instruct as it ships;
+- `imitation`      fine-tuned on the teacher's answers to the seed pool alone (iteration 1 of every
+                   other arm: the same training on the same pool, their common starting point);
+- `self-instruct`  the Lion loop with `lion.selection: uniform`: no referee, generation seeds drawn
+                   uniformly from the whole Cache Pool for both generator prompts (what Alpaca did),
+                   the same generator, novelty filter, N and training;
+- `lion`           the paper's Lion: seeds drawn uniformly from what the referee called hard
+                   (teacher - student >= tau 1.0) and from the rest, hard:easy 1:1, ROUGE-L <= 0.7;
+- `ours`           our Lion: `lion.seed_weighting: progress` (hard seeds in proportion to how much
+                   their group's gap shrank), `lion.hard_easy_ratio: adaptive` (a bandit over group x
+                   prompt), `lion.novelty_scope: group`, with `lion.grouping: text` (groups found from
+                   the instruction text alone, as on real data; the world's task labels are not used).
 
-The seed pool is long-tailed like real instruction sets: task types ranked by the world's own
-commonness, drawn with Zipf weights 1/rank, so the rarest types have a handful of seeds. The test set
-is balanced (`--test-per-task` held-out items per task type, arguments from the world's test split).
-Every teacher, referee and generator call is counted from the runs' stores (cached reuses are free).
+Every loop arm gets the same teacher budget: its seed pool plus N new instructions per iteration
+(fewer if its filters kept fewer); the referee's and the student's calls, which only the Lion arms
+make, are counted beside it. The seed pool is long-tailed like real instruction sets (task types
+Zipf over the world's own commonness), and the test set is balanced over types and levels; accuracy is
+reported balanced and weighted by the seed pool's type distribution (what a user's traffic looks
+like). Differences are paired by seed (the same seed pool, test set and iteration-1 student), with
+a 95% t-interval.
 
-    python benchmarks/lion_vs_self_instruct.py               (about an hour on 2 cores)
-    python benchmarks/lion_vs_self_instruct.py --seeds 1     (one seed, to measure)
-    python benchmarks/lion_vs_self_instruct.py --rouge-l-max 0.9 --no-learnable
-                                          (the looser novelty filter, from the same iteration-1 prefixes)
+    python benchmarks/lion_vs_self_instruct.py                  (the decisive run: 5 seeds, 3 iterations)
+    python benchmarks/lion_vs_self_instruct.py --seeds 7        (two more seeds; finished ones are reused)
+    python benchmarks/lion_vs_self_instruct.py --student tiny --seeds 1 --iterations 1 --seed-pool 40 \\
+        --new 10 --test-per-task 4 --work /tmp/lvsi --out /tmp/lvsi   (a check of the plumbing, a minute or two)
 
-Runs live in runs/bench/lion_vs_self_instruct/<settings hash>/seed-<s>/<arm>/ (an interrupted
-benchmark resumes; a larger --seeds reuses the finished seeds); results go to
-benchmarks/results/lion_vs_self_instruct.json and .md.
+Runs live in <work>/<settings hash>/seed-<s>/<arm>/ (default work: runs/bench/lion_vs_self_instruct).
+An interrupted benchmark resumes: a finished arm is never trained again, and a scored student is
+not scored again. Results go to <out>/lion_vs_self_instruct.json and .md (default out:
+benchmarks/results). Results from the earlier template world are in
+benchmarks/results/lion_vs_self_instruct*_template_world.*.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import random
 import shlex
 import shutil
@@ -46,11 +52,11 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from _common import write_results
+from _common import RESULTS, write_results
 from lionkd.config import (
     AnsweringConfig,
     EndpointConfig,
@@ -62,74 +68,79 @@ from lionkd.config import (
 )
 from lionkd.data import write_jsonl
 from lionkd.lion import loop
-from lionkd.lion.demo import REAL_STUDENT, SMOLLM2
+from lionkd.lion.demo import SMOLLM2, TINY, StudentPreset
 from lionkd.lion.students import student_dir
 from lionkd.llm.models import resolve_model_path
 from lionkd.sandbox import DOMAINS, parse, seed_pool, test_set
-from lionkd.sandbox.world import TASKS
+from lionkd.sandbox.world import TASKS, balanced_accuracy, pool_shares, weighted_accuracy, zipf_shares
 from lionkd.store import STORE_NAME, Store
 
 WORK = Path("runs/bench/lion_vs_self_instruct")
-LOOP_ARMS = ("lion", "lion-learnable", "self-instruct")  # run in this order: the first makes the shared prefix
-ARMS = ("base", "imitation", "self-instruct", "lion", "lion-learnable")
-PAIRS = (("lion", "self-instruct"), ("lion-learnable", "self-instruct"), ("self-instruct", "imitation"),
-         ("lion", "imitation"), ("lion-learnable", "lion"))
+NAME = "lion_vs_self_instruct"
+STUDENTS = {"smollm2": SMOLLM2, "tiny": TINY}
+LOOP_ARMS = ("lion", "ours", "self-instruct")  # run in this order: the first makes the shared prefixes
+GEN_ARMS = ("self-instruct", "lion", "ours")
+ARMS = ("base", "imitation", "self-instruct", "lion", "ours")
+PAIRS = (("ours", "self-instruct"), ("ours", "lion"), ("lion", "self-instruct"), ("self-instruct", "imitation"),
+         ("lion", "imitation"), ("ours", "imitation"))
+OURS = {"seed_weighting": "progress", "hard_easy_ratio": "adaptive", "novelty_scope": "group", "grouping": "text"}
 CALL_ROLES = ("teacher", "referee", "generator", "student")
 TEST_SEED = 1000  # one test set for every arm and seed: the comparison is paired
+# Training examples' token limit: the world's longest seeds (a context sentence, a format clause, a
+# level-5 list) reach ~95 SmolLM2 tokens with the system prompt and the answer; nothing is cut at 128.
+MAX_LENGTH = 128
 TAU = 1.0
 
 
 @dataclass(frozen=True)
 class Settings:
-    seeds: int = 3
-    iterations: int = SMOLLM2.iterations
+    seeds: int = 5
+    iterations: int = 3  # the paper's
     seed_pool: int = SMOLLM2.seeds
     new_per_iteration: int = SMOLLM2.new_per_iteration
     epochs: float = SMOLLM2.train_epochs
     learning_rate: float = SMOLLM2.learning_rate
     zipf: float = 1.0  # seed share of the task type of rank r is proportional to 1 / r**zipf
     test_per_task: int = 50
-    rouge_l_max: float = 0.7  # the paper's novelty filter; a looser one is a variant (its own results file)
-    learnable: bool = True  # run the lion-learnable arm
+    student: str = "smollm2"
 
     def key(self) -> str:
-        """The runs' folder: every setting but the number of seeds, so --seeds 3 reuses --seeds 1."""
-        fields = asdict(self)
-        del fields["seeds"], fields["test_per_task"], fields["learnable"]  # these do not change the runs
-        if self.rouge_l_max == Settings.rouge_l_max:
-            del fields["rouge_l_max"]
-        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
+        """The runs' folder: every setting but the number of seeds and the test size (they do not
+        change the runs), so --seeds 7 reuses the finished seeds of --seeds 5."""
+        values = asdict(self)
+        del values["seeds"], values["test_per_task"]
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
-    def prefix_key(self) -> str:
-        """The folder whose seed pools and iteration-1 prefixes every variant shares: the novelty filter
-        acts only in generation, after the prefix."""
-        return replace(self, rouge_l_max=Settings.rouge_l_max).key()
+    @property
+    def preset(self) -> StudentPreset:
+        return STUDENTS[self.student]
 
-    def arms(self) -> tuple[str, ...]:
-        return tuple(a for a in ARMS if self.learnable or a != "lion-learnable")
 
-    def loop_arms(self) -> tuple[str, ...]:
-        return tuple(a for a in LOOP_ARMS if a in self.arms())
+# Each option's valid range: (lowest, highest); a value outside is one line naming it, exit code 2.
+LIMITS: dict[str, tuple[float, float]] = {
+    "seeds": (1, 50), "iterations": (1, 10), "seed_pool": (2, 100_000), "new_per_iteration": (2, 100_000),
+    "epochs": (0.01, 50), "learning_rate": (1e-8, 1.0), "zipf": (0.0, 5.0), "test_per_task": (1, 10_000),
+}
 
-    def pairs(self) -> tuple[tuple[str, str], ...]:
-        return tuple((a, b) for a, b in PAIRS if a in self.arms() and b in self.arms())
 
-    def results_name(self) -> str:
-        name = "lion_vs_self_instruct"
-        if self.rouge_l_max != Settings.rouge_l_max:
-            name += f"_rouge{self.rouge_l_max:g}"
-        return name
+def check(s: Settings) -> None:
+    for name, (lo, hi) in LIMITS.items():
+        value = getattr(s, name)
+        if not (lo <= value <= hi) or isinstance(value, float) and math.isnan(value):
+            raise BadOption(f"--{name.replace('_per_iteration', '').replace('_', '-')} must be between {lo:g} and "
+                            f"{hi:g}, not {value:g}")
+
+
+class BadOption(Exception):
+    """An option out of range: one line naming it, exit code 2."""
 
 
 # --------------------------------------------------------------------------- the long-tailed seed pool
 
 
 def task_shares(s: Settings) -> dict[str, float]:
-    """Seed share per task type: ranked by the world's weights (its notion of common), Zipf over rank."""
-    ranked = sorted(TASKS, key=lambda t: -TASKS[t].weight)  # stable: ties keep the world's order
-    raw = {t: 1.0 / (r + 1) ** s.zipf for r, t in enumerate(ranked)}
-    total = sum(raw.values())
-    return {t: w / total for t, w in raw.items()}
+    """Seed share per task type: ranked by the world's commonness, Zipf over rank."""
+    return zipf_shares(s.zipf)
 
 
 def rare_tasks(s: Settings) -> list[str]:
@@ -150,8 +161,9 @@ def sandbox_endpoint(model: str, **options: Any) -> EndpointConfig:
 
 
 def arm_config(s: Settings, seed: int, arm: str, seeds_file: Path, run_dir: Path) -> RunConfig:
-    """One arm's Lion-loop run; the arms differ only in `lion.selection` and `lion.seed_weighting`."""
-    p = SMOLLM2
+    """One arm's Lion-loop run; the arms differ only in the `lion` options that choose the seeds."""
+    p = s.preset
+    options: dict[str, Any] = {"selection": "uniform"} if arm == "self-instruct" else OURS if arm == "ours" else {}
     return RunConfig(
         run_dir=run_dir,
         seed=seed,
@@ -161,31 +173,30 @@ def arm_config(s: Settings, seed: int, arm: str, seeds_file: Path, run_dir: Path
                                  sandbox=SandboxOptions(position_bias=0.5, malformed_rate=0.03)),
         generator=sandbox_endpoint("generator", temperature=1.0, max_tokens=64),
         student=StudentConfig(
-            model=REAL_STUDENT,
+            model=p.model,
             template="chat",
             system_prompt=p.system_prompt,
-            # the demo's settings for SmolLM2 on a CPU: continue from the previous student at a constant
-            # rate and replay half of the earlier data (a fresh warmup each round costs what was learned)
+            # the demo's settings on a CPU: continue from the previous student at a constant rate and
+            # replay half of the earlier data (a fresh warmup each round costs what was learned)
             train=TrainConfig(epochs=s.epochs, learning_rate=s.learning_rate, lr_scheduler="constant",
-                              warmup_ratio=0.0, batch_size=p.batch_size, max_length=p.max_length,
+                              warmup_ratio=0.0, batch_size=p.batch_size, max_length=max(p.max_length, MAX_LENGTH),
                               replay_fraction=0.5, logging_steps=100000, save_steps=100000,
                               precision=p.precision, seed=seed),
             generation=AnsweringConfig(temperature=0.0, max_new_tokens=p.max_new_tokens,
-                                        batch_size=p.generation_batch),
+                                       batch_size=p.generation_batch),
         ),
         lion=LionConfig(seed_pool=seeds_file, iterations=s.iterations, new_per_iteration=s.new_per_iteration,
-                        tau=TAU, hard_easy_ratio="1:1", generation_rounds=6,
-                        seed_weighting="learnable" if arm == "lion-learnable" else "uniform", rouge_l_max=s.rouge_l_max,
-                        selection="uniform" if arm == "self-instruct" else "referee"),
+                        tau=TAU, generation_rounds=6, **({"hard_easy_ratio": "1:1"} | options)),
     )
 
 
 # --------------------------------------------------------------------------- the shared prefix
 # Iteration 1 imitation (the seed pool) is the same for every arm, and iteration 1 discrimination the
-# same for both Lion arms. On 2 cores each costs minutes, so the first arm's run directory is copied
-# when it reaches each point, and the later arms start from the copy (`allow_config_change` records
-# the one changed key in their stores). A copy is made only while the run stands exactly there, so a
-# resumed benchmark whose first arm had already passed that point simply runs the later arms in full.
+# same for both Lion arms (our options act from generation on). Each costs minutes on 2 cores, so the
+# first arm's run directory is copied when it reaches each point, and the later arms start from the
+# copy (`allow_config_change` records the changed keys in their stores). A copy is made only while
+# the run stands exactly there, so a resumed benchmark whose first arm had already passed that point
+# simply runs the later arms in full.
 
 AFTER_IMITATION, AFTER_DISCRIMINATION = "prefix-after-imitation-1", "prefix-after-discrimination-1"
 
@@ -217,7 +228,7 @@ def with_prefix_snapshots(seed_dir: Path) -> Callable[..., Any]:
 
 
 def run_arm(cfg: RunConfig, arm: str, seed_dir: Path, first: bool) -> Any:
-    """Run one arm, from a copied prefix when there is one (`seed_dir` holds the prefixes)."""
+    """Run one arm (a finished one returns at once), from a copied prefix when there is one."""
     run_dir = Path(cfg.run_dir)
     prefix = seed_dir / (AFTER_IMITATION if arm == "self-instruct" else AFTER_DISCRIMINATION)
     if not (run_dir / STORE_NAME).is_file() and prefix.is_dir():
@@ -252,15 +263,32 @@ def task_of(text: str) -> str | None:
     return inst.task if inst else None
 
 
-def generator_requests(cfg: RunConfig, k: int, cache_texts: list[str]) -> dict[str, Any]:
-    """Every generator call of iteration `k`, read back from the call ledger: the seed's task type, and
-    for each reply its task type and whether it passes the novelty filter against the Cache Pool alone
-    (the stage also compares it with what it kept earlier, so this is what the pool itself removes)."""
-    from lionkd.lion.generation import clean_instruction
+def novelty_check(cfg: RunConfig, k: int, cache: list[Any]) -> Callable[[str], bool]:
+    """The arm's own novelty rule against the Cache Pool of iteration `k`: the paper's single threshold,
+    or its group's (rebuilt exactly as the generation stage built it: the same grouping and seed)."""
+    from lionkd.lion.groups import Grouping
     from lionkd.lion.novelty import NoveltyFilter
+    from lionkd.lion.targeting import group_thresholds
+
+    lion = cfg.lion
+    novelty = NoveltyFilter([ins.text for ins in cache], threshold=lion.rouge_l_max, tokenizer=lion.novelty_tokenizer)
+    if lion.novelty_scope == "pool":
+        return lambda text: bool(text) and float(novelty.scores(text).max()) <= lion.rouge_l_max
+    grouping = Grouping(cache, lion.grouping, lion.clusters, seed=f"{cfg.seed}-{k}")
+    limits = group_thresholds(cache, grouping.of, floor=lion.rouge_l_max, ceiling=lion.near_copy_rouge_l,
+                              tokenizer=lion.novelty_tokenizer, seed=f"{cfg.seed}-{k}")
+    return lambda text: bool(text) and float(novelty.scores(text).max()) <= limits.get(
+        grouping.of_texts([text])[0], lion.rouge_l_max)
+
+
+def generator_requests(cfg: RunConfig, k: int, cache: list[Any]) -> dict[str, Any]:
+    """Every generator call of iteration `k`, read back from the call ledger: the seed's task type, and
+    for each reply its task type and whether it passes the arm's novelty rule against the Cache Pool
+    alone (the stage also compares it with what it kept earlier, so this is what the pool removes)."""
+    from lionkd.lion.generation import clean_instruction
     from lionkd.sandbox.oracle import parse_generator_seed, wants_rare
 
-    novelty = NoveltyFilter(cache_texts, threshold=cfg.lion.rouge_l_max, tokenizer=cfg.lion.novelty_tokenizer)
+    novel_enough = novelty_check(cfg, k, cache)
     asked: Counter[str] = Counter()
     replies: Counter[str] = Counter()
     novel: Counter[str] = Counter()
@@ -274,24 +302,25 @@ def generator_requests(cfg: RunConfig, k: int, cache_texts: list[str]) -> dict[s
             text = clean_instruction(json.loads(result)["choice"]["text"])
             t = str(task_of(text))
             replies[t] += 1
-            novel[t] += bool(text) and float(novelty.scores(text).max()) <= novelty.threshold
+            novel[t] += novel_enough(text)
     return {"asked_seed_tasks": dict(asked), "reply_tasks": dict(replies), "reply_novel_vs_pool": dict(novel),
             "prompt_modes": dict(modes)}
 
 
 def dynamics(cfg: RunConfig) -> dict[str, Any]:
-    """Per iteration: what the referee called hard (per task type), which seeds were drawn, what was kept
-    (per task type of the kept instruction) and what the filters removed."""
+    """Per iteration: what the referee called hard (per task type), which seeds were drawn, what passed
+    novelty and what was kept (per task type), the hard share aimed at and what the filters removed."""
     out: dict[str, Any] = {"iterations": []}
     with Store.open_existing(cfg.run_dir) as store:
         metrics = store.metrics()
         for k in range(1, cfg.lion.iterations + 1):
             m = metrics.get(k, {})
-            cache = {ins.id: ins for ins in store.instructions(store.pool(k, "cache"))}
+            cache = store.instructions(store.pool(k, "cache"))
+            by_id = {ins.id: ins for ins in cache}
             judged, hard = Counter(), Counter()
             for i, j in store.judgements(k).items():
-                if j.ok and i in cache:
-                    t = task_of(cache[i].text)
+                if j.ok and i in by_id:
+                    t = task_of(by_id[i].text)
                     judged[t] += 1
                     hard[t] += j.gap >= cfg.lion.tau
             new = store.instructions(store.pool(k + 1, "train"))
@@ -299,11 +328,11 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                 "iteration": k,
                 "cache": len(cache),
                 "hard_ratio": m.get("hard_ratio"),
+                "hard_fraction": m.get("hard_fraction"),
+                "groups": m.get("groups"),
                 "hard_share_by_task": {t: hard[t] / judged[t] for t in sorted(judged, key=str)},
                 "judged_by_task": dict(judged),
-                **generator_requests(cfg, k, [ins.text for ins in cache.values()]),
-                "kept_parent_tasks": dict(Counter(task_of(store.instructions([ins.parent_id])[0].text)
-                                                  for ins in new)),
+                **generator_requests(cfg, k, cache),
                 "new_tasks": dict(Counter(task_of(ins.text) for ins in new)),
                 "new": len(new),
                 "new_same_type_prompt": m.get("new_hard"), "new_rarer_prompt": m.get("new_easy"),
@@ -311,7 +340,6 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                 "novelty_rejections": m.get("novelty_rejections"),
                 "filter_rejections": m.get("filter_rejections"),
                 "train_examples": metrics.get(k + 1, {}).get("train_examples"),
-                "train_replayed": metrics.get(k + 1, {}).get("train_replayed"),
             })
     return out
 
@@ -327,7 +355,7 @@ def trained_tasks(d: dict[str, Any]) -> Counter[str]:
 # --------------------------------------------------------------------------- scoring
 
 
-def evaluate(path: str | Path, items: list[Any], cache_file: Path | None) -> dict[str, Any]:
+def evaluate(s: Settings, path: str | Path, items: list[Any], cache_file: Path | None) -> dict[str, Any]:
     """Greedy exact match with the demo's settings; kept beside the run, so a resumed benchmark reuses it."""
     if cache_file is not None and cache_file.is_file():
         return json.loads(cache_file.read_text())
@@ -335,32 +363,68 @@ def evaluate(path: str | Path, items: list[Any], cache_file: Path | None) -> dic
 
     from lionkd.sandbox.student import evaluate_student
 
+    p = s.preset
     model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(path)
-    r = evaluate_student(model, tokenizer, items, batch_size=SMOLLM2.generation_batch,
-                         max_new_tokens=SMOLLM2.max_new_tokens, system_prompt=SMOLLM2.system_prompt)
+    r = evaluate_student(model, tokenizer, items, batch_size=p.generation_batch, max_new_tokens=p.max_new_tokens,
+                         system_prompt=p.system_prompt)
     result = {"overall": r["overall"], "by_domain": r["by_domain"], "by_task": r["by_task"]}
     if cache_file is not None:
         cache_file.write_text(json.dumps(result) + "\n")
     return result
 
 
-def columns_of(acc: dict[str, Any], rare: list[str]) -> dict[str, float]:
-    """Accuracy per domain, on the rare and the common task types (balanced test set: a plain mean), overall."""
-    common = [t for t in acc["by_task"] if t not in rare]
-    return ({d: acc["by_domain"][d] for d in DOMAINS}
-            | {"rare types": statistics.fmean(acc["by_task"][t] for t in rare),
-               "common types": statistics.fmean(acc["by_task"][t] for t in common),
-               "overall": acc["overall"]})
+def columns_of(acc: dict[str, Any], rare: list[str], shares: dict[str, float]) -> dict[str, float]:
+    """Per domain and over all types: balanced (every type counts alike, as in the balanced test set)
+    and seed-weighted (types weighted by their share of the seed pool, what a user's traffic looks
+    like); and the rare and the common types, balanced."""
+    by_task = acc["by_task"]
+
+    def balanced(types: list[str]) -> float:
+        return balanced_accuracy({t: by_task[t] for t in types}) if types else float("nan")
+
+    def weighted(types: list[str]) -> float:
+        mine = {t: shares[t] for t in types if shares.get(t, 0.0) > 0}
+        return weighted_accuracy(by_task, mine) if mine else float("nan")  # no seed of the domain: no traffic
+
+    out: dict[str, float] = {}
+    for d in DOMAINS:
+        types = [t for t in DOMAINS[d] if t in by_task]
+        out[d] = balanced(types)
+        out[f"{d} (seed-weighted)"] = weighted(types)
+    everything = list(by_task)
+    out["rare types"] = balanced([t for t in everything if t in rare])
+    out["common types"] = balanced([t for t in everything if t not in rare])
+    out["overall"] = balanced(everything)
+    out["overall (seed-weighted)"] = weighted(everything)
+    return out
 
 
-def mean_std(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+# two-sided 95% critical values of Student's t, by degrees of freedom (beyond 30: the normal's 1.96)
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 
 
-def fmt(stat: dict[str, float], signed: bool = False) -> str:
+def interval(values: list[float]) -> dict[str, Any]:
+    """Mean, sample std and the 95% t-interval of the mean (None with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "std": 0.0, "ci95": None, "per_seed": values}
+    std = statistics.stdev(values)
+    t = _T975[len(values) - 2] if len(values) - 1 <= len(_T975) else 1.96
+    half = t * std / math.sqrt(len(values))
+    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "per_seed": values}
+
+
+def fmt(stat: dict[str, Any], signed: bool = False) -> str:
     sign = "+" if signed else ""
-    return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
+    text = f"{stat['mean']:{sign}.3f}"
+    if stat.get("ci95"):
+        lo, hi = stat["ci95"]
+        text += f" [{lo:{sign}.3f}, {hi:{sign}.3f}]"
+    elif "std" in stat and signed is False:
+        text += f" ± {stat['std']:.3f}"
+    return text
 
 
 def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -371,35 +435,33 @@ def md_table(head: list[str], rows: list[list[str]]) -> list[str]:
 # --------------------------------------------------------------------------- main
 
 
-def run_seed(s: Settings, seed: int, items: list[Any], log: Callable[[str], None], reused: list[bool]
+def run_seed(s: Settings, seed: int, items: list[Any], work: Path, log: Callable[[str], None], reused: list[bool]
              ) -> dict[str, Any]:
-    seed_dir = WORK / s.key() / f"seed-{seed}"
-    prefix_dir = WORK / s.prefix_key() / f"seed-{seed}"  # the same folder unless this is a variant
+    seed_dir = work / s.key() / f"seed-{seed}"
     seed_dir.mkdir(parents=True, exist_ok=True)
-    prefix_dir.mkdir(parents=True, exist_ok=True)
-    seeds_file = prefix_dir / "seeds.jsonl"
+    seeds_file = seed_dir / "seeds.jsonl"
     if not seeds_file.is_file():  # written once: a resumed run must see the same seeds
         write_jsonl(seeds_file, long_tailed_pool(s, seed))
     pool_tasks = Counter(json.loads(line)["task"] for line in seeds_file.read_text().splitlines() if line)
     test_key = f"eval-test{s.test_per_task}-{TEST_SEED}.json"
     out: dict[str, Any] = {"seed_pool_tasks": dict(pool_tasks)}
-    for arm in s.loop_arms():
+    for arm in LOOP_ARMS:
         cfg = arm_config(s, seed, arm, seeds_file, seed_dir / arm)
         record = seed_dir / arm / "bench_seconds.json"
         reused.append(record.is_file())
         t0 = time.time()
-        summary = run_arm(cfg, arm, prefix_dir, first=arm == s.loop_arms()[0])
+        summary = run_arm(cfg, arm, seed_dir, first=arm == LOOP_ARMS[0])
         if not record.is_file():
             record.write_text(json.dumps({"seconds": round(time.time() - t0, 1)}) + "\n")
-        acc = evaluate(summary.final_student, items, seed_dir / arm / test_key)
+        acc = evaluate(s, summary.final_student, items, seed_dir / arm / test_key)
         out[arm] = {"accuracy": acc, "calls": calls(cfg.run_dir), "dynamics": dynamics(cfg),
                     "seconds": json.loads(record.read_text())["seconds"],
                     "prefix": json.loads((seed_dir / arm / "prefix.json").read_text())["copied_from"]
                     if (seed_dir / arm / "prefix.json").is_file() else None}
         log(f"seed {seed} {arm}: {acc['overall']:.3f} ({out[arm]['seconds']:.0f} s)")
     # imitation of the seed pool alone: iteration 1's student, the common start of every loop arm
-    first = arm_config(s, seed, s.loop_arms()[0], seeds_file, seed_dir / s.loop_arms()[0])
-    acc = evaluate(student_dir(first, 1), items, prefix_dir / f"imitation-{test_key}")
+    first = arm_config(s, seed, LOOP_ARMS[0], seeds_file, seed_dir / LOOP_ARMS[0])
+    acc = evaluate(s, student_dir(first, 1), items, seed_dir / f"imitation-{test_key}")
     with Store.open_existing(first.run_dir) as store:
         teacher_1 = sum(r["calls"] for r in store.usage() if r["role"] == "teacher" and r["iteration"] == 1)
     out["imitation"] = {"accuracy": acc, "calls": dict.fromkeys(CALL_ROLES, 0) | {"teacher": teacher_1}}
@@ -407,93 +469,25 @@ def run_seed(s: Settings, seed: int, items: list[Any], log: Callable[[str], None
     return out
 
 
-SHORT = {"self-instruct": "SI", "lion": "lion", "lion-learnable": "L"}
+def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any], rare: list[str]) -> dict[str, Any]:
+    def shares(r: dict[str, Any]) -> dict[str, float]:
+        return pool_shares({"task": t} for t, c in r["seed_pool_tasks"].items() for _ in range(c))
 
-
-def markdown(result: dict[str, Any], cols: list[str]) -> str:
-    s, runs, rare = result["settings"], result["runs"], result["rare_tasks"]
-    n, arms = len(runs), result["arm_names"]
-    gen_arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in arms]
-    rouge = s["rouge_l_max"]
-    lines = [
-        "# Lion vs self-instruct at equal teacher budget (SmolLM2-135M-Instruct, sandbox world)",
-        "",
-        f"Command: `{result['command']}`  ",
-        f"Wall time: {sum(i['wall_s'] for i in result['computing_invocations']) / 60:.1f} min in all ("
-        + ", ".join(f"{i['wall_s'] / 60:.1f} min from {i['started']} with --seeds {i['seeds']} "
-                    f"({i.get('seeds_done', i['seeds'])} done)"
-                    for i in result["computing_invocations"])
-        + f"; this invocation {result['wall_s'] / 60:.1f} min{', reusing finished runs' if result['reused'] else ''}); "
-        f"the loop arms took {result['arm_seconds_total'] / 60:.1f} min of it, on {result['machine']}  ",
-        f"Scale: {n} seeds, {s['iterations']} iterations + a last imitation, long-tailed seed pool of "
-        f"{s['seed_pool']} (task types Zipf 1/rank^{s['zipf']:g}; rare = {', '.join(rare)}), N = "
-        f"{s['new_per_iteration']} new instructions per iteration, {s['epochs']:g} epoch per iteration, full "
-        f"fine-tuning, lr {s['learning_rate']:g} constant, batch {SMOLLM2.batch_size}, max length "
-        f"{SMOLLM2.max_length}, bf16 autocast, replay 0.5, student answers <= {SMOLLM2.max_new_tokens} tokens, "
-        f"system prompt \"{SMOLLM2.system_prompt}\", tau {TAU:g}, hard:easy 1:1, novelty ROUGE-L <= {rouge:g}; "
-        f"test set {s['test_per_task']} held-out items per task type ({result['test_items']} items).",
-        "",
-        "Greedy exact-match accuracy of the final students, mean ± sample std over seeds; differences are "
-        "paired by seed (the same seed pool, test set and iteration-1 student).",
-        "",
-    ]
-    rows = []
-    for arm in arms:
-        rows.append([arm, *(fmt(result["arms"][arm][c]) for c in cols)])
-    for name, diff in result["differences"].items():
-        rows.append([name, *(fmt(diff[c], signed=True) for c in cols)])
-        rows.append(["  per seed", *(" ".join(f"{v:+.3f}" for v in diff[c]["per_seed"]) for c in cols)])
-    lines += md_table(["arm", *cols], rows)
-    lines += ["", "Model calls per arm, mean per seed (calls really sent; cached reuses are free; the student's "
-              "are its Cache Pool answers for the referee):", ""]
-    lines += md_table(["arm", *CALL_ROLES], [[arm, *(f"{result['calls'][arm][r]:.0f}" for r in CALL_ROLES)]
-                                             for arm in arms])
-    lines += ["", "Per task type, mean over seeds. *seed share*: of the seed pool; *hard*: share of the judged items "
-              "the referee called hard in iteration 1 (`lion`); *asked*: share of the generator's seeds (all calls, "
-              "both prompts); *novel*: share of the generator's replies of this type (all arms) that pass ROUGE-L "
-              f"<= {rouge:g} against the Cache Pool; *kept*: share of the new instructions trained on; accuracy of the final "
-              "students (SI = self-instruct, L = lion-learnable).", ""]
-    head = ["task", "seed share", "rare", "hard", *(f"asked {SHORT[a]}" for a in gen_arms), "novel",
-            *(f"kept {SHORT[a]}" for a in gen_arms), "acc imitation", *(f"acc {SHORT[a]}" for a in gen_arms)]
-    rows = []
-    for t, v in result["per_task"].items():
-        rows.append([t, f"{v['seed_share']:.3f}", "yes" if v["rare"] else "",
-                     "-" if v["referee_hard_it1"] is None else f"{v['referee_hard_it1']:.2f}",
-                     *(f"{v['asked'][a]:.3f}" for a in gen_arms),
-                     "-" if v["novel_vs_pool"] is None else f"{v['novel_vs_pool']:.2f}",
-                     *(f"{v['kept'][a]:.3f}" for a in gen_arms),
-                     *(f"{v['accuracy'][a]:.3f}" for a in ("imitation", *gen_arms))])
-    lines += md_table(head, rows)
-    lines += ["", "What the generation stage did, summed over iterations, mean per seed:", ""]
-    lines += md_table(["arm", "generator calls", "kept", "novelty rejections", "other filter rejections",
-                       "kept from same-type prompt", "kept from rarer prompt", "referee hard ratio by iteration"],
-                      result["generation"])
-    lines += ["", *result["notes"], ""]
-    return "\n".join(lines)
-
-
-def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any], rare: list[str]
-              ) -> dict[str, Any]:
-    cols = [*DOMAINS, "rare types", "common types", "overall"]
-    scores = {arm: [columns_of(base, rare) if arm == "base" else columns_of(r[arm]["accuracy"], rare)
-                    for r in runs.values()] for arm in s.arms()}
+    scores = {arm: [columns_of(base if arm == "base" else r[arm]["accuracy"], rare, shares(r)) for r in runs.values()]
+              for arm in ARMS}
+    cols = list(scores["base"][0])
     out: dict[str, Any] = {"columns": cols, "arms": {}, "differences": {}}
     for arm, per_seed in scores.items():
-        out["arms"][arm] = {c: mean_std([x[c] for x in per_seed]) for c in cols}
-    for a, b in s.pairs():
-        diffs = {c: [x[c] - y[c] for x, y in zip(scores[a], scores[b], strict=True)] for c in cols}
-        out["differences"][f"{a} - {b}"] = {c: mean_std(v) | {"per_seed": v} for c, v in diffs.items()}
+        out["arms"][arm] = {c: interval([x[c] for x in per_seed]) for c in cols}
+    for a, b in PAIRS:
+        out["differences"][f"{a} - {b}"] = {
+            c: interval([x[c] - y[c] for x, y in zip(scores[a], scores[b], strict=True)]) for c in cols}
     out["calls"] = {arm: dict.fromkeys(CALL_ROLES, 0.0) if arm == "base" else
                     {r: statistics.fmean(run[arm]["calls"][r] for run in runs.values()) for r in CALL_ROLES}
-                    for arm in s.arms()}
+                    for arm in ARMS}
 
     def m(get: Callable[[dict[str, Any]], float]) -> float:
         return statistics.fmean(get(r) for r in runs.values())
-
-    gen_arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in s.arms()]
-
-    def share_of(counts: dict[str, int], t: str) -> float:
-        return counts.get(t, 0) / max(1, sum(counts.values()))
 
     def summed(r: dict[str, Any], arm: str, key: str) -> Counter[str]:
         total: Counter[str] = Counter()
@@ -505,104 +499,180 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
     for t in TASKS:
         hard = [r["lion"]["dynamics"]["iterations"][0]["hard_share_by_task"].get(t) for r in runs.values()]
         hard = [h for h in hard if h is not None]
-        replies = sum(summed(r, a, "reply_tasks")[t] for r in runs.values() for a in gen_arms)
-        novel = sum(summed(r, a, "reply_novel_vs_pool")[t] for r in runs.values() for a in gen_arms)
-        per_task[t] = {
-            "seed_share": m(lambda r, t=t: share_of(r["seed_pool_tasks"], t)),
-            "rare": t in rare,
-            "referee_hard_it1": statistics.fmean(hard) if hard else None,  # lion's iteration 1
-            "asked": {a: m(lambda r, a=a, t=t: share_of(summed(r, a, "asked_seed_tasks"), t)) for a in gen_arms},
-            "replies": replies,
-            "novel_vs_pool": novel / replies if replies else None,
-            "kept": {a: m(lambda r, a=a, t=t: share_of(trained_tasks(r[a]["dynamics"]), t)) for a in gen_arms},
-            "accuracy": {a: m(lambda r, a=a, t=t: r[a]["accuracy"]["by_task"][t]) for a in ("imitation", *gen_arms)},
-        }
+        row: dict[str, Any] = {"seed_share": m(lambda r, t=t: shares(r).get(t, 0.0)), "rare": t in rare,
+                               "referee_hard_it1": statistics.fmean(hard) if hard else None}
+        for a in GEN_ARMS:
+            replies = sum(summed(r, a, "reply_tasks")[t] for r in runs.values())
+            row[a] = {
+                "asked": m(lambda r, a=a, t=t: summed(r, a, "asked_seed_tasks")[t]),  # generator calls per seed
+                "replies": m(lambda r, a=a, t=t: summed(r, a, "reply_tasks")[t]),
+                "passed_novelty": sum(summed(r, a, "reply_novel_vs_pool")[t] for r in runs.values()) / replies
+                if replies else None,
+                "kept": m(lambda r, a=a, t=t: trained_tasks(r[a]["dynamics"])[t]),
+            }
+        row["accuracy"] = {a: m(lambda r, a=a, t=t: r[a]["accuracy"]["by_task"][t]) for a in ("imitation", *GEN_ARMS)}
+        per_task[t] = row
     out["per_task"] = per_task
-    hard_counts = Counter()
-    for r in runs.values():
-        it = r["lion"]["dynamics"]["iterations"][0]
-        hard_counts.update({t: it["judged_by_task"][t] * h for t, h in it["hard_share_by_task"].items()})
-    out["rare_share_of_hard"] = sum(hard_counts[t] for t in rare) / max(1, sum(hard_counts.values()))
     generation = []
-    for arm in gen_arms:
+    for arm in GEN_ARMS:
         def tot(key: str, arm: str = arm) -> float:
-            return statistics.fmean(sum((it[key] or 0) for it in r[arm]["dynamics"]["iterations"])
-                                    for r in runs.values())
+            return statistics.fmean(sum((it[key] or 0) for it in r[arm]["dynamics"]["iterations"]) for r in runs.values())
 
         def other(r: dict[str, Any], arm: str = arm) -> float:
             return sum(sum((it["filter_rejections"] or {}).values()) for it in r[arm]["dynamics"]["iterations"])
-        ratios = [" / ".join(f"{it['hard_ratio']:.2f}" for it in r[arm]["dynamics"]["iterations"]
-                             if it["hard_ratio"] is not None) for r in runs.values()]
+
+        def per_iteration(key: str, arm: str = arm) -> str:
+            return "; ".join(" / ".join("-" if it[key] is None else f"{it[key]:.2f}" for it in r[arm]["dynamics"]["iterations"])
+                             for r in runs.values())
         generation.append([arm, f"{tot('generator_calls'):.0f}", f"{tot('new'):.0f}", f"{tot('novelty_rejections'):.0f}",
                            f"{m(other):.0f}", f"{tot('new_same_type_prompt'):.0f}", f"{tot('new_rarer_prompt'):.0f}",
-                           "; ".join(x for x in ratios if x) or "- (no referee)"])
+                           per_iteration("hard_ratio") if arm != "self-instruct" else "- (no referee)",
+                           per_iteration("hard_fraction")])
     out["generation"] = generation
     return out
 
 
-def notes(s: Settings, summary: dict[str, Any], rare: list[str]) -> list[str]:
-    """What the figures say, read off them (no stored numbers): the gaps, and where Lion's targeting went."""
-    d, per_task = summary["differences"], summary["per_task"]
+def budget_line(s: Settings, summary: dict[str, Any]) -> str:
+    planned = s.seed_pool + s.new_per_iteration * s.iterations
+    spent = ", ".join(f"{arm} {summary['calls'][arm]['teacher']:.0f}" for arm in GEN_ARMS)
+    return (f"Teacher budget per loop arm: the seed pool plus N new instructions per iteration, {s.seed_pool} + "
+            f"{s.iterations} x {s.new_per_iteration} = {planned} answers (spent, mean per seed: {spent}; an arm whose "
+            f"filters kept fewer than N spends less); imitation spends the seed pool's {s.seed_pool}. Referee calls "
+            "and the student's Cache Pool answers, which only the Lion arms make, are counted beside it below.")
+
+
+def notes(summary: dict[str, Any]) -> list[str]:
+    """What the figures say, read off them: each paired difference and whether its interval clears zero."""
+    d = summary["differences"]
     out = []
-    for name in ("lion - self-instruct", "lion-learnable - self-instruct", "self-instruct - imitation"):
-        if name not in d:
-            continue
-        o = d[name]["overall"]
-        wins = sum(v > 0 for v in o["per_seed"])
-        out.append(f"- `{name}`: {fmt(o, signed=True)} overall, positive in {wins} of {len(o['per_seed'])} seeds; "
-                   f"rare types {fmt(d[name]['rare types'], signed=True)}, common types "
-                   f"{fmt(d[name]['common types'], signed=True)}.")
-    judged = {t: v["referee_hard_it1"] for t, v in per_task.items() if v["referee_hard_it1"] is not None}
-    hardest = sorted(judged, key=lambda t: -judged[t])[: max(1, len(judged) // 3)]
-    blocked = sorted((t for t, v in per_task.items() if v["novel_vs_pool"] is not None and v["novel_vs_pool"] < 0.1),
-                     key=lambda t: per_task[t]["novel_vs_pool"])
-    out.append("- What the referee called hard (share of judged items in iteration 1, `lion`), the hardest third: "
-               + ", ".join(f"{t} {judged[t]:.2f}" for t in hardest) + "; of `lion`'s iteration-1 hard set, "
-               f"{summary['rare_share_of_hard']:.2f} came from the rare types, which are "
-               f"{sum(per_task[t]['seed_share'] for t in rare):.2f} of the seed pool: in a long-tailed pool most hard "
-               "items are still common types.")
-    if blocked:
-        out.append("- What the novelty filter removed: of the generator's replies of " + ", ".join(
-            f"{t} ({per_task[t]['novel_vs_pool']:.2f})" for t in blocked) + f" under 10% pass ROUGE-L <= {s.rouge_l_max:g} "
-            "against the Cache Pool (the world's instructions of these types are short templates that differ in one "
-            "or two tokens), so the arms add (almost) none of them; of the referee's hardest third, "
-            f"{', '.join(t for t in hardest if t in blocked) or 'none'} are among them. Every arm's new "
-            "instructions come from the remaining types.")
-
-    def rare_share(arm: str, key: str) -> float:
-        return sum(per_task[t][key][arm] for t in rare)
-
-    arms = [a for a in ("self-instruct", "lion", "lion-learnable") if a in s.arms()]
-    out.append("- Where the generator's seeds went: the rare types got "
-               + ", ".join(f"{rare_share(a, 'asked'):.2f} ({a})" for a in arms) + " of the seeds asked and "
-               + ", ".join(f"{rare_share(a, 'kept'):.2f} ({a})" for a in arms) + " of the instructions kept. Half "
-               "of every arm's seeds use the rarer-task prompt, and Lion draws those from its easy set.")
+    for name in ("ours - self-instruct", "ours - lion", "lion - self-instruct", "self-instruct - imitation"):
+        for col in ("overall", "overall (seed-weighted)", "rare types"):
+            o = d[name][col]
+            wins = sum(v > 0 for v in o["per_seed"])
+            verdict = ("one seed: no interval" if o["ci95"] is None else "the 95% interval is above zero"
+                       if o["ci95"][0] > 0 else "the 95% interval is below zero" if o["ci95"][1] < 0
+                       else "the 95% interval holds zero")
+            out.append(f"- `{name}`, {col}: {o['mean']:+.3f}, positive in {wins} of {len(o['per_seed'])} seeds; "
+                       f"{verdict}.")
     return out
 
 
-def parse_args(argv: list[str] | None) -> Settings:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int)
-    p.add_argument("--iterations", type=int)
-    p.add_argument("--seed-pool", type=int)
-    p.add_argument("--new", type=int, dest="new_per_iteration")
+def markdown(result: dict[str, Any]) -> str:
+    s, runs, rare, summary = result["settings"], result["runs"], result["rare_tasks"], result
+    cols = summary["columns"]
+    shown = [c for c in cols if "(seed-weighted)" not in c or c == "overall (seed-weighted)"]
+    lines = [
+        f"# Lion vs self-instruct at equal teacher budget ({result['student']}, sandbox world)",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"Wall time: {sum(i['wall_s'] for i in result['computing_invocations']) / 60:.1f} min in all ("
+        + ", ".join(f"{i['wall_s'] / 60:.1f} min from {i['started']} with --seeds {i['seeds']} "
+                    f"({i.get('seeds_done', i['seeds'])} done)" for i in result["computing_invocations"])
+        + f"; this invocation {result['wall_s'] / 60:.1f} min{', reusing finished runs' if result['reused'] else ''}); "
+        f"the loop arms took {result['arm_seconds_total'] / 60:.1f} min of it, on {result['machine']}  ",
+        f"Scale: {len(runs)} seed(s), {s['iterations']} iteration(s) + a last imitation, long-tailed seed pool of "
+        f"{s['seed_pool']} (task types Zipf 1/rank^{s['zipf']:g}; rare = {', '.join(rare)}), N = "
+        f"{s['new_per_iteration']} new instructions per iteration, {s['epochs']:g} epoch(s) per iteration, lr "
+        f"{s['learning_rate']:g} constant, max length {MAX_LENGTH}, replay 0.5, tau {TAU:g}; `lion` hard:easy 1:1, ROUGE-L <= 0.7; `ours` "
+        + ", ".join(f"`lion.{k}: {v}`" for k, v in OURS.items())
+        + f"; test set {s['test_per_task']} held-out items per task type ({result['test_items']} items).",
+        "",
+        result["budget"],
+        "",
+        "Greedy exact-match accuracy of the final students: mean over seeds [95% t-interval of the mean]. Domain "
+        "and overall columns are balanced over task types; *seed-weighted* weights the types by their share of "
+        "the seed pool.",
+        "",
+    ]
+    rows = [[arm, *(fmt(summary["arms"][arm][c]) for c in shown)] for arm in result["arm_names"]]
+    lines += md_table(["arm", *shown], rows)
+    lines += ["", "Paired differences (same seed pool, test set and iteration-1 student per seed): mean "
+              "[95% t-interval], then per seed.", ""]
+    rows = []
+    for name, diff in summary["differences"].items():
+        rows.append([name, *(fmt(diff[c], signed=True) for c in shown)])
+        rows.append(["  per seed", *(" ".join(f"{v:+.3f}" for v in diff[c]["per_seed"]) for c in shown)])
+    lines += md_table(["difference", *shown], rows)
+    weighted = [c for c in cols if c.endswith("(seed-weighted)")]
+    lines += ["", "Seed-weighted, per domain (paired differences):", ""]
+    lines += md_table(["difference", *weighted], [[name, *(fmt(diff[c], signed=True) for c in weighted)]
+                                                  for name, diff in summary["differences"].items()])
+    lines += ["", "Model calls per arm, mean per seed (calls really sent; cached reuses are free; the student's "
+              "are its Cache Pool answers for the referee):", ""]
+    lines += md_table(["arm", *CALL_ROLES], [[arm, *(f"{summary['calls'][arm][r]:.0f}" for r in CALL_ROLES)]
+                                             for arm in result["arm_names"]])
+    lines += ["", "Per task type, per arm, mean per seed over all iterations: *asked* generator calls whose seed "
+              "is of this type; *passed* the share of the generator's replies of this type that pass the arm's "
+              "own novelty rule against the Cache Pool; *kept* new instructions of this type trained on. *hard*: "
+              "the share the referee called hard in iteration 1 (`lion`). Accuracy of the final students.", ""]
+    head = ["task", "seed share", "rare", "hard"]
+    for a in GEN_ARMS:
+        head += [f"asked {a}", f"passed {a}", f"kept {a}"]
+    head += [f"acc {a}" for a in ("imitation", *GEN_ARMS)]
+    rows = []
+    for t, v in summary["per_task"].items():
+        row = [t, f"{v['seed_share']:.3f}", "yes" if v["rare"] else "",
+               "-" if v["referee_hard_it1"] is None else f"{v['referee_hard_it1']:.2f}"]
+        for a in GEN_ARMS:
+            passed = v[a]["passed_novelty"]
+            row += [f"{v[a]['asked']:.1f}", "-" if passed is None else f"{passed:.2f}", f"{v[a]['kept']:.1f}"]
+        row += [f"{v['accuracy'][a]:.3f}" for a in ("imitation", *GEN_ARMS)]
+        rows.append(row)
+    lines += md_table(head, rows)
+    lines += ["", "What the generation stage did, summed over iterations, mean per seed (hard ratio: the share "
+              "of the Cache Pool the referee called hard; hard share aimed at: of the seeds, per iteration, per "
+              "seed):", ""]
+    lines += md_table(["arm", "generator calls", "kept", "novelty rejections", "other filter rejections",
+                       "kept from same-type prompt", "kept from rarer prompt", "referee hard ratio",
+                       "hard share aimed at"], summary["generation"])
+    lines += ["", *result["notes"], ""]
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise BadOption(message)
+
+
+def parse_args(argv: list[str] | None) -> tuple[Settings, Path, Path]:
+    p = _Parser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, help="seeds (paired runs of every arm); default 5")
+    p.add_argument("--iterations", type=int, help="Lion iterations; default 3, the paper's")
+    p.add_argument("--seed-pool", type=int, help="seed instructions per seed")
+    p.add_argument("--new", type=int, dest="new_per_iteration", help="N, new instructions per iteration")
     p.add_argument("--epochs", type=float)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--zipf", type=float, help="the seed pool's long tail: type share ~ 1 / rank**zipf")
     p.add_argument("--test-per-task", type=int)
-    p.add_argument("--rouge-l-max", type=float, help="a looser novelty filter (a variant: results in "
-                   "lion_vs_self_instruct_rouge<X>.*, the seed pools and iteration-1 prefixes shared)")
-    p.add_argument("--no-learnable", dest="learnable", action="store_false", default=None,
-                   help="leave out the lion-learnable arm")
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    return Settings(**(asdict(Settings()) | args))
+    p.add_argument("--student", choices=sorted(STUDENTS), help="smollm2 (the real student, default) or tiny "
+                   "(the shipped sandbox student, to check the benchmark itself in a minute or two)")
+    p.add_argument("--work", type=Path, default=WORK, help="where the runs live")
+    p.add_argument("--out", type=Path, default=RESULTS, help="where the results go")
+    args = vars(p.parse_args(argv))
+    work, out = args.pop("work"), args.pop("out")
+    chosen = {k: v for k, v in args.items() if v is not None}
+    defaults = asdict(Settings())
+    if chosen.get("student") == "tiny":  # the tiny student's own training settings, unless given
+        defaults |= {"epochs": TINY.train_epochs, "learning_rate": TINY.learning_rate}
+    s = Settings(**(defaults | chosen))
+    check(s)
+    return s, work, out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    try:
+        s, work, out_dir = parse_args(argv)
+    except BadOption as exc:
+        print(f"lion_vs_self_instruct: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    import torch
     from rich.console import Console
     from transformers.utils import logging as hf_logging
 
-    s = parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if s.preset.threads:
+        torch.set_num_threads(s.preset.threads)
     console = Console(stderr=True)
 
     def log(msg: str) -> None:
@@ -611,51 +681,53 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started = time.time()
     items = test_set(per_task=s.test_per_task, seed=TEST_SEED)
     rare = rare_tasks(s)
-    (WORK / s.key()).mkdir(parents=True, exist_ok=True)
-    base = evaluate(resolve_model_path(REAL_STUDENT), items,
-                    WORK / s.key() / f"base-eval-test{s.test_per_task}-{TEST_SEED}.json")
+    (work / s.key()).mkdir(parents=True, exist_ok=True)
+    base = evaluate(s, resolve_model_path(s.preset.model), items,
+                    work / s.key() / f"base-eval-test{s.test_per_task}-{TEST_SEED}.json")
     log(f"base: {base['overall']:.3f}")
     # The wall time of every invocation that computed something, written after each seed, so that an
     # interrupted one still counts and a re-report of finished runs still says what the whole took.
-    ledger = WORK / s.key() / "invocations.json"
+    ledger = work / s.key() / "invocations.json"
     invocations = json.loads(ledger.read_text()) if ledger.is_file() else []
     mine = {"started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started)), "seeds": s.seeds}
     reused: list[bool] = []
     runs = {}
     for seed in range(s.seeds):
-        runs[seed] = run_seed(s, seed, items, log, reused)
+        runs[seed] = run_seed(s, seed, items, work, log, reused)
         if not all(reused):
             mine |= {"seeds_done": seed + 1, "wall_s": round(time.time() - started, 1)}
             ledger.write_text(json.dumps([*invocations, mine], indent=2) + "\n")
     if not all(reused):
         invocations.append(mine)
     summary = summarise(s, runs, base, rare)
-    seconds = [r[arm]["seconds"] for r in runs.values() for arm in s.loop_arms()]
+    seconds = [r[arm]["seconds"] for r in runs.values() for arm in LOOP_ARMS]
     result = {
-        "benchmark": "lion_vs_self_instruct",
-        "command": "python " + " ".join(shlex.quote(a) for a in ["benchmarks/lion_vs_self_instruct.py",
+        "benchmark": NAME,
+        "command": "python " + " ".join(shlex.quote(a) for a in [f"benchmarks/{NAME}.py",
                                                                   *(sys.argv[1:] if argv is None else argv)]),
         "wall_s": round(time.time() - started, 1),
         "arm_seconds_total": round(sum(seconds), 1),
         "reused": any(reused),
         "computing_invocations": invocations,
-        "machine": "CPU (2 cores), torch default threads",
-        "student": REAL_STUDENT,
+        "machine": f"CPU ({torch.get_num_threads()} threads)",
+        "student": s.preset.model,
         "settings": asdict(s),
-        "arm_names": list(s.arms()),
+        "arm_names": list(ARMS),
+        "ours": OURS,
         "task_shares": task_shares(s),
         "rare_tasks": rare,
         "test_items": len(items),
         "test_set": {"per_task": s.test_per_task, "seed": TEST_SEED},
         "base": base,
         **summary,
-        "notes": notes(s, summary, rare),
+        "budget": budget_line(s, summary),
+        "notes": notes(summary),
         "runs": runs,
     }
-    md = markdown(result, summary["columns"])
+    md = markdown(result)
     print(md)
     log(f"wall time {result['wall_s'] / 60:.1f} min")
-    write_results(s.results_name(), result, md)
+    write_results(NAME, result, md, path=out_dir / f"{NAME}.json")
     return result
 
 

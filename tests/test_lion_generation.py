@@ -53,7 +53,7 @@ def test_learnable_weights_favour_partly_learned_groups() -> None:
             judged.append(ins)
             js[ins.id] = _judgement(ins.id, 9, 9 if k < wins else 2)
     seeds = [Instruction(text=f"{t} seed", task=t) for t in ("mastered", "hopeless", "halfway")]
-    w = learnable_weights(seeds, judged, js, tau=1.0)
+    w = learnable_weights(seeds, judged, js, tau=1.0, group_of=lambda ins: ins.task)
     assert w[2] > w[0] and w[2] > w[1] and abs(w[0] - w[1]) < 1e-12
     draws = random.Random(0).choices(range(3), weights=w, k=3000)
     assert draws.count(2) > 1.5 * draws.count(0)
@@ -68,6 +68,30 @@ def test_filters() -> None:
     assert reject_reason("- Sort these numbers: 3, 1, 2.", "stop", 4) == "starts_with_punctuation"
     assert reject_reason("Here it is [Seed instruction] sort the list", "stop", 4) == "prompt_echo"
     assert reject_reason("Écris un poème sur la mer", "stop", 4) is None
+    # a reply about the prompt's task is not a task; a request that mentions instructions is
+    for about in ("Here is a new task: sort the numbers 3, 1, 2.", "Rewrite the instruction above with new numbers.",
+                  "This task asks you to reverse a word.", "The new instruction: add 4 and 5 together."):
+        assert reject_reason(about, "stop", 4) == "about_the_task", about
+    assert reject_reason("Write instructions for assembling a shelf from a kit.", "stop", 4) is None
+    assert reject_reason("Your task is to classify the review as positive or negative.", "stop", 4) is None
+    assert reject_reason("Here is a small task. Reverse the word apple.", "stop", 4) is None
+    assert reject_reason("Sure, here it is: reverse the word apple.", "stop", 4) == "about_the_task"
+
+
+def test_sandbox_instructions_are_never_taken_for_talk_about_the_task() -> None:
+    from lionkd.sandbox import seed_pool
+
+    texts = [r["instruction"] for r in seed_pool(2000, seed=3)]
+    assert [t for t in texts if reject_reason(t, "stop", 1) == "about_the_task"] == []
+
+
+def test_prompts_ask_for_similar_length_and_difficulty_and_see_the_instruction_only() -> None:
+    from lionkd.lion.prompts import GENERATOR_EASY, GENERATOR_HARD
+
+    for template in (GENERATOR_HARD, GENERATOR_EASY):
+        flat = " ".join(template.split())
+        assert "about as long and about as difficult as the example" in flat
+    assert "rarer" in GENERATOR_EASY and "rarer" not in GENERATOR_HARD
 
 
 def test_dry_run_plan(tmp_path: Path) -> None:
@@ -207,6 +231,22 @@ def test_novelty_compares_instruction_text_not_its_input(tmp_path: Path) -> None
                           [seed.id], [other.id], new_per_iteration=2, generation_rounds=1)
     assert out.novelty_rejections == 1 and out.kept["hard"] == 0
     assert all(ins.text != seed.text for ins in out.new)
+
+
+def test_generator_sees_the_instruction_text_only(tmp_path: Path) -> None:
+    seed = Instruction(text="Summarize the following article in three sentences.",
+                       input="The river flooded the town twice this spring.", domain="d")
+    seen: list[str] = []
+
+    class Recording(PickyGenerator):
+        async def stream(self, requests, iteration=None):
+            seen.extend(req.messages[-1][1] for req in requests)
+            async for item in super().stream(requests, iteration):
+                yield item
+
+    _run_generation(tmp_path, Recording(hard_failure=0.0), [seed], [seed.id], [], new_per_iteration=1,
+                    generation_rounds=1)
+    assert seen and all(seed.text in p and "river flooded" not in p for p in seen)
 
 
 def test_student_answers_as_long_as_the_teacher_and_cut_answers_are_counted(tmp_path: Path) -> None:

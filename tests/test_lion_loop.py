@@ -177,6 +177,29 @@ def test_uniform_selection_is_self_instruct(tmp_path: Path, student_dir: Path,
     assert (tmp_path / "run" / "students" / "iter-3" / "config.json").is_file()
 
 
+def test_our_lion_from_instruction_text_alone(tmp_path: Path, student_dir: Path,
+                                              world_server: tuple[str, list]) -> None:
+    """Progress-weighted hard seeds, the adaptive split and group novelty, with seeds that carry no task
+    type (as real data): groups come from the text, and iteration 2 draws on what iteration 1 measured."""
+    base_url, _ = world_server
+    path = write_config(tmp_path, base_url, student_dir, iterations=2)
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("\n".join(json.dumps({"instruction": json.loads(line)["instruction"]})
+                               for line in seeds.read_text().splitlines()), encoding="utf-8")
+    cfg = load_config(path)
+    ours = {"seed_weighting": "progress", "hard_easy_ratio": "adaptive", "novelty_scope": "group",
+            "grouping": "auto", "clusters": 4}
+    cfg = cfg.model_copy(update={"lion": cfg.lion.model_copy(update=ours)})
+    run_lion(cfg, progress=False)
+    with Store.open_existing(tmp_path / "run") as store:
+        assert all(ins.task is None for ins in store.instructions())
+        metrics = store.metrics()
+        assert metrics[1]["hard_fraction"] == 0.5 and metrics[1]["groups"] == 4  # nothing measured yet: 1:1
+        assert 0.2 <= metrics[2]["hard_fraction"] <= 0.8 and metrics[2]["groups"] == 4
+        assert 0 < len(store.pool(3, "train")) <= NEW
+    assert (tmp_path / "run" / "students" / "iter-3" / "config.json").is_file()
+
+
 def _progress(store_path: Path) -> int:
     """How many records the run has written (read from outside, while it runs)."""
     if not store_path.is_file():

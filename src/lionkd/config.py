@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import read_utf8
 from .errors import UserError
@@ -250,14 +250,30 @@ class LionConfig(Strict):
     seed_pool_size: int = Field(1000, ge=2, description="instructions drawn from the sandbox world when seed_pool is null")
     iterations: int = Field(3, ge=1)
     new_per_iteration: int = Field(6000, ge=1)
-    hard_easy_ratio: str = "1:1"
+    hard_easy_ratio: str = Field(
+        "1:1", description="'hard:easy' seeds per iteration (the paper's 1:1), or 'adaptive': a bandit over "
+        "(group, prompt) moves the split and the seeds toward where the last iteration's new data closed the most gap")
     # The referee scores 0-10, so a gap is at most 10: a larger tau makes nothing hard, tau <= 0 makes a
     # tie hard, and NaN compares false with everything.
     tau: float = Field(1.0, gt=0, le=10, allow_inf_nan=False,
                        description="hard when teacher score - student score >= tau (scores 0-10)")
     rouge_l_max: float = Field(0.7, gt=0, le=1)
     novelty_tokenizer: Literal["rouge", "unicode"] = "rouge"
-    seed_weighting: Literal["uniform", "learnable"] = "uniform"
+    seed_weighting: Literal["uniform", "learnable", "progress"] = Field(
+        "uniform", description="how seeds are drawn within the hard and the easy set: uniform (the paper); learnable "
+        "(groups the student has partly learned, acc x (1 - acc)); progress (hard seeds in proportion to how much "
+        "the referee's gap on their group shrank since the last iteration: the learnable hard band)")
+    novelty_scope: Literal["pool", "group"] = Field(
+        "pool", description="pool: ROUGE-L <= rouge_l_max against every known instruction (the paper); group: the "
+        "threshold of a new instruction's group is how close its own members are to each other (their median "
+        "nearest-neighbour ROUGE-L), at least rouge_l_max and at most near_copy_rouge_l")
+    near_copy_rouge_l: float = Field(0.9, gt=0, le=1, allow_inf_nan=False,
+                                     description="novelty_scope group: closer than this is a near-copy, always rejected")
+    grouping: Literal["auto", "task", "text"] = Field(
+        "auto", description="what a group of instructions is, for the options above: task (the seeds' task labels; "
+        "a generated instruction joins the closest label by its words), text (clusters of the instructions' "
+        "words: real data has no labels), auto (task when every seed has a label, else text)")
+    clusters: int = Field(0, ge=0, le=10000, description="grouping text: number of clusters (0: sqrt of the Cache Pool)")
     selection: Literal["referee", "uniform"] = Field(
         "referee", description="how generation seeds are chosen: referee (Lion: teacher and student answer the "
         "Cache Pool, the referee splits it into hard and easy) or uniform (self-instruct, as Alpaca: no "
@@ -273,17 +289,29 @@ class LionConfig(Strict):
     @field_validator("hard_easy_ratio")
     @classmethod
     def _ratio(cls, v: str) -> str:
+        if v == "adaptive":
+            return v
         parts = v.split(":")
         try:
             hard, easy = (float(p) for p in parts)
         except ValueError:
-            raise ValueError("must look like 'hard:easy', e.g. '1:1'") from None
+            raise ValueError("must look like 'hard:easy', e.g. '1:1', or be 'adaptive'") from None
         if hard < 0 or easy < 0 or hard + easy == 0:
             raise ValueError("both sides must be >= 0 and not both 0")
         return v
 
+    @model_validator(mode="after")
+    def _near_copy_above_threshold(self) -> LionConfig:
+        if self.near_copy_rouge_l < self.rouge_l_max:
+            raise ValueError(f"near_copy_rouge_l ({self.near_copy_rouge_l:g}) must be at least rouge_l_max "
+                             f"({self.rouge_l_max:g})")
+        return self
+
     @property
     def hard_fraction(self) -> float:
+        """The configured share of hard seeds ('adaptive' starts at 1:1)."""
+        if self.hard_easy_ratio == "adaptive":
+            return 0.5
         hard, easy = (float(p) for p in self.hard_easy_ratio.split(":"))
         return hard / (hard + easy)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,10 +25,23 @@ from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, content_id
 from ..store import Store
 from .calls import CallsFailed, run_async
-from .novelty import NoveltyFilter, rouge_tokens
+from .groups import Grouping
+from .novelty import NoveltyFilter
 from .prompts import PROMPT_MARKERS, LionPrompts
+from .targeting import Bandit, Group, gap_progress, group_thresholds, progress_weights
 
 _QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
+# A reply that talks about the prompt's task instead of being a new one ("Here is a new task: ...",
+# "Rewrite the instruction above ...", "This task asks ...", "Sure, ..."). The authors drop every
+# reply holding the word "instruction"; this keeps real requests that mention instructions ("Write
+# instructions for assembling a shelf") or frame themselves as a task ("Here is a small task. ...",
+# "Your task is to ..."), and catches talk about "the task" as well.
+_ABOUT_THE_TASK = re.compile(
+    r"\b(?:the|this|that|above|given|example|seed|original|previous|same|new|following)\s+"
+    r"(?:(?:example|seed|original|new|given)\s+)?(?:instruction|task|prompt)s?\b"
+    r"|^(?:sure|certainly|of\s+course)\b[,.!]|^new\s+(?:task|instruction)\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass
@@ -41,6 +55,8 @@ class GenerationOutcome:
     target: Counter[str] = field(default_factory=Counter)  # by mode: what each side should keep
     kept: Counter[str] = field(default_factory=Counter)  # by mode
     surplus: int = 0  # passed the filters after their side was full: not compared, not kept
+    hard_fraction: float = 0.5  # the share of hard seeds aimed at (fixed, or the bandit's)
+    groups: int | None = None  # groups of instructions the seed choice worked with, if any
 
 
 # --------------------------------------------------------------------------- seeds
@@ -70,17 +86,8 @@ def draw_seeds(ids: Sequence[str], k: int, rng: random.Random, weights: Sequence
     return out[:k]
 
 
-def group_of(ins: Instruction) -> str:
-    """What counts as "similar instructions": the task type, else the domain, else the opening words."""
-    if ins.task:
-        return f"task:{ins.task}"
-    if ins.domain:
-        return f"domain:{ins.domain}"
-    return "start:" + " ".join(rouge_tokens(ins.text)[:2])
-
-
 def learnable_weights(seeds: Sequence[Instruction], judged: Sequence[Instruction], judgements: dict[str, Judgement],
-                      tau: float) -> list[float]:
+                      tau: float, group_of: Group) -> list[float]:
     """Weight acc * (1 - acc) per seed, acc = the student's success rate on the seed's group.
 
     Groups the student has mastered or cannot learn yet get little weight; partly learned ones the
@@ -122,6 +129,8 @@ def reject_reason(text: str, finish_reason: str, min_words: int) -> str | None:
         return "prompt_echo"
     if not text[0].isalnum():
         return "starts_with_punctuation"
+    if _ABOUT_THE_TASK.search(text):
+        return "about_the_task"
     if len(text.split()) < min_words:
         return "too_short"
     return None
@@ -171,14 +180,13 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
     novelty = NoveltyFilter([ins.text for ins in cache], threshold=lion.rouge_l_max,
                             tokenizer=lion.novelty_tokenizer)
     pools = {"hard": hard, "easy": easy}
-    weights: dict[str, list[float] | None] = {"hard": None, "easy": None}
-    if lion.seed_weighting == "learnable":
-        for mode, ids in pools.items():
-            weights[mode] = learnable_weights([by_id[i] for i in ids], cache, judgements, lion.tau)
-    target = dict(zip(("hard", "easy"), seed_counts(lion.new_per_iteration, lion.hard_fraction, bool(hard), bool(easy)),
-                      strict=True))
+    choice = SeedChoice.measure(cfg, store, iteration, cache, pools, judgements)
+    target = dict(zip(("hard", "easy"), seed_counts(lion.new_per_iteration, choice.hard_fraction, bool(hard),
+                                                    bool(easy)), strict=True))
     params = request_defaults(cfg.generator)
-    out = GenerationOutcome(target=Counter(target))
+    out = GenerationOutcome(target=Counter(target), hard_fraction=choice.hard_fraction,
+                            groups=len(choice.grouping.names) if choice.grouping else None)
+    weights = choice.weights
     for round_ in range(lion.generation_rounds):
         asks = {mode: _seeds_to_ask(out, mode, target[mode], lion.generation_rounds) for mode in pools}
         if not any(asks.values()):
@@ -191,7 +199,9 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
         out.asked += len(seeds)
         out.seeds.update(mode for _, mode in seeds)
         requests = [
-            GenRequest.chat(prompts.generator_messages(by_id[i].prompt, mode),
+            # the instruction text alone, as the authors send it: an Alpaca input is data for one
+            # task, not part of the kind of task the generator should vary
+            GenRequest.chat(prompts.generator_messages(by_id[i].text, mode),
                             **(params | {"seed": slot_seed(cfg.seed, cfg.generator.seed, iteration, round_, slot)}))
             for slot, (i, mode) in enumerate(seeds)
         ]
@@ -210,8 +220,61 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
                 parent_id=seed_id, mode=mode, iteration=iteration, meta={"round": round_},
             ))
         for mode in pools:
-            _keep_novel(out, novelty, known, candidates[mode], target[mode] - out.kept[mode])
+            _keep_novel(out, novelty, known, candidates[mode], target[mode] - out.kept[mode], choice.threshold)
     return out
+
+
+@dataclass
+class SeedChoice:
+    """How this iteration draws its seeds and judges novelty: the paper's way, or from what was measured
+    (see `lionkd.lion.targeting`)."""
+
+    hard_fraction: float
+    weights: dict[str, list[float] | None]
+    grouping: Grouping | None = None
+    thresholds: dict[str, float] | None = None  # per group (novelty_scope: group)
+    floor: float = 0.7
+
+    @classmethod
+    def measure(cls, cfg: RunConfig, store: Store, iteration: int, cache: Sequence[Instruction],
+                pools: dict[str, Sequence[str]], judgements: dict[str, Judgement]) -> SeedChoice:
+        lion = cfg.lion
+        by_id = {ins.id: ins for ins in cache}
+        seeds = {mode: [by_id[i] for i in ids] for mode, ids in pools.items()}
+        choice = cls(lion.hard_fraction, {"hard": None, "easy": None}, floor=lion.rouge_l_max)
+        adaptive = lion.hard_easy_ratio == "adaptive"
+        if lion.seed_weighting == "uniform" and not adaptive and lion.novelty_scope == "pool":
+            return choice  # the paper's Lion: no grouping needed
+        grouping = Grouping(cache, lion.grouping, lion.clusters, seed=f"{cfg.seed}-{iteration}")
+        choice.grouping = grouping
+        group = grouping.of
+        if lion.seed_weighting == "learnable":
+            choice.weights = {mode: learnable_weights(s, cache, judgements, lion.tau, group) for mode, s in seeds.items()}
+        if (lion.seed_weighting == "progress" or adaptive) and iteration > 1:
+            progress = gap_progress(cache, store.judgements(iteration - 1), judgements, group)
+            if lion.seed_weighting == "progress":
+                choice.weights["hard"] = progress_weights(seeds["hard"], progress, group)
+            if adaptive:
+                bandit = Bandit(store.instructions(store.pool(iteration, "train")), by_id, progress, group)
+                choice.hard_fraction = bandit.hard_fraction(choice.hard_fraction)
+                for mode, s in seeds.items():
+                    choice.weights[mode] = _times(choice.weights[mode], bandit.weights(s, mode, group))
+        if lion.novelty_scope == "group":
+            choice.thresholds = group_thresholds(cache, group, floor=lion.rouge_l_max, ceiling=lion.near_copy_rouge_l,
+                                                 tokenizer=lion.novelty_tokenizer, seed=f"{cfg.seed}-{iteration}")
+        return choice
+
+    def threshold(self, texts: Sequence[str]) -> list[float] | None:
+        """Each text's novelty threshold: its group's (None: the filter's own, for every text)."""
+        if self.thresholds is None or self.grouping is None:
+            return None
+        return [self.thresholds.get(g, self.floor) for g in self.grouping.of_texts(texts)]
+
+
+def _times(a: list[float] | None, b: list[float] | None) -> list[float] | None:
+    if a is None or b is None:
+        return a if b is None else b
+    return [x * y for x, y in zip(a, b, strict=True)]
 
 
 def _seeds_to_ask(out: GenerationOutcome, mode: str, target: int, rounds: int) -> int:
@@ -226,14 +289,15 @@ def _seeds_to_ask(out: GenerationOutcome, mode: str, target: int, rounds: int) -
 
 
 def _keep_novel(out: GenerationOutcome, novelty: NoveltyFilter, known: set[str], candidates: list[Instruction],
-                need: int) -> None:
+                need: int, threshold: Callable[[Sequence[str]], list[float] | None] = lambda texts: None) -> None:
     """Keep novel candidates in order until `need` are kept; the rest are surplus, never compared."""
     pos = 0
     while need > 0 and pos < len(candidates):
         # at most `need` per batch, so a batch never keeps (and adds to the pool) more than is wanted
         batch = candidates[pos:pos + need]
         pos += len(batch)
-        for ins, (novel, _) in zip(batch, novelty.add_many([c.text for c in batch]), strict=True):
+        texts = [c.text for c in batch]
+        for ins, (novel, _) in zip(batch, novelty.add_many(texts, threshold(texts)), strict=True):
             if not novel:
                 out.novelty_rejections += 1
             elif ins.id in known:

@@ -258,6 +258,7 @@ def generation_metrics(outcome: GenerationOutcome) -> dict[str, Any]:
         # the hard:easy split of what was kept, against what each side should have kept
         "new_hard": outcome.kept["hard"], "new_easy": outcome.kept["easy"],
         "target_hard": outcome.target["hard"], "target_easy": outcome.target["easy"],
+        "hard_fraction": outcome.hard_fraction, "groups": outcome.groups,
         "novelty_rejections": outcome.novelty_rejections, "surplus": outcome.surplus,
         "filter_rejections": dict(sorted(outcome.filter_rejections.items())),
     }

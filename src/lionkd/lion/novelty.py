@@ -144,13 +144,16 @@ class NoveltyFilter:
         """(kept, max F). Kept texts join the pool, so later candidates are compared with them too."""
         return self.add_many([text])[0]
 
-    def add_many(self, texts: Sequence[str]) -> list[tuple[bool, float]]:
+    def add_many(self, texts: Sequence[str], thresholds: Sequence[float] | None = None) -> list[tuple[bool, float]]:
         """`add_if_novel` for each text in turn (same decisions), with the pool comparisons batched.
 
         The max F is taken over the pool texts whose lengths allow a score above the threshold, so it
         is exact whenever a text is rejected; a kept text may be closer to a pool text outside that band,
-        but never above the threshold.
+        but never above the threshold. `thresholds`, one per text and none below the filter's own,
+        lets each text be held to its own threshold (exact too: the max F is exact above the lowest).
         """
+        if thresholds is not None and (len(thresholds) != len(texts) or min(thresholds, default=1) < self.threshold):
+            raise ValueError("thresholds: one per text, none below the filter's threshold")
         codes = [self.encode(t) for t in texts]
         against_pool = np.zeros(len(codes))
         by_length: dict[int, list[int]] = {}
@@ -162,11 +165,11 @@ class NoveltyFilter:
         out: list[tuple[bool, float]] = []
         kept: list[str] = []  # earlier kept texts of this batch, not yet in the pool
         kept_buckets: dict[int, list[str]] = {}
-        for code, pool_best in zip(codes, against_pool, strict=True):
+        for i, (code, pool_best) in enumerate(zip(codes, against_pool, strict=True)):
             best = float(pool_best)
             if code and kept:
                 best = max(best, float(self._band_max([code], len(code), kept_buckets)[0]))
-            novel = best <= self.threshold
+            novel = best <= (self.threshold if thresholds is None else thresholds[i])
             if novel:
                 kept.append(code)
                 kept_buckets.setdefault(len(code), []).append(code)

@@ -18,8 +18,9 @@ from ..referee.prompt import REFEREE, REFEREE_ORDERS, REFEREE_PLACEHOLDERS, pair
 
 TEACHER_SYSTEM = "You are a knowledgeable assistant. Answer the user's request accurately, clearly and completely."
 
-# The authors ask for a new task of similar length and difficulty: "at least as demanding" would let
-# the tasks drift harder with every iteration, away from what the student is being tested on.
+# The authors ask for a new task of similar length and difficulty, from both prompts: "at least as
+# demanding" would let the tasks drift harder with every iteration, away from what the student is
+# being tested on, and a long-tail task should be rarer in topic, not in size.
 GENERATOR_HARD = """\
 You write new tasks for training an AI assistant. Below is an example task.
 
@@ -41,8 +42,8 @@ You write new tasks for training an AI assistant. Below is an example task.
 
 Write one new task from the same subject area that covers a rarer, less common topic or kind of \
 request than the example: something from the long tail of that area that an assistant seldom sees. \
-It should be answerable on its own. Reply with the new task text only, without a title, numbering \
-or commentary."""
+Keep it about as long and about as difficult as the example, and answerable on its own. Reply with \
+the new task text only, without a title, numbering or commentary."""
 
 # The placeholders every template must keep.
 PLACEHOLDERS: dict[str, tuple[str, ...]] = {

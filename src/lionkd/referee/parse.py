@@ -72,8 +72,9 @@ _WORDS = re.compile(r"[^\W\d_]+")
 def parse_scores(text: str) -> tuple[float, float] | None:
     """The scores of Assistant 1 and Assistant 2 in a referee reply, or None when unreadable.
 
-    Read in this order: labelled scores anywhere in the reply ("Assistant 1: 8", "Assistant 2 receives
-    a 7", "rate Assistant 1's code a 7 out of 10"), each assistant's section ("Assistant 1:" ...
+    Read in this order: a first line holding only the two scores (the paper's format, "8 9"), labelled
+    scores anywhere in the reply ("Assistant 1: 8", "Assistant 2 receives a 7", "rate Assistant 1's
+    code a 7 out of 10"), each assistant's section ("Assistant 1:" ...
     "Overall score: 8/10"), then bare numbers on the first or the last lines ("8 7"). A number that
     reads as a count or a share ("Assistant 1 is 100% correct", "gets 3 of the 4 steps", "is 3
     sentences shorter") is not a score; two different scores for one assistant make the reply
@@ -82,6 +83,12 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     if not text or not text.strip():
         return None
     labelled = _labelled_scores(text)
+    # The paper's format: a first line holding only the two scores, then the explanation. What the
+    # explanation says about "Assistant 1" or "Assistant 2" cannot unsettle that line; only a complete
+    # pair of labelled scores that disagrees with it makes the reply unreadable.
+    first = _two_bare(text.strip().splitlines()[0].strip())
+    if first is not None:
+        return first if labelled in (None, (), first) else None
     if labelled is not None:
         return labelled if labelled != () else None
     return _bare_scores(text)

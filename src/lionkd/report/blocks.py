@@ -96,6 +96,7 @@ METRIC_LABELS = {
     "new_instructions": "new instructions kept", "novelty_rejections": "rejected as not novel",
     "filter_rejections": "rejected by filters", "generator_calls": "generator replies asked",
     "generation_rounds": "generation rounds", "seeds_hard": "hard seeds used", "seeds_easy": "easy seeds used",
+    "hard_fraction": "hard share of seeds aimed at", "groups": "groups of instructions",
     "train_examples": "training examples", "train_replayed": "replayed examples", "train_loss": "mean training loss",
     "kd_train_loss": "KD mean training loss", "kd_train_steps": "KD training steps",
 }

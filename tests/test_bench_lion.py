@@ -1,0 +1,49 @@
+"""The decisive Lion benchmark's own arithmetic and option checks (its runs are far too long for tests)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).parent.parent / "benchmarks" / "lion_vs_self_instruct.py"
+
+
+def _bench():
+    sys.path.insert(0, str(SCRIPT.parent))  # a benchmark imports its shared helpers as `_common`
+    spec = importlib.util.spec_from_file_location("lion_vs_self_instruct", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_interval_is_a_t_interval() -> None:
+    bench = _bench()
+    r = bench.interval([0.01, 0.03, 0.05, 0.02, 0.04])
+    assert r["mean"] == pytest.approx(0.03)
+    half = 2.776 * r["std"] / 5 ** 0.5  # t(0.975, 4 degrees of freedom)
+    assert r["ci95"] == pytest.approx([0.03 - half, 0.03 + half])
+    assert bench.interval([0.2])["ci95"] is None
+
+
+def test_balanced_and_seed_weighted_accuracy() -> None:
+    bench = _bench()
+    tasks = [t for d in bench.DOMAINS.values() for t in d]
+    acc = {"by_task": {t: 1.0 if t == tasks[0] else 0.0 for t in tasks}}
+    cols = bench.columns_of(acc, rare=[tasks[-1]], shares={tasks[0]: 0.5, tasks[1]: 0.5})
+    assert cols["overall"] == pytest.approx(1 / len(tasks))
+    assert cols["overall (seed-weighted)"] == pytest.approx(0.5)
+    assert cols["rare types"] == 0.0
+
+
+@pytest.mark.parametrize(("args", "named"), [
+    (["--seeds", "0"], "--seeds"), (["--zipf", "-1"], "--zipf"), (["--seed-pool", "x"], "--seed-pool"),
+])
+def test_options_out_of_range_are_one_line_and_exit_2(args: list[str], named: str) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and named in result.stderr
