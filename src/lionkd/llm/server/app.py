@@ -2,6 +2,7 @@
 
 Routes: `GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`, with `n`, `stop`,
 `seed`, logprobs in OpenAI's formats (chat: `logprobs.content[]`; completions: the legacy lists),
+prompt scoring on completions (vLLM's `prompt_logprobs`, or `echo` with `logprobs`; `llm/scoring.py`),
 `usage`, and server-sent events when `stream` is true. Errors use OpenAI's error body: 400 for a bad
 body (an unknown message role; a prompt that with `max_tokens` does not fit the model's context, as
 vLLM answers it, never cut to fit), 401 for a missing or wrong bearer key, 404 for an unknown model or
@@ -122,6 +123,10 @@ class Routes:
     async def completions(self, request: Request) -> Any:
         body: CompletionBody = await parse_body(request, CompletionBody)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": body.model}
+        if body.scores_prompt:
+            return head | {"object": "text_completion", **await self.score(body)}
+        if body.max_tokens == 0:
+            raise APIError(400, "'max_tokens': 0 is allowed only with echo and logprobs (scoring a prompt)")
         requests = body.requests()
         pieces = self.live(body.model, requests[0]) if body.stream and len(requests) == 1 else None
         if pieces is not None:
@@ -141,6 +146,21 @@ class Routes:
             ],
             "usage": usage(results),
         }
+
+    async def score(self, body: CompletionBody) -> dict[str, Any]:
+        """Choices and usage of a request for prompt scores (`llm/scoring.py`); 400 for a model that cannot."""
+        from ..scoring import NotScorable, scored_completions
+
+        self.batcher(body.model)  # 404 for an unknown model
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        vllm_form = body.prompt_logprobs is not None
+        try:
+            choices, used = await scored_completions(
+                self.models[body.model], prompts, top_k=body.prompt_logprobs if vllm_form else body.logprobs or 0,
+                vllm_form=vllm_form, echo=body.echo, with_ids=body.return_token_ids)
+        except NotScorable as exc:
+            raise APIError(400, str(exc), code="prompt_scoring_unsupported") from None
+        return {"choices": choices, "usage": used}
 
     def batcher(self, model: str) -> MicroBatcher:
         if model not in self.batchers:

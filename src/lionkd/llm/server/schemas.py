@@ -99,6 +99,14 @@ class ChatBody(_Body):
 class CompletionBody(_Body):
     prompt: str | list[str]
     logprobs: int | None = Field(None, ge=0, le=20)
+    max_tokens: int | None = Field(None, ge=0)  # 0 only to score a prompt (echo)
+    echo: bool = False
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM's prompt scoring (see `llm/scoring.py`)
+    return_token_ids: bool = False
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
     def requests(self) -> list[GenRequest]:
         prompts = [self.prompt] if isinstance(self.prompt, str) else self.prompt
