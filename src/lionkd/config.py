@@ -79,6 +79,12 @@ class EndpointConfig(Strict):
     max_tokens: int = Field(1024, ge=1)
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20, description="top_logprobs to ask for (API-teacher KD)")
+    scoring: Literal["auto", "vllm", "echo"] = Field(
+        "auto", description="on-policy KD: how the server scores a student's sample: vllm (prompt_logprobs), "
+        "echo (echo + logprobs: SGLang, legacy APIs) or auto (vllm's form, else echo)")
+    tokenizer: str | None = Field(
+        None, description="on-policy KD: a local copy of the served model's tokenizer, whose chat template "
+        "writes the prompts it scores (null: the student's)")
     concurrency: int = Field(16, ge=1)
     requests_per_minute: float | None = Field(None, gt=0)
     tokens_per_minute: float | None = Field(None, gt=0)
@@ -285,6 +291,9 @@ class LionConfig(Strict):
     generation_rounds: int = Field(4, ge=1, description="rounds of generation to fill N after filters")
     min_instruction_words: int = Field(4, ge=1)
     prompts: PromptOverrides = Field(default_factory=PromptOverrides)
+    imitation: Literal["sft", "on_policy"] = Field(
+        "sft", description="sft: the student learns the teacher's answers (the paper); on_policy: it also "
+        "samples its own answers to the Train Pool and the served teacher scores them (kd.on_policy)")
 
     @field_validator("hard_easy_ratio")
     @classmethod
@@ -329,6 +338,21 @@ class DataConfig(Strict):
     limit: int | None = Field(None, ge=1, description="use only the first N rows")
 
 
+class OnPolicyConfig(Strict):
+    """On-policy KD (objective 'on_policy'): the student samples, the served teacher scores every token."""
+
+    lmbda: float = Field(1.0, ge=0, le=1, description="share of each batch's examples whose target is the "
+                         "student's own sample (as GKD's lmbda); the rest keep their off-policy target")
+    estimator: Literal["k1", "topk"] = Field(
+        "topk", description="reverse KL on the sampled token (k1) or on the teacher's top-k with a tail bucket")
+    top_k: int = Field(5, ge=1, le=20, description="alternatives per token the teacher returns")
+    refresh_every: int = Field(1, ge=1, description="optimiser steps a student sample is reused")
+    max_new_tokens: int = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    min_aligned: float = Field(0.5, ge=0, le=1, description="least share of the student's sampled positions "
+                               "with a teacher counterpart (tokenizers that differ); below it the run stops")
+
+
 class KDConfig(Strict):
     """The task-specific KD pipeline (`lionkd distill`)."""
 
@@ -363,6 +387,7 @@ class KDConfig(Strict):
     pt_max_new_tokens: int = Field(128, ge=1)
     fewshot: int = Field(0, ge=0, description="API teacher: labeled demonstrations in each PT prompt")
     teacher_instruction: str | None = Field(None, description="API teacher: the task instruction (system message)")
+    on_policy: OnPolicyConfig = Field(default_factory=OnPolicyConfig)
     joint_alpha: float = Field(0.0, ge=0, le=1, description="Joint-Teaching share of student samples (paper 0.5)")
     joint_refresh_every: int = Field(1, ge=1, description="optimiser steps a student sample is reused")
     prune_keep: str = Field("first_last", description="'first_last', 'even:N' or a list like '0,2,-1'")

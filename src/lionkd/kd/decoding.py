@@ -61,10 +61,12 @@ def generate_token_ids(
     num_return_sequences: int = 1,
     batch_size: int = 16,
     synced_gpus: bool = False,
+    logits_processor: Any = None,
 ) -> list[list[list[int]]]:
     """For each prompt, `num_return_sequences` continuations as token ids (ending at EOS if reached).
 
-    The model is put in eval mode (no dropout while sampling) and restored afterwards.
+    The model is put in eval mode (no dropout while sampling) and restored afterwards. A
+    `logits_processor` (rows as the prompts of one batch) reshapes the scores before each choice.
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encdec = is_encoder_decoder(model)
@@ -90,6 +92,8 @@ def generate_token_ids(
                 params.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
             else:
                 params.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            if logits_processor is not None:
+                params["logits_processor"] = logits_processor
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **params)
             new = out[:, 1:] if encdec else out[:, ids.shape[1] :]  # drop decoder start / prompt
             rows = [cut_at_eos(r.tolist(), eos_ids) for r in new]

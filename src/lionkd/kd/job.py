@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
     from .examples import PromptTemplate, TrainExample
     from .joint_teaching import JointTeaching
+    from .on_policy import OnPolicySetup
 
 
 @dataclass
@@ -48,6 +49,7 @@ class TrainJob:
     tokenizer: Any = None
     resume: bool = True
     progress: bool = True
+    on_policy: OnPolicySetup | None = None  # the 'on_policy' objective's served teacher (`on_policy.py`)
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -57,7 +59,7 @@ class TrainJob:
         from .objectives import resolve_objective
 
         objective = self.kd.objective if self.objective is None and self.teacher is not None else self.objective
-        return resolve_objective(objective, self.teacher is not None)
+        return resolve_objective(objective, self.teacher is not None or self.on_policy is not None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -634,3 +634,96 @@ def fused_ce_loss(
     student = LinearHead(hidden, weight, bias)
     total, _ = fused_head_loss(student, mask, num_items, terms={"ce": (1.0, ce_term(targets))}, chunk_size=chunk_size)
     return total
+
+
+# --------------------------------------------------------------------------- on-policy reverse KL
+#
+# The student's own samples, scored by the teacher (GKD, MiniLLM, on-policy distillation): at each
+# position t of a sample, the student q and the teacher p are compared by the reverse KL(q || p).
+# Two estimates, from what a served teacher returns for the sample:
+# - "k1": the sampled token y only. Its value is log q(y) - log p(y), whose mean over the student's
+#   samples estimates KL(q || p); its gradient is the score-function one, (log q(y) - log p(y)) *
+#   grad log q(y), the gradient of the sequence-level reverse KL with a per-token reward (no baseline).
+# - "topk": the teacher's top-k at t and a tail bucket (the rest of the mass on either side); the
+#   reverse KL over these k + 1 buckets is exact for the position, with its exact gradient. Slots of
+#   a row that hold no token (id < 0) belong to the tail.
+# Both take the student's logits (or the fused head) at the sample's positions and a mask of the
+# positions that have a teacher counterpart; sums are divided by `num_items` as everywhere here.
+
+OnPolicyEstimator = Literal["k1", "topk"]
+
+
+def _k1_rows(s: torch.Tensor, y: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """Per row: log q(y) - log p(y) as value, (log q(y) - log p(y)) * grad log q(y) as gradient."""
+    lq = s.float().log_softmax(-1).gather(-1, y.long().unsqueeze(-1)).squeeze(-1)
+    advantage = (lq - t_logp.float()).detach()
+    return advantage + (lq - lq.detach()) * advantage
+
+
+def _topk_reverse_rows(s: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor) -> torch.Tensor:
+    """Per row: KL(q || p) over the teacher's top-k tokens and one tail bucket."""
+    s_logp = s.float().log_softmax(-1)
+    valid = ids >= 0
+    s_top = s_logp.gather(-1, ids.clamp_min(0).long()).masked_fill(~valid, -math.inf)
+    t_top = t_logp.float().masked_fill(~valid, -math.inf)
+    s_rest = _log1mexp(s_top.logsumexp(-1, keepdim=True))
+    t_rest = _log1mexp(t_top.logsumexp(-1, keepdim=True))
+    return divergence_rows(torch.cat([s_top, s_rest], -1), torch.cat([t_top, t_rest], -1), "reverse_kl")
+
+
+def on_policy_loss(
+    student_logits: torch.Tensor,
+    mask: torch.Tensor,
+    num_items: float | torch.Tensor | None = None,
+    *,
+    estimator: OnPolicyEstimator = "topk",
+    token_ids: torch.Tensor | None = None,
+    teacher_token_logprobs: torch.Tensor | None = None,
+    teacher_ids: torch.Tensor | None = None,
+    teacher_logprobs: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Reverse KL on the student's samples: "k1" takes the sampled `token_ids` [B, T] and the teacher's
+    log-probability of each [B, T]; "topk" the teacher's top-k ids and log-probabilities [B, T, k]."""
+    chunk = _chunk_rows(student_logits.shape[-1], chunk_size)
+    if estimator == "k1":
+        assert token_ids is not None and teacher_token_logprobs is not None
+        total = _ChunkedRowLoss.apply(_flat(student_logits), _flat(mask).float(), _k1_rows, chunk,
+                                      _flat(token_ids), _flat(teacher_token_logprobs).detach())
+    elif estimator == "topk":
+        assert teacher_ids is not None and teacher_logprobs is not None
+        total = _ChunkedRowLoss.apply(_flat(student_logits), _flat(mask).float(), _topk_reverse_rows, chunk,
+                                      _flat(teacher_ids), _flat(teacher_logprobs).detach())
+    else:
+        raise ValueError(f"unknown on-policy estimator {estimator!r}; choose 'k1' or 'topk'")
+    return _normalise(total, mask, num_items)
+
+
+def on_policy_k1_term(token_ids: torch.Tensor, teacher_token_logprobs: torch.Tensor) -> HeadTerm:
+    """`on_policy_loss(estimator="k1")` as a fused-head term (closed-form gradient)."""
+    flat_y = token_ids.reshape(-1)
+    flat_lp = teacher_token_logprobs.reshape(-1)
+
+    def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = flat_y.index_select(0, pos.to(flat_y.device)).to(z.device).long().unsqueeze(-1)
+        lp = flat_lp.index_select(0, pos.to(flat_lp.device)).to(z.device, torch.float32)
+        lq_all = z.log_softmax(-1)
+        advantage = lq_all.gather(-1, y).squeeze(-1) - lp
+        grad = lq_all.exp_().neg_()  # d log q(y) / dz = one_hot(y) - softmax(z)
+        grad.scatter_add_(-1, y, torch.ones_like(y, dtype=grad.dtype))
+        return advantage, grad.mul_(advantage.unsqueeze(-1))
+
+    return term
+
+
+def on_policy_topk_term(teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor) -> HeadTerm:
+    """`on_policy_loss(estimator="topk")` as a fused-head term."""
+    ids = teacher_ids.reshape(-1, teacher_ids.shape[-1])
+    logprobs = teacher_logprobs.reshape(-1, teacher_logprobs.shape[-1])
+
+    def term(z: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        i = ids.index_select(0, pos.to(ids.device)).to(z.device)
+        lp = logprobs.index_select(0, pos.to(logprobs.device)).to(z.device)
+        return _with_autograd(lambda s: _topk_reverse_rows(s, i, lp), z)
+
+    return term

@@ -1,4 +1,4 @@
-"""The KD trainer's objectives by name ("ce", "logits", "noisy", "attention") and their weights, and the
+"""The KD trainer's objectives by name ("ce", "logits", "noisy", "attention", "on_policy") and their weights, and the
 noise of Noisy KD: does a teacher drop anything in train mode, and the student's noised input tokens."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from torch import nn
 
 from ..errors import UserError
 
-OBJECTIVES = ("ce", "logits", "noisy", "attention")
+OBJECTIVES = ("ce", "logits", "noisy", "attention", "on_policy")
 
 
 def resolve_objective(objective: str | Mapping[str, float] | None, has_teacher: bool) -> dict[str, float]:

@@ -35,6 +35,7 @@ from .job import TrainJob
 from .joint_teaching import StudentSampler
 from .launch import needs_launch, process_count, run_training_job, world_size
 from .loading import check_same_vocab, load_model, load_tokenizer
+from .on_policy import check_student_samples
 from .trainer import KDTrainer
 
 METRICS_FILE = "train_metrics.json"
@@ -86,6 +87,10 @@ def build_trainer(job: TrainJob) -> KDTrainer:
     """A ready `KDTrainer` for `job`; checkpoints go to out_dir/checkpoints."""
     settings, student, teacher, lora, joint = job.settings, job.student, job.teacher, job.lora, job.joint
     weights = job.objective_weights()
+    on_policy = job.on_policy
+    if ("on_policy" in weights) != (on_policy is not None):
+        raise UserError("kd.objective: 'on_policy' needs a served teacher that scores the student's samples"
+                        if on_policy is None else "kd.objective: on-policy settings given without 'on_policy'")
 
     model = load_model(student)
     # Saved as its base was stored (unless configured), trained on fp32 master weights whatever that is.
@@ -94,8 +99,10 @@ def build_trainer(job: TrainJob) -> KDTrainer:
     precision = training_precision(settings.precision)
     tok = load_tokenizer(student, job.tokenizer)
     encdec = is_encoder_decoder(model)
+    if on_policy is not None:
+        check_student_samples(model, tok)
     teacher_model = None
-    if teacher is not None and set(weights) - {"ce"}:
+    if teacher is not None and set(weights) - {"ce", "on_policy"}:
         teacher_model = load_model(teacher)
         if not isinstance(teacher, PreTrainedModel):
             check_same_vocab(tok, load_tokenizer(teacher))
@@ -129,6 +136,7 @@ def build_trainer(job: TrainJob) -> KDTrainer:
         kd=job.kd,
         vocab_size=len(tok),
         sampler=sampler,
+        on_policy=on_policy.teacher(tok, settings.max_length, job.template) if on_policy is not None else None,
     )
     trainer.save_dtype = stored
     if lora is not None and trainer.params_sharded:  # the adapters could not be merged into a sharded model
@@ -174,9 +182,13 @@ def train_student(job: TrainJob) -> dict[str, Any]:
         return json.loads(done.read_text())
     settings = job.settings
     if needs_launch(settings.processes, settings.accelerate_config):
+        if job.on_policy is not None:  # the teacher is called, and the store written, by this process alone
+            raise UserError("student.train.processes: the 'on_policy' objective trains in one process; set 1")
         run_training_job(job, process_count(settings.processes), settings.accelerate_config)
         return json.loads(done.read_text())
     trainer = build_trainer(job)
+    if job.on_policy is not None:
+        job.on_policy.scorer.check()  # the first call: a server that cannot score prompts stops before training
     ckpt_dir = Path(trainer.args.output_dir)
     last = get_last_checkpoint(str(ckpt_dir)) if job.resume and ckpt_dir.is_dir() else None
     start = time.perf_counter()
@@ -208,6 +220,8 @@ def train_student(job: TrainJob) -> dict[str, Any]:
         metrics["noisy_teacher_dropout"] = trainer.noisy_teacher_dropout
     if trainer.epoch_switch is not None:  # per process, per epoch (since a resume): the pseudo-target lists read
         metrics["pseudo_targets_read"] = gather_object([trainer.epoch_switch.read])
+    if trainer.on_policy is not None:
+        metrics["on_policy"] = trainer.on_policy.stats.as_dict() | {"scoring": dict(trainer.on_policy.scorer.stats)}
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
     if trainer.params_sharded:  # every process takes part: the shards are gathered into one checkpoint

@@ -7,6 +7,7 @@ Objectives (weighted sum, e.g. {"logits": 0.5, "attention": 0.5}):
 - "noisy":     the same with the teacher in train mode (dropout on) and the student's prompt tokens
                noised (`kd.noisy_input_rate`); a teacher without dropout is reported, not hidden
 - "attention": MiniLM self-relation KD of Q, K and V of the last self-attention layer(s)
+- "on_policy": reverse KL on the student's own samples, scored by a served teacher (`on_policy.py`)
 
 Every loss is a sum over target tokens divided by the number of target tokens of the whole
 optimiser step, counted over all micro-batches and all processes before the first forward, so the
@@ -44,11 +45,15 @@ from .losses import (
     fused_head_loss,
     kd_loss,
     kd_term,
+    on_policy_k1_term,
+    on_policy_loss,
+    on_policy_topk_term,
     relation_kl_loss,
     sparse_kd_loss,
     sparse_kd_term,
 )
 from .objectives import has_dropout, noisy_input_ids
+from .on_policy import OnPolicyTeacher, collate_on_policy
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
 
@@ -66,10 +71,13 @@ class KDTrainer(Trainer):
         kd: KDConfig | None = None,
         vocab_size: int | None = None,
         sampler: StudentSampler | None = None,
+        on_policy: OnPolicyTeacher | None = None,
         fuse_head: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.on_policy = on_policy
+        self.on_policy_items: torch.Tensor | None = None  # the step's on-policy positions (all micro-batches)
         self.fuse_head = fuse_head  # fused output layer + loss where the models allow it
         self.objective = dict(objective)
         self.kd = kd or KDConfig()
@@ -104,6 +112,10 @@ class KDTrainer(Trainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if self.sampler is not None:
             batches = [self._with_student_samples(b, device) for b in batches]
+        if self.on_policy is not None:
+            batches = [self._with_on_policy(b, device) for b in batches]
+            op = torch.as_tensor(sum(float(b["op_mask"].sum()) for b in batches), device=device)
+            self.on_policy_items = op.clamp_min(1)
         count = sum(b["target_mask"].ne(0).sum() for b in batches) if batches else torch.tensor(0)
         count = torch.as_tensor(count, device=device)
         self.target_tokens += int(count)
@@ -147,6 +159,36 @@ class KDTrainer(Trainer):
         teacher_rows = torch.tensor([f.get("source") != "student" for f in features], dtype=new["target_mask"].dtype)
         new["ce_mask"] = new["target_mask"] * teacher_rows[:, None]
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in new.items()}
+
+    def _with_on_policy(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        assert self.on_policy is not None
+        features = self.on_policy.mix(self.accelerator.unwrap_model(self.model), batch["features"],
+                                      self.state.global_step)
+        batch = self.data_collator(features)
+        new = batch | collate_on_policy(features, batch)
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in new.items()}
+
+    def _on_policy_parts(self, out: Any, student: LinearHead | None, inputs: dict[str, Any]
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted on-policy loss, and the loss and k1 reverse KL alone (logged per step)."""
+        assert self.on_policy is not None
+        mask, n = inputs["op_mask"], self.on_policy_items
+        estimator = self.on_policy.settings.estimator
+        k1 = {"token_ids": inputs["target_ids"], "teacher_token_logprobs": inputs["op_token_logprob"]}
+        topk = {"teacher_ids": inputs["op_ids"], "teacher_logprobs": inputs["op_logprobs"]}
+        if student is not None:
+            main = (on_policy_k1_term(*k1.values()) if estimator == "k1" else on_policy_topk_term(*topk.values()))
+            total, parts = fused_head_loss(student, mask, n, terms={
+                "on_policy": (self.objective["on_policy"], main),
+                "reverse_kl": (0.0, on_policy_k1_term(*k1.values()))})
+        else:
+            loss = on_policy_loss(out.logits, mask, n, estimator=estimator, **k1, **topk)
+            with torch.no_grad():
+                rkl = on_policy_loss(out.logits.detach(), mask, n, estimator="k1", **k1)
+            total, parts = self.objective["on_policy"] * loss, {"on_policy": loss.detach(), "reverse_kl": rkl}
+        if self.model.training:
+            self.on_policy.record(self.state.global_step, float(parts["on_policy"]), float(parts["reverse_kl"]))
+        return total, parts
 
     def compute_loss(
         self,
@@ -209,6 +251,10 @@ class KDTrainer(Trainer):
             total, fused_parts = fused_head_loss(student, mask, n, terms={k: (w[k], t) for k, t in terms.items()})
             loss = loss + total
             parts.update(fused_parts)
+        if "on_policy" in w:
+            op_loss, op_parts = self._on_policy_parts(out, student, inputs)
+            loss = loss + op_loss
+            parts.update(op_parts)
         if attention is not None:
             loss = loss + w["attention"] * attention * self._attention_scale(attention, parts)
             parts["attention"] = attention
@@ -245,7 +291,7 @@ class KDTrainer(Trainer):
     def _fusable_head(self, model: nn.Module) -> nn.Linear | None:
         # The fused loss reads the output layer's weight outside the forward, where a sharded one is
         # only this process's slice: sharded models compute the logits-based losses instead.
-        if not self.fuse_head or self.params_sharded or not set(self.objective) & {"ce", "logits", "noisy"}:
+        if not self.fuse_head or self.params_sharded or not set(self.objective) & {"ce", "logits", "noisy", "on_policy"}:
             return None
         return plain_linear_head(model)
 
@@ -312,7 +358,7 @@ class KDTrainer(Trainer):
         a step into micro-batches changes nothing after the first step). 1 with `kd.attention_scale: raw`
         or when attention is the only objective.
         """
-        others = [k for k in parts if k != "attention"]
+        others = [k for k in parts if k != "attention" and k in self.objective]
         if self.kd.attention_scale == "raw" or not others:
             return 1.0
         weight = sum(self.objective[k] for k in others)
