@@ -61,11 +61,11 @@ def library_bars(enabled: bool) -> None:
 
 # --------------------------------------------------------------------------- configuration
 
-PRESETS = ("demo", "api", "kd")
+PRESETS = ("demo", "api", "kd", "on-policy")
 
 
 @app.command()
-def init(preset: Annotated[str, typer.Option(help="demo | api | kd")] = "api") -> None:
+def init(preset: Annotated[str, typer.Option(help="demo | api | kd | on-policy")] = "api") -> None:
     """Print a commented config template."""
     if preset not in PRESETS:
         raise UserError(f"--preset: unknown preset '{preset}' (choose from {', '.join(PRESETS)})")

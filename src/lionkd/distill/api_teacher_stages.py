@@ -39,7 +39,7 @@ def check_api_teacher(cfg: RunConfig) -> None:
     if kd.joint_alpha > 0 or kd.teacher_topk > 0:
         key = "kd.joint_alpha" if kd.joint_alpha > 0 else "kd.teacher_topk"
         raise UserError(f"{key}: needs a local teacher; with an API teacher set teacher.logprobs instead")
-    live = sorted(set(kd.objective) - {"ce", "logits"})
+    live = sorted(set(kd.objective) - {"ce", "logits", "on_policy"})
     if live:
         raise UserError(f"kd.objective: '{live[0]}' needs the teacher's weights; an API teacher gives "
                         "'logits' (with teacher.logprobs) and 'ce'")

@@ -96,6 +96,12 @@ def check_config(cfg: RunConfig) -> None:
         model_path(cfg.teacher.model, "teacher.model")
     if cfg.kd.student_init in ("pretrained", "config"):
         model_path(cfg.student.model, "student.model")
+    if "on_policy" in cfg.kd.objective:
+        if not api_teacher(cfg):
+            raise UserError("kd.objective: 'on_policy' needs a served teacher (teacher.backend: openai, with "
+                            "base_url) that scores the student's samples")
+        if isinstance(cfg.student.train.processes, int) and cfg.student.train.processes > 1:
+            raise UserError("student.train.processes: the 'on_policy' objective trains in one process; set 1")
 
 
 def model_path(name: str, key: str) -> str:
@@ -337,6 +343,16 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
         schedule, alignment = cross_tokenizer_schedule(cfg, schedule, teacher_path(cfg), student_init_path(cfg))
     elif kd.teacher_topk > 0 and "logits" in kd.objective:
         schedule = with_teacher_topk(cfg, schedule)
+    on_policy = None
+    if "on_policy" in kd.objective:
+        from ..kd.api_teacher import DEFAULT_INSTRUCTION
+        from ..kd.on_policy import on_policy_setup
+
+        # the off-policy share keeps what the schedule gives (teacher text, aligned top-k), at the configured weights
+        off = {k: kd.objective.get(k, v) for k, v in objective.items() if k != "on_policy"}
+        objective = (off if set(kd.objective) - {"on_policy"} else {}) | {"on_policy": kd.objective["on_policy"]}
+        instruction = kd.teacher_instruction if kd.teacher_instruction is not None else DEFAULT_INSTRUCTION
+        on_policy = on_policy_setup(cfg, store, schedule, student_init_path(cfg), instruction)
     joint = None
     if kd.joint_alpha > 0:
         joint = JointTeaching(alpha=kd.joint_alpha, refresh_every=kd.joint_refresh_every,
@@ -347,7 +363,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
     metrics = train_student(TrainJob(
         student_init_path(cfg), schedule, cfg.run_dir / "student-kd", settings=cfg.student.train,
         teacher=teacher_path(cfg) if live_teacher else None, objective=objective, kd=kd,
-        template=cfg.student.template, lora=cfg.student.lora, joint=joint, progress=progress,
+        template=cfg.student.template, lora=cfg.student.lora, joint=joint, progress=progress, on_policy=on_policy,
     ))
     sources = Counter(e.source for epoch in schedule for e in epoch)
     return {"path": str(cfg.run_dir / "student-kd"), "epoch_lists": len(schedule), "examples_per_epoch":
@@ -355,6 +371,7 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
             "loss": metrics.get("loss"), "steps": metrics.get("steps"), "objective": metrics.get("objective"),
             "joint_alpha": kd.joint_alpha, "teacher_topk": kd.teacher_topk,
             "student_samples": metrics.get("student_samples"), "pseudo_targets_read": metrics.get("pseudo_targets_read"),
+            **({"on_policy": metrics["on_policy"]} if "on_policy" in metrics else {}),
             **({"alignment": alignment.as_dict(), "alignment_metrics": alignment.metrics()} if alignment else {})}
 
 

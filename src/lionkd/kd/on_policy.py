@@ -250,3 +250,36 @@ def check_alignment(teacher_tokenizer: Any, student_tokenizer: Any, texts: Seque
         raise UserError(f"{where}: the teacher's tokenizer aligns only {share:.0%} of the student's positions "
                         f"(kd.on_policy.min_aligned asks {min_aligned:.0%}); the tokenizers cannot be aligned")
     return share
+
+
+def on_policy_setup(
+    cfg: Any,  # RunConfig
+    store: Any,
+    examples: Sequence[Any],  # TrainExample, one list or a list of lists
+    student_dir: str,
+    instruction: str | None = None,
+) -> OnPolicySetup:
+    """The on-policy objective of a run: the served teacher's scorer, and the prompt the teacher reads
+    for every example (its instruction as a system message, then the example's turns, in the teacher's
+    chat template). An unalignable teacher tokenizer is refused here, before any call."""
+    from ..llm.scoring import open_scorer
+    from ..llm.templates import render_prompt
+    from .trainer import load_tokenizer
+
+    op = cfg.kd.on_policy
+    student_tok = load_tokenizer(student_dir)
+    teacher_tok = student_tok
+    if cfg.teacher.tokenizer:
+        from ..llm.models import resolve_model_path
+
+        try:
+            teacher_tok = load_tokenizer(resolve_model_path(cfg.teacher.tokenizer))
+        except UserError as exc:
+            raise UserError(f"teacher.tokenizer: {exc}") from None
+    flat = [e for group in examples for e in (group if isinstance(group, list) else [group])]
+    if teacher_tok is not student_tok:
+        check_alignment(teacher_tok, student_tok, [e.target for e in flat[:32]], op.min_aligned, "teacher.tokenizer")
+    system = [{"role": "system", "content": instruction}] if instruction else []
+    template = "chat" if teacher_tok is not student_tok else cfg.student.template
+    prompts = {e.id: render_prompt(teacher_tok, [*system, *e.prompt_messages()], template) for e in flat}
+    return OnPolicySetup(op, open_scorer(cfg.teacher, store, op.top_k), prompts, seed=cfg.seed)

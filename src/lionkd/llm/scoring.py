@@ -366,3 +366,20 @@ async def scored_completions(backend: Any, prompts: Sequence[str], *, top_k: int
             choice["logprobs"] = echo_logprobs(tokens)
         choices.append(choice)
     return choices, {"prompt_tokens": total, "completion_tokens": 0, "total_tokens": total}
+
+
+def open_scorer(endpoint: Any, store: Any, top_k: int, role: str = "teacher") -> TeacherScorer:
+    """The scorer of an `EndpointConfig` (backend: openai) behind the run's call cache, booked to `role`."""
+    from .cache import CachedLLM
+
+    if endpoint.backend != "openai":
+        raise UserError(f"{role}.backend: the 'on_policy' objective scores through a served teacher "
+                        f"(backend: openai with base_url), not '{endpoint.backend}'")
+    key = endpoint.api_key()
+    if key is None and endpoint.base_url is None and endpoint.api_key_env:
+        raise UserError(f"{role}.api_key_env: the environment variable ${endpoint.api_key_env} is not set")
+    backend = ScoringBackend(endpoint.model, scoring=endpoint.scoring, base_url=endpoint.base_url, api_key=key,
+                             concurrency=endpoint.concurrency, requests_per_minute=endpoint.requests_per_minute,
+                             tokens_per_minute=endpoint.tokens_per_minute, max_retries=endpoint.max_retries,
+                             timeout_s=endpoint.timeout_s)
+    return TeacherScorer(CachedLLM(backend, store, role=role), top_k)
