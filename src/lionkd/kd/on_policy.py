@@ -7,7 +7,8 @@ resumed run samples the same completions, whose scores the call cache then alrea
 is reused for `refresh_every` steps. The teacher scores each sample through `llm/scoring.py` (cached
 and budgeted like every call), its tokens are aligned to the student's (`align.py`: identical
 tokenizers align one to one) and the student is trained on the reverse KL at every aligned position
-(`losses.on_policy_loss`). The rest of the batch keeps its off-policy target (teacher text or
+(`losses.on_policy_loss`): on the sampled token ("k1"), or on buckets made of the teacher's top-k,
+the sampled token and the tail ("topk"). The rest of the batch keeps its off-policy target (teacher text or
 pseudo-targets) and the run's other objectives, as GKD mixes its on- and off-policy batches.
 
 The student trains on its sample as its own tokenizer writes the sample's text (the text the teacher
