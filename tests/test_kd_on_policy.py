@@ -282,3 +282,81 @@ def test_tokenizers_that_cannot_be_aligned_are_refused_before_any_call(tiny):
     other = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
     with pytest.raises(UserError, match="teacher.tokenizer: the teacher's tokenizer aligns only"):
         check_alignment(other, tok, texts, 0.9, "teacher.tokenizer")
+
+
+# --------------------------------------------------------------------------- lionkd distill with a served teacher
+
+
+def _rows(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _distill_config(tmp_path, base_url, **kd):
+    student_dir = tmp_path / "student0"
+    tok = tiny_tokenizer()
+    tiny_model(tok, seed=2).save_pretrained(student_dir)
+    tok.save_pretrained(student_dir)
+    labeled = _rows(tmp_path / "labeled.jsonl", [{"input": q, "target": "the quick fox"} for q in EXAMPLES])
+    evals = _rows(tmp_path / "eval.jsonl", [{"input": "add 12 and 30", "target": "the fox"}])
+    return {
+        "run_dir": str(tmp_path / "run"),
+        "teacher": {"backend": "openai", "model": "t", "base_url": base_url, "api_key_env": None},
+        "student": {"model": str(student_dir), "template": "alpaca",
+                    "train": {"max_steps": 3, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 100}},
+        "kd": {"labeled": {"path": labeled}, "eval": {"path": evals}, "pt_method": "none", "final_ce_epochs": 0,
+               "objective": {"on_policy": 1.0, "ce": 1.0}, "eval_num_beams": 1, "eval_max_new_tokens": 4,
+               "eval_teacher": False, "teacher_instruction": "",
+               "on_policy": {"lmbda": 0.5, "max_new_tokens": 6, "min_aligned": 0.0}} | kd,
+    }
+
+
+def test_distill_with_a_served_teacher_trains_on_policy_reports_it_and_never_pays_twice(served, tmp_path):
+    import yaml
+
+    from lionkd.config import load_config
+    from lionkd.distill.pipeline import distill
+    from lionkd.report.build import build_report
+    from lionkd.store import Store
+
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(_distill_config(tmp_path, served.base_url)))
+    cfg = load_config(tmp_path / "run.yaml")
+    summary = distill(cfg, progress=False)
+    assert "kd_train" in summary.ran
+    with Store.open_existing(cfg.run_dir) as store:
+        metrics = store.metrics()[0]
+        calls = sum(r["calls"] for r in store.usage() if r["role"] == "teacher")
+    assert metrics["on_policy_samples"] > 0 and metrics["on_policy_scoring_calls"] == calls
+    assert math.isfinite(metrics["on_policy_reverse_kl"])
+    again = distill(cfg, progress=False)
+    assert "kd_train" in again.skipped
+    with Store.open_existing(cfg.run_dir) as store:
+        assert sum(r["calls"] for r in store.usage() if r["role"] == "teacher") == calls
+    html, _ = build_report(cfg.run_dir)
+    text = html.read_text()
+    assert 'id="on-policy"' in text and "reverse KL (k1)" in text
+
+
+def test_distill_bad_input_is_one_line_before_any_paid_call(served, tmp_path, cli):
+    import yaml
+
+    from conftest import one_line
+
+    cases = [
+        ({"teacher": {"backend": "openai", "model": "teacher", "base_url": served.base_url, "api_key_env": None}},
+         "cannot score prompts"),
+        ({"kd": {"on_policy": {"lmbda": 1.5}}}, "kd.on_policy.lmbda"),
+    ]
+    for i, (change, message) in enumerate(cases):
+        config = _distill_config(tmp_path, served.base_url)
+        for key, value in change.items():
+            config[key] = config[key] | value if key != "kd" else config["kd"] | {
+                "on_policy": config["kd"]["on_policy"] | value["on_policy"]}
+        config["run_dir"] = str(tmp_path / f"run{i}")
+        (tmp_path / f"bad{i}.yaml").write_text(yaml.safe_dump(config))
+        result = cli("distill", str(tmp_path / f"bad{i}.yaml"), "--no-progress")
+        assert result.returncode == 2, result.stderr
+        assert message in one_line(result.stderr)
+        assert not (tmp_path / f"run{i}" / "student-kd" / "train_metrics.json").exists()

@@ -375,6 +375,17 @@ def kd_train(cfg: RunConfig, store: Store, data: TaskData, progress: bool) -> di
             **({"alignment": alignment.as_dict(), "alignment_metrics": alignment.metrics()} if alignment else {})}
 
 
+def on_policy_metrics(detail: dict[str, Any]) -> dict[str, Any]:
+    """The run store's summary of an on-policy training: samples, aligned share, the last step's losses."""
+    op = detail.get("on_policy")
+    if not op:
+        return {}
+    last = op["history"][-1] if op.get("history") else [None, None, None]
+    return {"on_policy_samples": op["samples"], "on_policy_aligned_fraction": op["aligned_fraction"],
+            "on_policy_loss": last[1], "on_policy_reverse_kl": last[2],
+            "on_policy_scoring_calls": (op.get("scoring") or {}).get("calls_sent")}
+
+
 def final_ce(cfg: RunConfig, data: TaskData, progress: bool) -> dict[str, Any]:
     from ..kd.train import train_student
 
@@ -481,7 +492,7 @@ def distill(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool 
             store.put_metrics(ITERATION, {"pseudo_targets": detail["inputs"] * detail["k"]})
         detail = stages.run("kd_train", lambda: kd_train(cfg, store, data, progress))
         store.put_metrics(ITERATION, {"kd_train_loss": detail.get("loss"), "kd_train_steps": detail.get("steps"),
-                                      **detail.get("alignment_metrics", {})})
+                                      **detail.get("alignment_metrics", {}), **on_policy_metrics(detail)})
         alignment = detail.get("alignment")
         if cfg.kd.final_ce_epochs > 0:
             stages.run("final_ce", lambda: final_ce(cfg, data, progress))

@@ -10,6 +10,7 @@ from . import plots
 from .blocks import Figure, Ledger, Section, Table, fmt
 from .distill_run import model_size, pt_statistics, stage_rows
 from .lion_sections import usage_table, wall_time
+from .on_policy_sections import on_policy_section
 from .training_curves import distill_trainings
 
 TASK_METRICS = (("bleu", "BLEU"), ("rouge_mean", "ROUGE (mean F1)"), ("exact_match", "exact match %"))
@@ -129,6 +130,9 @@ def sections(run_dir: Path, store: Store, evaluations: list[tuple[str, dict[str,
             section.figures.append(Figure("training-loss", "Does each stage learn? Training loss per logged step, "
                                           "stages one after another (dotted lines: where each begins).", png))
         out.append(section)
+        on_policy = on_policy_section(trainings)
+        if on_policy is not None:
+            out.append(on_policy)
     results = _main_eval(evaluations)
     sizes = size_rows(run_dir, store, config)
     if results or sizes:
