@@ -130,7 +130,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def served(tiny):
-    from lionkd.sandbox.backend import SandboxBackend
+    from lionkd.llm.sandbox_backend import SandboxBackend
 
     tok, model = tiny
     with ServerThread(create_app({"t": HFBackend(model, tokenizer=tok), "teacher": SandboxBackend("teacher")})) as srv:
@@ -184,14 +184,14 @@ EXAMPLES = ["add 12 and 30", "sort the list 3 1 2", "reverse the word lion", "wh
 
 
 def _train(tok, student, served_url, out, *, store=None, max_steps=3, callbacks=(), lmbda=1.0, objective=None):
-    from lionkd.kd.trainer import train_student
+    from lionkd.kd.train import train_student
 
     examples = [TrainExample(target="the quick fox", prompt=p) for p in EXAMPLES]
     scorer = TeacherScorer(CachedLLM(ScoringBackend("t", base_url=served_url), store, role="teacher"), 4)
     setup = OnPolicySetup(OnPolicyConfig(max_new_tokens=6, lmbda=lmbda, min_aligned=0.0), scorer,
                           {e.id: render_prompt(tok, e.prompt_messages(), "alpaca") for e in examples})
     settings = TrainConfig(batch_size=2, max_steps=max_steps, logging_steps=1, save_steps=1, learning_rate=1e-3)
-    from lionkd.kd import trainer as trainer_module
+    from lionkd.kd import train as trainer_module
 
     build = trainer_module.build_trainer
 

@@ -265,7 +265,7 @@ def on_policy_setup(
     chat template). An unalignable teacher tokenizer is refused here, before any call."""
     from ..llm.scoring import open_scorer
     from ..llm.templates import render_prompt
-    from .trainer import load_tokenizer
+    from .loading import load_tokenizer
 
     op = cfg.kd.on_policy
     student_tok = load_tokenizer(student_dir)
