@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -360,3 +361,40 @@ def test_distill_bad_input_is_one_line_before_any_paid_call(served, tmp_path, cl
         assert result.returncode == 2, result.stderr
         assert message in one_line(result.stderr)
         assert not (tmp_path / f"run{i}" / "student-kd" / "train_metrics.json").exists()
+
+
+# --------------------------------------------------------------------------- Lion's imitation
+
+
+def test_lion_imitation_on_policy_trains_on_the_students_samples_and_the_teachers_answers(served, tmp_path):
+    from lionkd.config import RunConfig
+    from lionkd.lion.imitation import train
+    from lionkd.records import Instruction, Response
+    from lionkd.store import Store
+
+    config = _distill_config(tmp_path, served.base_url)
+    cfg = RunConfig.model_validate({
+        "run_dir": str(tmp_path / "lion"), "teacher": config["teacher"], "student": config["student"],
+        "lion": {"imitation": "on_policy"}, "kd": {"on_policy": config["kd"]["on_policy"]}})
+    instructions = [Instruction(text=q) for q in EXAMPLES]
+    answers = {i.id: Response(i.id, "teacher", "t", 1, "the quick fox") for i in instructions}
+    with Store.open_run(cfg.run_dir) as store:
+        info = train(cfg, store, instructions, answers, 1, show_progress=False, teacher_system="Answer briefly.")
+        calls = sum(r["calls"] for r in store.usage() if r["role"] == "teacher")
+    op = info["on_policy"]
+    assert info["examples"] == len(EXAMPLES) and not info["logit_kd"]
+    assert op["samples"] > 0 and op["scoring"]["calls_sent"] == calls == op["samples"] + 1
+    assert [h[0] for h in op["history"]] == [0, 1, 2]
+    metrics = json.loads((cfg.run_dir / "students" / "iter-1" / "train_metrics.json").read_text())
+    assert metrics["objective"] == {"ce": 1.0, "on_policy": 1.0}
+
+
+def test_lion_imitation_on_policy_without_a_served_teacher_stops_before_any_work(tmp_path):
+    from lionkd.config import RunConfig
+    from lionkd.lion.loop import run_lion
+
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "lion"), "lion": {"imitation": "on_policy"},
+                                    "teacher": {"backend": "sandbox", "model": "teacher"}})
+    with pytest.raises(UserError, match="lion.imitation: 'on_policy' needs a served teacher"):
+        run_lion(cfg, progress=False)
+    assert not (tmp_path / "lion").exists()

@@ -280,7 +280,9 @@ def on_policy_setup(
     flat = [e for group in examples for e in (group if isinstance(group, list) else [group])]
     if teacher_tok is not student_tok:
         check_alignment(teacher_tok, student_tok, [e.target for e in flat[:32]], op.min_aligned, "teacher.tokenizer")
+    # the teacher's instruction stands where the student's own system prompt (if any) stood
     system = [{"role": "system", "content": instruction}] if instruction else []
     template = "chat" if teacher_tok is not student_tok else cfg.student.template
-    prompts = {e.id: render_prompt(teacher_tok, [*system, *e.prompt_messages()], template) for e in flat}
+    prompts = {e.id: render_prompt(teacher_tok, [*system, *(m for m in e.prompt_messages() if m["role"] != "system")],
+                                   template) for e in flat}
     return OnPolicySetup(op, open_scorer(cfg.teacher, store, op.top_k), prompts, seed=cfg.seed)

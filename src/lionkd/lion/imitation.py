@@ -3,7 +3,10 @@
 Answers are persisted one by one as `Response` records (and every call in the call cache), so an
 interrupted stage asks only for what is missing. Training goes through the KD engine's
 `train_student`: sequence-level KD on the teacher's text (loss on answer tokens only) when the
-teacher is a black box, logit KD when the teacher is a local model (`backend: hf`).
+teacher is a black box, logit KD when the teacher is a local model (`backend: hf`). With
+`lion.imitation: on_policy` and a served teacher, the student also samples its own answers to the
+Train Pool and learns the reverse KL to the teacher's scores of them (`kd/on_policy.py`); the
+teacher's answers stay the off-policy share (`kd.on_policy.lmbda` of each batch is the student's).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ def answer_train_pool(cfg: RunConfig, store: Store, teacher: Any, prompts: LionP
 
 
 def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], answers: dict[str, Response],
-          iteration: int, show_progress: bool) -> dict[str, Any]:
+          iteration: int, show_progress: bool, teacher_system: str | None = None) -> dict[str, Any]:
     """Fine-tune the previous student on (instruction, teacher answer) pairs, plus replay; returns metrics.
 
     A finished training (its saved directory) is reused as it is; an interrupted one resumes from
@@ -75,10 +78,20 @@ def train(cfg: RunConfig, store: Store, instructions: Sequence[Instruction], ans
         from ..llm.models import resolve_model_path
 
         kd_teacher = str(resolve_model_path(cfg.teacher.model))
+    on_policy, objective = None, None
+    if cfg.lion.imitation == "on_policy":
+        from ..kd.on_policy import on_policy_setup
+
+        on_policy = on_policy_setup(cfg, store, examples + replay, student_init(cfg, iteration), teacher_system)
+        objective = {"ce": 1.0, "on_policy": 1.0}
+        kd_teacher = None
     metrics = train_student(TrainJob(
         student_init(cfg, iteration), examples + replay, student_dir(cfg, iteration),
-        settings=cfg.student.train, teacher=kd_teacher, kd=cfg.kd,
-        template=cfg.student.template, lora=cfg.student.lora, progress=show_progress,
+        settings=cfg.student.train, teacher=kd_teacher, kd=cfg.kd, objective=objective,
+        template=cfg.student.template, lora=cfg.student.lora, progress=show_progress, on_policy=on_policy,
     ))
-    return {"examples": len(examples), "replayed": len(replay), "train_loss": metrics.get("loss"),
-            "train_steps": metrics.get("steps"), "logit_kd": white_box}
+    info = {"examples": len(examples), "replayed": len(replay), "train_loss": metrics.get("loss"),
+            "train_steps": metrics.get("steps"), "logit_kd": white_box and on_policy is None}
+    if "on_policy" in metrics:
+        info["on_policy"] = metrics["on_policy"]
+    return info

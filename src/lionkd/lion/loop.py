@@ -64,8 +64,11 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
     run started with unless `allow_config_change` (see `lionkd.run_guard`).
     """
-    # a bad prompt override fails before any work
+    # a bad prompt override fails before any work, and so does an on-policy imitation without a served teacher
     prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
+    if cfg.lion.imitation == "on_policy" and cfg.teacher.backend != "openai":
+        raise UserError("lion.imitation: 'on_policy' needs a served teacher (teacher.backend: openai, with base_url) "
+                        "that scores the student's answers")
     run_dir = Path(cfg.run_dir)
     console = Console(stderr=True, quiet=not progress)
     last = cfg.lion.iterations + 1
@@ -172,7 +175,8 @@ def imitation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: Lio
         instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
     if answers:
         llms.release_local()  # the GPU is the training stage's now: local role models load again when used
-        info = train(cfg, store, instructions, answers, k, show_progress=progress)
+        info = train(cfg, store, instructions, answers, k, show_progress=progress,
+                     teacher_system=prompts.teacher_system)
     else:  # nothing new survived the filters: the student stays as it was
         shutil.copytree(student_init(cfg, k), student_dir(cfg, k), dirs_exist_ok=True)
         info = {"examples": 0, "replayed": 0, "skipped": True}
