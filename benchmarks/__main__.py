@@ -17,7 +17,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 SPEED = ["llm_throughput", "hf_generate", "novelty", "world_novelty", "kd_loss", "kd_step", "real_student", "scaling"]
-RESULTS = ["api_teacher_kd", "lion_vs_self_instruct", "pt_kd_study"]
+RESULTS = ["api_teacher_kd", "lion_vs_self_instruct", "pt_kd_study", "on_policy"]
 
 
 def main() -> None:
