@@ -156,6 +156,16 @@ def test_scores_over_http_are_the_models_own_log_probabilities(tiny, served, sco
     assert backend.scoring == ("vllm" if scoring == "auto" else scoring)
 
 
+def test_echoed_scores_without_text_offsets_are_read_from_the_end():
+    from lionkd.llm.scoring import ScoreRequest, parse_echo_scores
+
+    tokens = ["Q", ":", " hi", "\n", "A", ":", " the", " fox", "!"]  # the last one was generated
+    choice = {"logprobs": {"tokens": tokens, "token_logprobs": [None, *[-float(i) for i in range(1, 9)]],
+                           "top_logprobs": [None, *[{t: -0.5} for t in tokens[1:]]], "text_offset": []}}
+    got = parse_echo_scores(choice, ScoreRequest("Q: hi\nA:", " the fox", 2), generated=1)
+    assert [(t.token, t.logprob) for t in got] == [(" the", -6.0), (" fox", -7.0)]
+
+
 def test_a_server_that_cannot_score_prompts_is_named_on_the_first_call(served):
     scorer = TeacherScorer(CachedLLM(ScoringBackend("teacher", base_url=served.base_url), None), 4)
     with pytest.raises(UserError) as err:

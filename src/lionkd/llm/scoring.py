@@ -125,7 +125,9 @@ class ScoringBackend(OpenAIBackend):
             choice = (data.get("choices") or [None])[0]
             if not isinstance(choice, dict):
                 raise MalformedResponse("no choices in the response body")
-            tokens = (parse_vllm_scores if dialect == "vllm" else parse_echo_scores)(choice, req)
+            generated = int((data.get("usage") or {}).get("completion_tokens") or 0)
+            tokens = (parse_vllm_scores(choice, req) if dialect == "vllm"
+                      else parse_echo_scores(choice, req, generated))
         except (AttributeError, TypeError, ValueError, KeyError) as exc:
             raise MalformedResponse(f"{type(exc).__name__}: {exc}") from exc
         usage = data.get("usage") or {}
@@ -192,17 +194,22 @@ def parse_vllm_scores(choice: dict[str, Any], req: ScoreRequest) -> list[TokenLo
     return out
 
 
-def parse_echo_scores(choice: dict[str, Any], req: ScoreRequest) -> list[TokenLogprob]:
-    """The completion's tokens from legacy echoed `logprobs` (see the module doc)."""
+def parse_echo_scores(choice: dict[str, Any], req: ScoreRequest, generated: int = 0) -> list[TokenLogprob]:
+    """The completion's tokens from legacy echoed `logprobs` (see the module doc).
+
+    Without `text_offset` (some servers leave it empty) the `generated` tokens after the prompt are
+    dropped and the completion is found from the end, as for vLLM's form.
+    """
     lp = choice.get("logprobs")
     if not lp or not lp.get("tokens") or not lp.get("token_logprobs"):
         raise _NoPromptScores("the response has no echoed token logprobs")
     tokens, values = lp["tokens"], lp["token_logprobs"]
     tops = lp.get("top_logprobs") or [None] * len(tokens)
     offsets = lp.get("text_offset")
-    if offsets is None or len(offsets) != len(tokens):
-        raise _NoPromptScores("the response has no text_offset for its echoed tokens")
-    if not offsets or offsets[0] != 0 or sum(len(t) for t in tokens) < len(req.prompt):
+    if not offsets or len(offsets) != len(tokens):
+        tokens = tokens[: len(tokens) - generated] if generated else tokens
+        offsets = None
+    if sum(len(t) for t in tokens) < len(req.prompt) * 0.5:  # decoded pieces may differ a little, not halve
         raise _NoPromptScores("the echoed tokens do not cover the prompt")
     out = []
     for i, piece in _completion_positions(tokens, req.context, req.completion, offsets):
