@@ -188,6 +188,22 @@ def test_scores_are_cached_in_the_run_store(tiny, served, tmp_path):
         assert sum(r["calls"] for r in store.usage() if r["role"] == "teacher") == 2
 
 
+def test_scoring_calls_keep_to_the_budget(served, tmp_path):
+    from lionkd.budget import Budget
+    from lionkd.config import RunConfig
+    from lionkd.errors import BudgetExceeded
+    from lionkd.store import Store
+
+    with Store.open_run(tmp_path) as store:
+        store.budget = Budget.for_run(RunConfig.model_validate({"teacher": {"budget": {"max_calls": 2}}}), store)
+        scorer = TeacherScorer(CachedLLM(ScoringBackend("t", base_url=served.base_url), store, role="teacher"), 3)
+        pairs = [(f"<|user|>\nq{i}\n<|assistant|>\n", "the fox") for i in range(3)]
+        with pytest.raises(BudgetExceeded, match="teacher.budget reached"):
+            scorer.score(pairs)
+        assert sum(r["calls"] for r in store.usage() if r["role"] == "teacher") == 2
+        assert scorer.score(pairs[:2])[0] is not None  # what was paid for is kept: no new call
+
+
 # --------------------------------------------------------------------------- training
 
 
