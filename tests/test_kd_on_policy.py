@@ -134,7 +134,17 @@ def served(tiny):
     from lionkd.llm.sandbox_backend import SandboxBackend
 
     tok, model = tiny
-    with ServerThread(create_app({"t": HFBackend(model, tokenizer=tok), "teacher": SandboxBackend("teacher")})) as srv:
+    app = create_app({"t": HFBackend(model, tokenizer=tok), "teacher": SandboxBackend("teacher")})
+    requests = {"completions": 0}
+
+    @app.middleware("http")
+    async def count(request, call_next):  # what the teacher was asked, whoever asked it
+        if request.url.path.endswith("/completions"):
+            requests["completions"] += 1
+        return await call_next(request)
+
+    with ServerThread(app) as srv:
+        srv.requests = requests
         yield srv
 
 
@@ -182,7 +192,9 @@ def test_scores_are_cached_in_the_run_store(tiny, served, tmp_path):
         llm = CachedLLM(ScoringBackend("t", base_url=served.base_url), store, role="teacher")
         first, again = TeacherScorer(llm, 3), TeacherScorer(llm, 3)
         pairs = [("<|user|>\nhi\n<|assistant|>\n", "the fox"), ("<|user|>\nyo\n<|assistant|>\n", "a dog")]
+        sent = _teacher_requests(served)
         a, b = first.score(pairs), again.score(pairs)
+        assert _teacher_requests(served) == sent + 2
         assert first.stats["calls_sent"] == 2 and again.stats["calls_sent"] == 0 and again.stats["calls_cached"] == 2
         assert [[t.logprob for t in x] for x in a] == [[t.logprob for t in x] for x in b]
         assert sum(r["calls"] for r in store.usage() if r["role"] == "teacher") == 2
@@ -296,17 +308,25 @@ def test_lmbda_outside_0_1_is_a_config_error():
         OnPolicyConfig(lmbda=1.5)
 
 
-def test_tokenizers_that_cannot_be_aligned_are_refused_before_any_call(tiny):
+def _word_level_tokenizer():
+    """A teacher tokenizer that writes every word as one unknown token: nothing lines up with a student's pieces."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
+    words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+
+
+def _teacher_requests(server) -> int:
+    return server.requests["completions"]
+
+
+def test_tokenizers_that_cannot_be_aligned_are_refused_before_any_call(tiny):
     tok, _ = tiny
     texts = ["the quick brown fox jumps over the lazy dog"]
     assert check_alignment(tok, tok, texts, 0.9, "teacher.tokenizer") == 1.0
-    # a teacher that writes every word as one unknown token: nothing lines up with the student's pieces
-    words = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    other = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    other = _word_level_tokenizer()
     with pytest.raises(UserError, match="teacher.tokenizer: the teacher's tokenizer aligns only"):
         check_alignment(other, tok, texts, 0.9, "teacher.tokenizer")
 
@@ -371,22 +391,29 @@ def test_distill_bad_input_is_one_line_before_any_paid_call(served, tmp_path, cl
 
     from conftest import one_line
 
+    words_dir = tmp_path / "word-tokenizer"
+    _word_level_tokenizer().save_pretrained(words_dir)
     cases = [
         ({"teacher": {"backend": "openai", "model": "teacher", "base_url": served.base_url, "api_key_env": None}},
          "cannot score prompts"),
         ({"kd": {"on_policy": {"lmbda": 1.5}}}, "kd.on_policy.lmbda"),
+        ({"teacher": {"tokenizer": str(words_dir)}, "kd": {"on_policy": {"min_aligned": 0.9}}},
+         "teacher.tokenizer: the teacher's tokenizer aligns only"),
     ]
     for i, (change, message) in enumerate(cases):
         config = _distill_config(tmp_path, served.base_url)
         for key, value in change.items():
             config[key] = config[key] | value if key != "kd" else config["kd"] | {
                 "on_policy": config["kd"]["on_policy"] | value["on_policy"]}
+        before = _teacher_requests(served)
         config["run_dir"] = str(tmp_path / f"run{i}")
         (tmp_path / f"bad{i}.yaml").write_text(yaml.safe_dump(config))
         result = cli("distill", str(tmp_path / f"bad{i}.yaml"), "--no-progress")
         assert result.returncode == 2, result.stderr
         assert message in one_line(result.stderr)
         assert not (tmp_path / f"run{i}" / "student-kd" / "train_metrics.json").exists()
+        if i > 0:  # refused before any call (the first case's one call is what finds it out)
+            assert _teacher_requests(served) == before
 
 
 # --------------------------------------------------------------------------- Lion's imitation

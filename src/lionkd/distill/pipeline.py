@@ -469,6 +469,11 @@ def distill(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool 
     check_config(cfg)
     console = Console(stderr=True, quiet=not progress)
     data = load_task_data(cfg)
+    if "on_policy" in cfg.kd.objective and cfg.teacher.tokenizer and cfg.kd.student_init != "pruned":
+        from ..kd.on_policy import check_teacher_tokenizer
+
+        # before any call: a teacher whose tokens cannot be laid over the student's stops the run here
+        check_teacher_tokenizer(cfg, model_path(cfg.student.model, "student.model"), [e.target for e in data.labeled])
     with hold_run(cfg.run_dir), Store.open_run(cfg.run_dir) as store:
         for change in bind_config(store, cfg, allow_change=allow_config_change):
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",

@@ -253,6 +253,28 @@ def check_alignment(teacher_tokenizer: Any, student_tokenizer: Any, texts: Seque
     return share
 
 
+def teacher_tokenizer(cfg: Any, student_tok: Any) -> Any:
+    """The tokenizer whose chat template writes the teacher's prompts: `teacher.tokenizer`, else the student's."""
+    if not cfg.teacher.tokenizer:
+        return student_tok
+    from ..llm.models import resolve_model_path
+    from .loading import load_tokenizer
+
+    try:
+        return load_tokenizer(resolve_model_path(cfg.teacher.tokenizer))
+    except (UserError, OSError, ValueError) as exc:
+        raise UserError(f"teacher.tokenizer: {exc}") from None
+
+
+def check_teacher_tokenizer(cfg: Any, student_dir: str, texts: Sequence[str]) -> float:
+    """`check_alignment` of `teacher.tokenizer` against the student's on up to 32 of `texts` (no call)."""
+    from .loading import load_tokenizer
+
+    student_tok = load_tokenizer(student_dir)
+    return check_alignment(teacher_tokenizer(cfg, student_tok), student_tok, [t for t in texts if t][:32],
+                           cfg.kd.on_policy.min_aligned, "teacher.tokenizer")
+
+
 def on_policy_setup(
     cfg: Any,  # RunConfig
     store: Any,
@@ -269,14 +291,7 @@ def on_policy_setup(
 
     op = cfg.kd.on_policy
     student_tok = load_tokenizer(student_dir)
-    teacher_tok = student_tok
-    if cfg.teacher.tokenizer:
-        from ..llm.models import resolve_model_path
-
-        try:
-            teacher_tok = load_tokenizer(resolve_model_path(cfg.teacher.tokenizer))
-        except UserError as exc:
-            raise UserError(f"teacher.tokenizer: {exc}") from None
+    teacher_tok = teacher_tokenizer(cfg, student_tok)
     flat = [e for group in examples for e in (group if isinstance(group, list) else [group])]
     if teacher_tok is not student_tok:
         check_alignment(teacher_tok, student_tok, [e.target for e in flat[:32]], op.min_aligned, "teacher.tokenizer")
