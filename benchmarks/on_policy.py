@@ -1,0 +1,289 @@
+"""On-policy KD from a served teacher, side by side with SFT on its answers and with TRL's GKD trainer.
+
+The sandbox world's tasks (exact answers, exact-match accuracy on held-out problems). The teacher is
+SmolLM2-135M-Instruct fine-tuned on the tasks by this benchmark (cross-entropy on the world's exact
+answers) and served over HTTP by `lionkd serve`'s app; the student is SmolLM2-135M-Instruct as it
+comes, which does not know them. Every arm trains the same student on the same training prompts for
+the same steps, batch and learning rate:
+
+- sft:       cross-entropy on the served teacher's greedy answers (asked once through the call cache)
+- on_policy: lionkd's on-policy objective (lmbda 1, top-k reverse KL), the teacher scoring over HTTP
+- mixed:     half of each batch on-policy, the other half cross-entropy on the teacher's answers
+- trl_gkd:   TRL's GKD trainer with the same teacher in process (lmbda 1, beta 1: reverse KL on the
+             student's samples), the reference implementation
+
+For each arm and seed: held-out exact match, teacher tokens (tokens the teacher read or wrote: its
+answers' prompt and completion tokens, the scored prompts, or for TRL the sequences its in-process
+teacher read), wall time and peak memory (resident set on CPU, allocated memory on a GPU), each arm
+in its own process. Paired differences per seed against SFT and against TRL GKD, mean ± sd.
+
+    python -m benchmarks on_policy                     (the full run: 3 seeds, GPU advised)
+    python benchmarks/on_policy.py --quick             (a reduced run that proves the pipeline works)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).parent / "results" / "on_policy.json"
+MODEL = "smollm2-135m-instruct"
+SYSTEM = "Answer with the result only."
+ARMS = ("sft", "on_policy", "mixed", "trl_gkd")
+
+
+def settings(quick: bool) -> dict[str, Any]:
+    if quick:
+        return {"seeds": 1, "teacher_steps": 6, "steps": 3, "batch": 4, "train_prompts": 12, "test_per_task": 1,
+                "max_new_tokens": 12, "lr": 5e-5, "teacher_lr": 1.5e-4}
+    return {"seeds": 3, "teacher_steps": 120, "steps": 60, "batch": 8, "train_prompts": 480, "test_per_task": 8,
+            "max_new_tokens": 16, "lr": 5e-5, "teacher_lr": 1.5e-4}
+
+
+def messages(instruction: str) -> list[dict[str, str]]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --------------------------------------------------------------------------- the teacher
+
+
+def make_teacher(work: Path, cfg: dict[str, Any]) -> Path:
+    """SmolLM2 fine-tuned on the sandbox tasks (once per settings; reused by later runs)."""
+    from lionkd.config import TrainConfig
+    from lionkd.kd.data import TrainExample
+    from lionkd.kd.train import train_student
+    from lionkd.llm.models import resolve_model_path
+    from lionkd.sandbox import world
+
+    out = work / f"teacher-{cfg['teacher_steps']}"
+    rng = random.Random("teacher-data")
+    examples = []
+    for _ in range(cfg["teacher_steps"] * 8):
+        x = world.sample(rng)
+        examples.append(TrainExample(messages=messages(x.instruction), target=x.answer))
+    train_student(resolve_model_path(MODEL), examples, out, objective="ce", progress=False,
+                  settings=TrainConfig(max_steps=cfg["teacher_steps"], batch_size=8, learning_rate=cfg["teacher_lr"],
+                                       lr_scheduler="constant", warmup_ratio=0, max_length=128, save_steps=10_000))
+    return out
+
+
+# --------------------------------------------------------------------------- one arm (its own process)
+
+
+def run_arm(arm: str, seed: int, base_url: str, teacher_dir: str, work: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lionkd.llm.models import resolve_model_path
+    from lionkd.sandbox import world
+    from lionkd.sandbox.student import evaluate_student
+
+    torch.manual_seed(seed)
+    student = resolve_model_path(MODEL)
+    rng = random.Random(f"train-prompts:{seed}")
+    prompts = [world.sample(rng).instruction for _ in range(cfg["train_prompts"])]
+    test = world.test_set(per_task=cfg["test_per_task"], seed=100 + seed)
+    out = work / f"{arm}-{seed}"
+    start = time.perf_counter()
+    if arm == "trl_gkd":
+        tokens = train_trl(student, teacher_dir, prompts, out, seed, cfg)
+    else:
+        tokens = train_lionkd(arm, student, base_url, prompts, out, seed, cfg)
+    wall = time.perf_counter() - start
+    peak = peak_memory_mb()
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    accuracy = evaluate_student(model, tok, test, batch_size=32, max_new_tokens=cfg["max_new_tokens"],
+                                system_prompt=SYSTEM)["overall"]
+    return {"arm": arm, "seed": seed, "accuracy": accuracy, "teacher_tokens": tokens, "wall_s": wall,
+            "peak_mb": peak, "test_items": len(test)}
+
+
+def train_lionkd(arm: str, student: str, base_url: str, prompts: list[str], out: Path, seed: int,
+                 cfg: dict[str, Any]) -> int:
+    from lionkd.config import OnPolicyConfig, TrainConfig
+    from lionkd.kd.data import TrainExample
+    from lionkd.kd.loading import load_tokenizer
+    from lionkd.kd.on_policy import OnPolicySetup
+    from lionkd.kd.train import train_student
+    from lionkd.llm.base import GenRequest
+    from lionkd.llm.cache import CachedLLM
+    from lionkd.llm.openai_backend import OpenAIBackend
+    from lionkd.llm.scoring import ScoringBackend, TeacherScorer
+    from lionkd.llm.templates import render_prompt
+    from lionkd.store import Store
+
+    store = Store.open_run(out.parent / f"store-{arm}-{seed}")
+    tokens = 0
+    answers = [""] * len(prompts)
+    if arm in ("sft", "mixed"):
+        llm = CachedLLM(OpenAIBackend("teacher", base_url=base_url, api_key="unused"), store, role="teacher")
+        results = llm.generate([GenRequest.chat(messages(p), temperature=0.0, max_tokens=cfg["max_new_tokens"])
+                                for p in prompts])
+        answers = [r.text.strip() for r in results]
+        tokens += sum(r.prompt_tokens + r.completion_tokens for r in results)
+    examples = [TrainExample(messages=messages(p), target=a) for p, a in zip(prompts, answers, strict=True)]
+    settings = TrainConfig(max_steps=cfg["steps"], batch_size=cfg["batch"], learning_rate=cfg["lr"], seed=seed,
+                           lr_scheduler="constant", warmup_ratio=0, max_length=128, save_steps=10_000)
+    setup, objective = None, {"ce": 1.0}
+    if arm in ("on_policy", "mixed"):
+        tok = load_tokenizer(student)
+        scorer = TeacherScorer(CachedLLM(ScoringBackend("teacher", base_url=base_url, scoring="vllm"), store,
+                                         role="teacher"), 5)
+        op = OnPolicyConfig(lmbda=1.0 if arm == "on_policy" else 0.5, max_new_tokens=cfg["max_new_tokens"])
+        setup = OnPolicySetup(op, scorer, {e.id: render_prompt(tok, e.prompt_messages()) for e in examples}, seed)
+        objective = {"on_policy": 1.0} if arm == "on_policy" else {"on_policy": 1.0, "ce": 1.0}
+    metrics = train_student(student, examples, out, settings=settings, objective=objective, progress=False,
+                            on_policy=setup, resume=False)
+    if setup is not None:
+        scoring = metrics["on_policy"]["scoring"]
+        tokens += scoring["prompt_tokens"] + scoring["completion_tokens"]
+    store.close()
+    return tokens
+
+
+def train_trl(student: str, teacher_dir: str, prompts: list[str], out: Path, seed: int, cfg: dict[str, Any]) -> int:
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.padding_side = "left"
+    rows = []
+    for p in prompts:  # tokenized rows: TRL's trainer then prepares nothing itself
+        ids = tok(tok.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False)["input_ids"]
+        rows.append({"input_ids": ids, "labels": [-100] * len(ids)})
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+
+    def collate(batch: list[dict]) -> dict:
+        # the prompts alone, left padded: with lmbda 1 every batch is replaced by the student's own samples
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, r in enumerate(batch):
+            ids[i, width - len(r["input_ids"]):] = torch.tensor(r["input_ids"])
+            mask[i, width - len(r["input_ids"]):] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.full_like(ids, -100),
+                "prompts": ids, "prompt_attention_mask": mask}
+
+    seen = {"tokens": 0}  # what the in-process teacher read: every sequence it scored
+    cuda = torch.cuda.is_available()
+    args = GKDConfig(output_dir=str(out / "trl"), max_steps=cfg["steps"], per_device_train_batch_size=cfg["batch"],
+                     learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, lmbda=1.0, beta=1.0,
+                     temperature=1.0, max_new_tokens=cfg["max_new_tokens"], max_length=128, seed=seed,
+                     report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=not cuda,
+                     disable_tqdm=True, bf16=cuda, remove_unused_columns=False)
+    trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(student),
+                         teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
+                         train_dataset=Dataset.from_list(rows), data_collator=collate, processing_class=tok)
+    trainer.generation_config.eos_token_id = [end, tok.eos_token_id]
+    # The Trainer would count the step's tokens on the prompts-only batch (0 labels) before the student's
+    # samples replace it, and TRL's loss would divide by that 0: each batch is normalised by its own tokens.
+    trainer.model_accepts_loss_kwargs = False
+    teacher_forward = trainer.teacher_model.forward
+
+    def counting_forward(*a: Any, **kw: Any) -> Any:
+        mask = kw.get("attention_mask")
+        seen["tokens"] += int(mask.sum()) if mask is not None else 0
+        return teacher_forward(*a, **kw)
+
+    trainer.teacher_model.forward = counting_forward
+    trainer.train()
+    trainer.save_model(str(out))
+    tok.save_pretrained(out)
+    return seen["tokens"]
+
+
+# --------------------------------------------------------------------------- the whole comparison
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def stats(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+    arms = {a: [r for r in rows if r["arm"] == a] for a in ARMS}
+    out: dict[str, Any] = {"per_arm": {a: {k: stats([r[k] for r in rs]) for k in
+                                           ("accuracy", "teacher_tokens", "wall_s", "peak_mb")}
+                                       for a, rs in arms.items() if rs}}
+    paired = {}
+    for a, b in (("on_policy", "sft"), ("mixed", "sft"), ("on_policy", "trl_gkd")):
+        by_seed = {r["seed"]: r for r in arms[b]}
+        diffs = [r["accuracy"] - by_seed[r["seed"]]["accuracy"] for r in arms[a] if r["seed"] in by_seed]
+        if diffs:
+            paired[f"{a} - {b}"] = stats(diffs)
+    out["paired_accuracy_differences"] = paired
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = [f"{'arm':10} {'accuracy':>16} {'teacher tokens':>16} {'wall s':>12} {'peak MB':>10}"]
+    for arm, s in summary["per_arm"].items():
+        lines.append(f"{arm:10} {s['accuracy']['mean']:>9.3f} ± {s['accuracy']['sd']:.3f} "
+                     f"{s['teacher_tokens']['mean']:>16,.0f} {s['wall_s']['mean']:>12.1f} {s['peak_mb']['mean']:>10.0f}")
+    for name, s in summary["paired_accuracy_differences"].items():
+        lines.append(f"paired {name}: {s['mean']:+.3f} ± {s['sd']:.3f}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced run that proves the pipeline works")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/lionkd-bench-on-policy"))
+    parser.add_argument("--arm", choices=ARMS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-url")
+    parser.add_argument("--teacher")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    cfg = settings(args.quick)
+    if args.quick and args.results == RESULTS:  # a reduced run never stands in for the full one
+        args.results = RESULTS.with_name("on_policy-quick.json")
+    if args.arm:  # one arm, in its own process: its peak memory is its own
+        print(json.dumps(run_arm(args.arm, args.seed, args.base_url, args.teacher, args.work, cfg)))
+        return
+
+    from lionkd.llm.server import ServerThread, build_models, create_app
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    teacher = make_teacher(args.work, cfg)
+    rows = []
+    with ServerThread(create_app(build_models(str(teacher), name="teacher", dtype="float32"))) as server:
+        for seed in range(cfg["seeds"]):
+            for arm in ARMS:
+                cmd = [sys.executable, __file__, "--arm", arm, "--seed", str(seed), "--base-url", server.base_url,
+                       "--teacher", str(teacher), "--work", str(args.work)] + (["--quick"] if args.quick else [])
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    sys.stderr.write(done.stderr[-4000:])
+                    raise SystemExit(f"arm {arm} (seed {seed}) failed")
+                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+                print(f"seed {seed} {arm}: {rows[-1]}", flush=True)
+    summary = summarise(rows)
+    print(table(summary))
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"settings": cfg | {"quick": args.quick}, "runs": rows, **summary}, indent=1))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
