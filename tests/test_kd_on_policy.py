@@ -93,7 +93,7 @@ def test_k1_value_is_the_log_ratio_and_its_gradient_the_score_function():
     lq_all = logits.log_softmax(-1)
     lq = lq_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)
     n = mask.sum()
-    assert float(loss) == pytest.approx(float(((lq - lp) * mask).sum() / n), abs=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(((lq - lp) * mask).sum() / n), abs=1e-5)
     onehot = torch.nn.functional.one_hot(y, logits.shape[-1]).float()
     want = ((lq - lp) * mask / n).unsqueeze(-1) * (onehot - lq_all.exp())
     assert torch.allclose(s.grad, want, atol=1e-6)
@@ -390,30 +390,34 @@ def test_distill_bad_input_is_one_line_before_any_paid_call(served, tmp_path, cl
     import yaml
 
     from conftest import one_line
+    from lionkd.config import load_config
+    from lionkd.distill.pipeline import distill
 
+    def write(name, **changes):
+        config = _distill_config(tmp_path, served.base_url)
+        config["run_dir"] = str(tmp_path / name)
+        config["teacher"] |= changes.get("teacher", {})
+        config["kd"]["on_policy"] |= changes.get("on_policy", {})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        return tmp_path / f"{name}.yaml"
+
+    # a server that cannot score prompts: its first call says so, on one line, exit 2, before training
+    path = write("no-scores", teacher={"model": "teacher"})
+    result = cli("distill", str(path), "--no-progress")
+    assert result.returncode == 2 and "cannot score prompts" in one_line(result.stderr)
+    assert not (tmp_path / "no-scores" / "student-kd" / "train_metrics.json").exists()
+    # the rest are refused before any call at all (in process: the exit code of a UserError is the CLI's)
+    before = _teacher_requests(served)
+    with pytest.raises(UserError, match="kd.on_policy.lmbda"):
+        load_config(write("lmbda", on_policy={"lmbda": 1.5}))
     words_dir = tmp_path / "word-tokenizer"
     _word_level_tokenizer().save_pretrained(words_dir)
-    cases = [
-        ({"teacher": {"backend": "openai", "model": "teacher", "base_url": served.base_url, "api_key_env": None}},
-         "cannot score prompts"),
-        ({"kd": {"on_policy": {"lmbda": 1.5}}}, "kd.on_policy.lmbda"),
-        ({"teacher": {"tokenizer": str(words_dir)}, "kd": {"on_policy": {"min_aligned": 0.9}}},
-         "teacher.tokenizer: the teacher's tokenizer aligns only"),
-    ]
-    for i, (change, message) in enumerate(cases):
-        config = _distill_config(tmp_path, served.base_url)
-        for key, value in change.items():
-            config[key] = config[key] | value if key != "kd" else config["kd"] | {
-                "on_policy": config["kd"]["on_policy"] | value["on_policy"]}
-        before = _teacher_requests(served)
-        config["run_dir"] = str(tmp_path / f"run{i}")
-        (tmp_path / f"bad{i}.yaml").write_text(yaml.safe_dump(config))
-        result = cli("distill", str(tmp_path / f"bad{i}.yaml"), "--no-progress")
-        assert result.returncode == 2, result.stderr
-        assert message in one_line(result.stderr)
-        assert not (tmp_path / f"run{i}" / "student-kd" / "train_metrics.json").exists()
-        if i > 0:  # refused before any call (the first case's one call is what finds it out)
-            assert _teacher_requests(served) == before
+    cfg = load_config(write("words", teacher={"tokenizer": str(words_dir)}, on_policy={"min_aligned": 0.9}))
+    with pytest.raises(UserError, match="teacher.tokenizer: the teacher's tokenizer aligns only") as err:
+        distill(cfg, progress=False)
+    assert "\n" not in str(err.value)
+    assert _teacher_requests(served) == before
+    assert not (tmp_path / "words" / "student-kd").exists()
 
 
 # --------------------------------------------------------------------------- Lion's imitation
