@@ -28,6 +28,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,7 +131,9 @@ def train_lionkd(arm: str, student: str, base_url: str, prompts: list[str], out:
     from lionkd.llm.templates import render_prompt
     from lionkd.store import Store
 
-    store = Store.open_run(out.parent / f"store-{arm}-{seed}")
+    folder = out.parent / f"store-{arm}-{seed}"
+    shutil.rmtree(folder, ignore_errors=True)  # an empty call cache: every teacher token of this run is counted
+    store = Store.open_run(folder)
     tokens = 0
     answers = [""] * len(prompts)
     if arm in ("sft", "mixed"):
