@@ -68,7 +68,8 @@ def peak_memory_mb() -> float:
 def make_teacher(work: Path, cfg: dict[str, Any]) -> Path:
     """SmolLM2 fine-tuned on the sandbox tasks (once per settings; reused by later runs)."""
     from lionkd.config import TrainConfig
-    from lionkd.kd.data import TrainExample
+    from lionkd.kd.examples import TrainExample
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.train import train_student
     from lionkd.llm.models import resolve_model_path
     from lionkd.sandbox import world
@@ -79,9 +80,10 @@ def make_teacher(work: Path, cfg: dict[str, Any]) -> Path:
     for _ in range(cfg["teacher_steps"] * 8):
         x = world.sample(rng)
         examples.append(TrainExample(messages=messages(x.instruction), target=x.answer))
-    train_student(resolve_model_path(MODEL), examples, out, objective="ce", progress=False,
-                  settings=TrainConfig(max_steps=cfg["teacher_steps"], batch_size=8, learning_rate=cfg["teacher_lr"],
-                                       lr_scheduler="constant", warmup_ratio=0, max_length=128, save_steps=10_000))
+    train_student(TrainJob(resolve_model_path(MODEL), examples, out, objective="ce", progress=False,
+                           settings=TrainConfig(max_steps=cfg["teacher_steps"], batch_size=8,
+                                                learning_rate=cfg["teacher_lr"], lr_scheduler="constant",
+                                                warmup_ratio=0, max_length=128, save_steps=10_000)))
     return out
 
 
@@ -120,7 +122,8 @@ def run_arm(arm: str, seed: int, base_url: str, teacher_dir: str, work: Path, cf
 def train_lionkd(arm: str, student: str, base_url: str, prompts: list[str], out: Path, seed: int,
                  cfg: dict[str, Any]) -> int:
     from lionkd.config import OnPolicyConfig, TrainConfig
-    from lionkd.kd.data import TrainExample
+    from lionkd.kd.examples import TrainExample
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.loading import load_tokenizer
     from lionkd.kd.on_policy import OnPolicySetup
     from lionkd.kd.train import train_student
@@ -153,8 +156,8 @@ def train_lionkd(arm: str, student: str, base_url: str, prompts: list[str], out:
         op = OnPolicyConfig(lmbda=1.0 if arm == "on_policy" else 0.5, max_new_tokens=cfg["max_new_tokens"])
         setup = OnPolicySetup(op, scorer, {e.id: render_prompt(tok, e.prompt_messages()) for e in examples}, seed)
         objective = {"on_policy": 1.0} if arm == "on_policy" else {"on_policy": 1.0, "ce": 1.0}
-    metrics = train_student(student, examples, out, settings=settings, objective=objective, progress=False,
-                            on_policy=setup, resume=False)
+    metrics = train_student(TrainJob(student, examples, out, settings=settings, objective=objective, progress=False,
+                                     on_policy=setup, resume=False))
     if setup is not None:
         scoring = metrics["on_policy"]["scoring"]
         tokens += scoring["prompt_tokens"] + scoring["completion_tokens"]

@@ -10,7 +10,7 @@ import torch
 
 from lionkd.config import OnPolicyConfig, TrainConfig
 from lionkd.errors import UserError
-from lionkd.kd.data import TrainExample
+from lionkd.kd.examples import TrainExample
 from lionkd.kd.losses import (
     LinearHead,
     divergence_rows,
@@ -223,6 +223,7 @@ EXAMPLES = ["add 12 and 30", "sort the list 3 1 2", "reverse the word lion", "wh
 
 
 def _train(tok, student, served_url, out, *, store=None, max_steps=3, callbacks=(), lmbda=1.0, objective=None):
+    from lionkd.kd.job import TrainJob
     from lionkd.kd.train import train_student
 
     examples = [TrainExample(target="the quick fox", prompt=p) for p in EXAMPLES]
@@ -242,8 +243,9 @@ def _train(tok, student, served_url, out, *, store=None, max_steps=3, callbacks=
 
     trainer_module.build_trainer = with_callbacks
     try:
-        return train_student(student, examples, out, settings=settings, objective=objective or {"on_policy": 1.0},
-                             template="alpaca", tokenizer=tok, progress=False, on_policy=setup), scorer
+        return train_student(TrainJob(student, examples, out, settings=settings, template="alpaca", tokenizer=tok,
+                                      objective=objective or {"on_policy": 1.0}, progress=False,
+                                      on_policy=setup)), scorer
     finally:
         trainer_module.build_trainer = build
 

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lionkd.config import OnPolicyConfig
-from lionkd.kd.data import Collator, TrainExample, encode_example
+from lionkd.kd.examples import Collator, TrainExample, encode_example
 from lionkd.kd.losses import on_policy_loss
 from lionkd.kd.on_policy import OnPolicySetup, collate_on_policy
 from lionkd.kd.prune import prune_layers
