@@ -166,6 +166,42 @@ def test_scores_over_http_are_the_models_own_log_probabilities(tiny, served, sco
     assert backend.scoring == ("vllm" if scoring == "auto" else scoring)
 
 
+@pytest.mark.parametrize("scoring", ["sglang", "auto"])
+def test_sglang_native_generate_scores(tiny, scoring):
+    """A server with SGLang's native /generate only (its /v1/completions does not score prompts)."""
+    from fastapi import FastAPI
+
+    from lionkd.llm.scoring import score_prompt
+
+    tok, model = tiny
+    backend = HFBackend(model, tokenizer=tok)
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "t", "object": "model"}]}
+
+    @app.post("/generate")
+    async def generate(body: dict):
+        assert body["return_logprob"] and body["logprob_start_len"] == 0
+        tokens = score_prompt(backend, body["text"], body["top_logprobs_num"])
+        return {"text": "", "meta_info": {
+            "prompt_tokens": len(tokens),
+            "input_token_logprobs": [[t.logprob, t.id, t.token] for t in tokens],
+            "input_top_logprobs": [None if t.logprob is None else [[v, a, s] for a, s, v in t.top] for t in tokens]}}
+
+    context, completion = "<|user|>\nadd 12 and 30\n<|assistant|>\n", "the quick fox"
+    with ServerThread(app) as server:
+        backend_http = ScoringBackend("t", base_url=server.base_url, scoring=scoring, max_retries=0)
+        (tokens,) = TeacherScorer(CachedLLM(backend_http, None), 3).score([(context, completion)])
+    assert backend_http.scoring == "sglang" and "".join(t.token for t in tokens) == completion
+    ids = tok(context + completion)["input_ids"]
+    with torch.no_grad():
+        lp = model(torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+    want = [float(lp[t - 1, ids[t]]) for t in range(len(ids) - len(tokens), len(ids))]
+    assert [t.logprob for t in tokens] == pytest.approx(want, abs=1e-4) and all(len(t.top) == 3 for t in tokens)
+
+
 def test_echoed_scores_without_text_offsets_are_read_from_the_end():
     from lionkd.llm.scoring import ScoreRequest, parse_echo_scores
 

@@ -79,9 +79,9 @@ class EndpointConfig(Strict):
     max_tokens: int = Field(1024, ge=1)
     seed: int | None = None
     logprobs: int | None = Field(None, ge=0, le=20, description="top_logprobs to ask for (API-teacher KD)")
-    scoring: Literal["auto", "vllm", "echo"] = Field(
+    scoring: Literal["auto", "vllm", "sglang", "echo"] = Field(
         "auto", description="on-policy KD: how the server scores a student's sample: vllm (prompt_logprobs), "
-        "echo (echo + logprobs: SGLang, legacy APIs) or auto (vllm's form, else echo)")
+        "sglang (its native /generate), echo (echo + logprobs: legacy completions APIs) or auto (tried in turn)")
     tokenizer: str | None = Field(
         None, description="on-policy KD: a local copy of the served model's tokenizer, whose chat template "
         "writes the prompts it scores (null: the student's)")

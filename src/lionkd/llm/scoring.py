@@ -2,18 +2,23 @@
 
 On-policy distillation needs the teacher's opinion of text it did not write (the student's samples).
 OpenAI-compatible servers give it by scoring a prompt: the completion is appended to the context and
-the server returns the log-probability of every prompt token and its top-k alternatives. Two wire
-formats exist, chosen by `scoring` (both through `POST /v1/completions`):
+the server returns the log-probability of every prompt token and its top-k alternatives. Three wire
+formats exist, chosen by `scoring`:
 
 - "vllm": vLLM's `prompt_logprobs: k` (with `echo`): `choices[i].prompt_logprobs` is a list with one
   entry per prompt token, `null` for the first, else `{"<token id>": {"logprob", "rank",
   "decoded_token"}}` holding the prompt's own token (first) and the top-k. `lionkd serve` answers the
   same, and adds `prompt_token_ids` (vLLM's `return_token_ids`), which picks the prompt's own token
   without relying on the order.
-- "echo": the legacy completions scoring (`echo: true, logprobs: k, max_tokens: 1`), which SGLang and
-  several hosted APIs answer: `choices[i].logprobs` in the legacy lists (`tokens`, `token_logprobs`,
-  `top_logprobs`, `text_offset`) cover the prompt too, `null` for its first token.
-- "auto" tries vLLM's form, then the legacy one, on the first call, and keeps what worked.
+- "sglang": SGLang's native `POST /generate` (beside its `/v1`) with `return_logprob`,
+  `logprob_start_len: 0`, `top_logprobs_num: k` and `max_new_tokens: 0`: `meta_info.input_token_logprobs`
+  holds `[logprob, token id, text]` per prompt token (`null` logprob for the first) and
+  `meta_info.input_top_logprobs` the top-k in the same form. (SGLang's `/v1/completions` does not score
+  the prompt even with `echo`.)
+- "echo": the legacy completions scoring (`POST /v1/completions` with `echo: true, logprobs: k,
+  max_tokens: 1`) that several hosted APIs still answer: `choices[i].logprobs` in the legacy lists
+  (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`) cover the prompt too, `null` first.
+- "auto" tries vLLM's form, then SGLang's, then the legacy one, on the first call, and keeps what worked.
 
 A `ScoreRequest` travels through the same machinery as a generation request: `CachedLLM` keys, stores,
 budgets and charges it to its role (the prompt is what is charged), so a rerun never pays twice. The
@@ -39,8 +44,8 @@ from ..errors import UserError
 from .base import Choice, GenResult, TokenLogprob
 from .openai_backend import MalformedResponse, OpenAIBackend
 
-Scoring = Literal["auto", "vllm", "echo"]
-SCORINGS: tuple[str, ...] = ("auto", "vllm", "echo")
+Scoring = Literal["auto", "vllm", "sglang", "echo"]
+SCORINGS: tuple[str, ...] = ("auto", "vllm", "sglang", "echo")
 MAX_SCORE_TOP_K = 20  # what vLLM allows by default (--max-logprobs) and OpenAI's legacy API allowed
 PROBE_CONTEXT, PROBE_COMPLETION = "The capital of France is", " Paris."
 
@@ -93,15 +98,16 @@ class ScoringBackend(OpenAIBackend):
         async with self._dialect_lock:
             if self.scoring != "auto":
                 return await self._score(req, self.scoring)
-            try:
-                result = await self._score(req, "vllm")
-                self.scoring = "vllm"
-                return result
-            except UserError:
-                pass
-            except openai.APIStatusError as exc:  # a 400 for an unknown parameter: the legacy form may work
-                if exc.status_code >= 500 or exc.status_code in (401, 408, 409, 429):
-                    raise
+            for dialect in ("vllm", "sglang"):
+                try:
+                    result = await self._score(req, dialect)
+                    self.scoring = dialect
+                    return result
+                except UserError:
+                    pass
+                except openai.APIStatusError as exc:  # 400 (unknown parameter), 404 (no such route): try the next
+                    if exc.status_code >= 500 or exc.status_code in (401, 408, 409, 429):
+                        raise
             result = await self._score(req, "echo")
             self.scoring = "echo"
             return result
@@ -114,6 +120,8 @@ class ScoringBackend(OpenAIBackend):
 
     async def _score_as(self, req: ScoreRequest, dialect: str) -> GenResult:
         assert self._client is not None
+        if dialect == "sglang":
+            return await self._score_sglang(req)
         body: dict[str, Any] = {"model": self.model, "prompt": req.prompt, "max_tokens": 1, "temperature": 0.0,
                                 "echo": True}
         if dialect == "vllm":
@@ -134,6 +142,24 @@ class ScoringBackend(OpenAIBackend):
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         return GenResult(choices=[Choice(req.completion, "length", tokens)], prompt_tokens=prompt_tokens,
                          completion_tokens=int(usage.get("completion_tokens") or 0))
+
+
+    async def _score_sglang(self, req: ScoreRequest) -> GenResult:
+        assert self._client is not None
+        root = str(self._client.base_url).rstrip("/")
+        root = root[: -len("/v1")] if root.endswith("/v1") else root  # the native API sits beside /v1
+        body = {"text": req.prompt, "sampling_params": {"max_new_tokens": 0, "temperature": 0.0},
+                "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": req.top_k,
+                "return_text_in_logprobs": True}
+        data = await self._client.post(f"{root}/generate", body=body, cast_to=dict)
+        try:
+            data = data[0] if isinstance(data, list) else data
+            meta = data.get("meta_info") or {}
+            tokens = parse_sglang_scores(meta, req)
+        except (AttributeError, TypeError, ValueError, KeyError, IndexError) as exc:
+            raise MalformedResponse(f"{type(exc).__name__}: {exc}") from exc
+        return GenResult(choices=[Choice(req.completion, "length", tokens)],
+                         prompt_tokens=int(meta.get("prompt_tokens") or 0), completion_tokens=0)
 
 
 class _NoPromptScores(Exception):
@@ -194,6 +220,25 @@ def parse_vllm_scores(choice: dict[str, Any], req: ScoreRequest) -> list[TokenLo
     return out
 
 
+def parse_sglang_scores(meta: dict[str, Any], req: ScoreRequest) -> list[TokenLogprob]:
+    """The completion's tokens from SGLang's `meta_info` (see the module doc)."""
+    entries = meta.get("input_token_logprobs")
+    if not entries:
+        raise _NoPromptScores("the response has no input_token_logprobs")
+    tops = meta.get("input_top_logprobs") or [None] * len(entries)
+    strings = [str(e[2]) if len(e) > 2 and e[2] is not None else "" for e in entries]
+    if not any(strings):
+        raise _NoPromptScores("the input token logprobs carry no text (return_text_in_logprobs)")
+    out = []
+    for i, piece in _completion_positions(strings, req.context, req.completion):
+        if entries[i][0] is None:
+            raise _NoPromptScores("the completion's first token was not scored")
+        top = [(str(t[2]) if len(t) > 2 and t[2] is not None else "", float(t[0])) for t in tops[i] or ()
+               if t[0] is not None]
+        out.append(TokenLogprob(piece, float(entries[i][0]), sorted(top, key=lambda kv: -kv[1])[: req.top_k]))
+    return out
+
+
 def parse_echo_scores(choice: dict[str, Any], req: ScoreRequest, generated: int = 0) -> list[TokenLogprob]:
     """The completion's tokens from legacy echoed `logprobs` (see the module doc).
 
@@ -223,8 +268,8 @@ def parse_echo_scores(choice: dict[str, Any], req: ScoreRequest, generated: int 
 def scoring_error(where: str, error: str) -> UserError:
     return UserError(
         f"teacher ({where}) cannot score prompts: {error}; the on-policy objective needs a server that "
-        "returns prompt log-probabilities (vLLM's prompt_logprobs, SGLang's or the legacy echo + logprobs, "
-        "or lionkd serve); set teacher.scoring to match it")
+        "returns prompt log-probabilities (vLLM's prompt_logprobs, SGLang's /generate, the legacy echo + "
+        "logprobs, or lionkd serve); set teacher.scoring to match it")
 
 
 # --------------------------------------------------------------------------- the server side
