@@ -36,9 +36,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).parent / "results" / "on_policy.json"
+from _common import RESULTS, SYSTEM, messages, write_results
+
 MODEL = "smollm2-135m-instruct"
-SYSTEM = "Answer with the result only."
 ARMS = ("sft", "on_policy", "mixed", "trl_gkd")
 
 
@@ -48,10 +48,6 @@ def settings(quick: bool) -> dict[str, Any]:
                 "max_new_tokens": 12, "lr": 5e-5, "teacher_lr": 1.5e-4}
     return {"seeds": 3, "teacher_steps": 120, "steps": 60, "batch": 8, "train_prompts": 480, "test_per_task": 8,
             "max_new_tokens": 16, "lr": 5e-5, "teacher_lr": 1.5e-4}
-
-
-def messages(instruction: str) -> list[dict[str, str]]:
-    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": instruction}]
 
 
 def peak_memory_mb() -> float:
@@ -259,11 +255,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-url")
     parser.add_argument("--teacher")
-    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--results", type=Path, default=None, help="default: results/on_policy.json "
+                        "(on_policy-quick.json for --quick: a reduced run never stands in for the full one)")
     args = parser.parse_args()
     cfg = settings(args.quick)
-    if args.quick and args.results == RESULTS:  # a reduced run never stands in for the full one
-        args.results = RESULTS.with_name("on_policy-quick.json")
     if args.arm:  # one arm, in its own process: its peak memory is its own
         print(json.dumps(run_arm(args.arm, args.seed, args.base_url, args.teacher, args.work, cfg)))
         return
@@ -286,9 +281,9 @@ def main() -> None:
                 print(f"seed {seed} {arm}: {rows[-1]}", flush=True)
     summary = summarise(rows)
     print(table(summary))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"settings": cfg | {"quick": args.quick}, "runs": rows, **summary}, indent=1))
-    print(f"wrote {args.results}")
+    path = args.results or RESULTS / ("on_policy-quick.json" if args.quick else "on_policy.json")
+    write_results("on_policy", {"settings": cfg | {"quick": args.quick}, "runs": rows, **summary},
+                  "```\n" + table(summary) + "\n```\n", path=path)
 
 
 if __name__ == "__main__":
