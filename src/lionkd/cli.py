@@ -76,8 +76,10 @@ def init(preset: Annotated[str, typer.Option(help="demo | api | kd")] = "api") -
 def config_check(path: Path) -> None:
     """Validate a config file and print it resolved, secrets masked."""
     from .config import load_config, masked_dump
+    from .lion.loop import check_config
 
     cfg = load_config(path)
+    check_config(cfg)
     console.print(yaml.safe_dump(masked_dump(cfg), sort_keys=False), end="", markup=False, highlight=False)
     for role in ("teacher", "referee", "generator"):
         endpoint = getattr(cfg, role)

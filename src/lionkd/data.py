@@ -27,10 +27,11 @@ class ReadReport:
 
 
 def read_utf8(path: str | Path) -> str:
-    """A text file's content; one that is not UTF-8 is an error naming the line of the first bad byte."""
+    """A text file's content; one that is not UTF-8 is an error naming the line of the first bad byte.
+    A UTF-8 byte order mark (which some editors write) is dropped."""
     raw = Path(path).read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "

@@ -58,19 +58,22 @@ class RunSummary:
 # --------------------------------------------------------------------------- the loop
 
 
-def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> RunSummary:
+def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False,
+             change_hint: str | None = None) -> RunSummary:
     """Run (or resume) every iteration of the Lion loop described by `cfg`.
 
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
     run started with unless `allow_config_change` (see `lionkd.run_guard`).
     """
-    # a bad prompt override fails before any work
-    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
     run_dir = Path(cfg.run_dir)
     console = Console(stderr=True, quiet=not progress)
     last = cfg.lion.iterations + 1
     with hold_run(run_dir), Store.open_run(run_dir) as store:
-        for change in bind_config(store, cfg, allow_change=allow_config_change):
+        # a mistake the config shows fails before any work, and before the run is bound to the config
+        prompts = check_config(cfg)
+        changes = bind_config(store, cfg, allow_change=allow_config_change,
+                              **({"change_hint": change_hint} if change_hint else {}))
+        for change in changes:
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
                                        markup=False, highlight=False, soft_wrap=True)
         if store.stage_done(last, "imitation"):
@@ -97,6 +100,19 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool
                                  cost_left=exc.cost_left) from None
         store.put_metrics(last, usage_metrics(cfg, store, last))
         return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
+
+
+def check_config(cfg: RunConfig) -> LionPrompts:
+    """Mistakes found before the first paid call, each one line naming its key (also `lionkd config
+    check`): the prompts' placeholders, the student model, a precision this machine has not."""
+    from ..llm.models import check_model_name
+    from ..llm.precision import training_precision
+
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
+    check_model_name(cfg.student.model, "student.model")
+    if cfg.student.train.precision != "auto":  # auto is always available (and measured only when training)
+        training_precision(cfg.student.train.precision)
+    return prompts
 
 
 def resume_line(cfg: RunConfig, store: Store) -> str:
