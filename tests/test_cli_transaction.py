@@ -278,6 +278,39 @@ def test_export_onto_the_run_store_is_refused_and_the_store_kept(small_run: Path
         assert s.count_instructions() == 2
 
 
+def test_export_never_overwrites_and_writes_only_what_the_role_answered(tmp_path: Path) -> None:
+    from lionkd.records import Instruction, Response
+
+    run = tmp_path / "run"
+    with Store.open_run(run) as store:
+        items = [Instruction("Add 2 and 3.", reference="seed answer"), Instruction("Reverse cat.", reference="tac"),
+                 Instruction("Name a colour.")]
+        store.add_instructions(items)
+        store.add_response(Response(items[0].id, "teacher", "t", 1, "5"))
+        store.add_response(Response(items[2].id, "teacher", "t", 1, ""))  # an empty answer is no answer
+        store.add_response(Response(items[1].id, "student", "s", 1, "tac"))
+    model = run / "students" / "iter-3"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (run / "summary.json").write_text("{}")
+    for target in (model / "config.json", run / "summary.json", model / "export.jsonl", model / "hf"):
+        before = sorted(p.name for p in model.iterdir())
+        result = run_cli("export", str(run), "-o", str(target), *(["--format", "hf"] if target.name == "hf" else []))
+        assert result.returncode == 2 and "--out" in one_line(result.stderr), result.stderr
+        assert sorted(p.name for p in model.iterdir()) == before
+    assert (model / "config.json").read_text() == "{}" and (run / "summary.json").read_text() == "{}"
+
+    out = tmp_path / "teacher.jsonl"
+    result = run_cli("export", str(run), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    assert "1 empty answer(s) by teacher left out" in result.stderr
+    student = tmp_path / "student.jsonl"
+    assert run_cli("export", str(run), "-o", str(student), "--role", "student").returncode == 0
+    assert [json.loads(line)["output"] for line in student.read_text().splitlines()] == ["tac"]
+
+
 def test_export_of_a_role_without_answers_is_refused(small_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bogus.jsonl"
     result = run_cli("export", str(small_run), "-o", str(out), "--role", "bogus")

@@ -239,7 +239,11 @@ def export(
                                 f"(roles with answers: {', '.join(roles) or 'none yet'})")
             answers = store.latest_responses(role)
             make = chat_record if fmt == "chat" else alpaca_record
-            records = [make(ins, answers.get(ins.id)) for ins in store.instructions()]
+            # Only what this role answered, never a seed file's `output` in its place; an empty answer is none.
+            records = [make(ins, answers[ins.id]) for ins in store.instructions() if answers.get(ins.id)]
+            empty = sum(1 for text in answers.values() if not text)
+            if empty:
+                err_console.print(f"note: {empty} empty answer(s) by {role} left out", markup=False, highlight=False)
     if fmt == "hf":
         to_hf_dataset(records).save_to_disk(str(out))
     elif out.suffix == ".json":

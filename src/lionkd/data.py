@@ -130,7 +130,8 @@ def read_instructions(path: str | Path, skip_bad: bool = False, report: ReadRepo
 
 
 def alpaca_record(ins: Instruction, output: str | None = None) -> dict[str, Any]:
-    rec: dict[str, Any] = {"instruction": ins.text, "input": ins.input, "output": output or ins.reference or ""}
+    answer = output if output is not None else ins.reference or ""
+    rec: dict[str, Any] = {"instruction": ins.text, "input": ins.input, "output": answer}
     for key in ("domain", "task"):
         if getattr(ins, key):
             rec[key] = getattr(ins, key)

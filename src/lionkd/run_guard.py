@@ -286,11 +286,21 @@ def _last_stage(store: Store) -> str:
 
 
 def check_export_target(run_dir: str | Path, out: str | Path) -> None:
-    """Refuse an export that would overwrite the run's own files (its store, config or lock) or the run folder."""
-    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    """Refuse an export that would overwrite anything: an existing file or folder, the run's own files, or a
+    place inside one of the run's model folders (a student's `config.json` would stop it loading)."""
+    run_dir, given = Path(run_dir).resolve(), Path(out)
+    out = given.resolve()
     own = {run_dir / name for name in (STORE_NAME, f"{STORE_NAME}-wal", f"{STORE_NAME}-shm", CONFIG_NAME, LOCK_NAME)}
     if out == run_dir or out in own or run_dir.is_relative_to(out):
         raise UserError(f"--out: {out} would overwrite the run's own files; choose another path")
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out: {given} exists already; choose a new path (an export never overwrites)")
+    if out.is_relative_to(run_dir):
+        for folder in out.parents:
+            if folder == run_dir:
+                break
+            if (folder / "config.json").is_file() or folder.name in ("students", "checkpoints"):
+                raise UserError(f"--out: {given} is inside the model folder {folder}; choose a path outside it")
 
 
 # --------------------------------------------------------------------------- what an interrupted run kept
