@@ -352,7 +352,7 @@ def test_noisy_kd_input_noise_and_teacher_dropout(tmp_path: Path, capfd: pytest.
 
 
 def test_a_training_that_goes_non_finite_stops_and_saves_nothing(tmp_path: Path) -> None:
-    from lionkd.kd.trainer import NonFiniteTraining
+    from lionkd.kd.train import NonFiniteTraining
 
     model = tiny_llama()
     with torch.no_grad():

@@ -324,6 +324,16 @@ class LionConfig(Strict):
         "then the two score lines; or the score lines first")
     generation_rounds: int = Field(4, ge=1, le=1000, description="rounds of generation to fill N after filters")
     min_instruction_words: int = Field(4, ge=1)
+    # Floors below which a role is not doing its job: the run stops in one line (0 disables a check).
+    min_readable_verdicts: float = Field(
+        0.5, ge=0, le=1, description="the share of referee verdicts that must be readable, checked after the "
+        "first batch of a discrimination stage and at its end; below it the run stops (0: never; the report warns)")
+    min_kept_generations: float = Field(
+        0.1, ge=0, le=1, description="the share of generator replies that must pass the filters, checked after "
+        "the first round and at the end of a generation stage; below it the run stops (0: never)")
+    min_teacher_answers: float = Field(
+        0.5, ge=0, le=1, description="the share of teacher answers that must be non-empty; below it the run "
+        "stops (0: never; empty answers are left out of training either way)")
     prompts: PromptOverrides = Field(default_factory=PromptOverrides)
 
     @field_validator("hard_easy_ratio")

@@ -50,6 +50,8 @@ NON_RESULT_KEYS = frozenset({
     *(f"{role}.{key}" for role in _ENDPOINT_ROLES for key in _ENDPOINT_OPERATIONAL),
     # where the student's answers are computed, not what they are
     "student.generation.server_command", "student.generation.vllm",
+    # when to stop on a role that cannot do its job: a run that passed them is the same run
+    "lion.min_readable_verdicts", "lion.min_kept_generations", "lion.min_teacher_answers",
     # how a training stage is spread over processes: `batch_size` is global, so the model is the same
     *(f"{train}.{key}" for train in ("student.train", "kd.teacher_train")
       for key in ("logging_steps", "processes", "accelerate_config")),

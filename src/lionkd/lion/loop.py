@@ -186,7 +186,7 @@ def imitation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: Lio
         return
     with progress_bars(progress) as p:
         instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
-    if answers:
+    if any(r.text for r in answers.values()):
         llms.release_local()  # the GPU is the training stage's now: local role models load again when used
         info = train(cfg, store, instructions, answers, k, show_progress=progress)
     else:  # nothing new survived the filters: the student stays as it was
