@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -377,3 +378,54 @@ def test_distill_is_locked_bound_to_its_config_and_fails_fast_on_a_dead_teacher(
         holder.communicate("")
     again = run_cli("distill", str(moved), "--no-progress")
     assert again.returncode == 2 and "cannot reach" in one_line(again.stderr)
+
+
+# --------------------------------------------------------------------------- read-only and full disks
+
+
+def in_own_mounts(script: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh) in a user and mount namespace, where it may mount read-only binds and small tmpfs."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here (unshare -rm) to mount a read-only or a full disk")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+
+
+def test_a_finished_run_on_a_read_only_disk_is_read_and_a_run_there_is_one_line(tmp_path: Path) -> None:
+    from lionkd.records import Instruction, Response
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    with Store.open_run(run) as store:
+        items = [Instruction("Add 2 and 3."), Instruction("Reverse the word cat.")]
+        store.add_instructions(items)
+        store.set_pool(1, "train", [i.id for i in items])
+        store.add_response(Response(items[0].id, "teacher", "t", 1, "5"))
+        store.put_metrics(1, {"hard_ratio": 0.25})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(run), **sandbox_roles(), "lion": {"seed_pool_size": 10}}))
+    before = digest(run / STORE_NAME)
+    py = f"{sys.executable} -m lionkd"
+    result = in_own_mounts(
+        f"mount --bind -o ro {run} {run} || exit 99; "
+        f"{py} status {run} > {out}/status.txt; echo status=$?; "
+        f"{py} export {run} -o {out}/x.jsonl; echo export=$?; "
+        f"{py} report {run} -o {out}; echo report=$?; "
+        f"{py} run {config} --no-progress; echo run=$?")
+    assert result.returncode == 0, result.stderr
+    codes = dict(line.split("=") for line in result.stdout.split() if "=" in line)
+    assert codes == {"status": "0", "export": "0", "report": "0", "run": "2"}, result.stderr
+    assert "0.25" in (out / "status.txt").read_text() and (out / "x.jsonl").is_file() and (out / "report.html").is_file()
+    assert "read-only file system" in one_line(result.stderr) and "run the same command again" in result.stderr
+    assert digest(run / STORE_NAME) == before
+
+
+def test_a_full_disk_stops_a_run_in_one_line(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    config = write_config(tmp_path)
+    config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"run_dir": str(small / "run")}))
+    result = in_own_mounts(f"mount -t tmpfs -o size=300k tmpfs {small} || exit 99; "
+                           f"{sys.executable} -m lionkd run {config} --no-progress --no-report")
+    assert result.returncode == 2, result.stderr
+    assert "no space left on the disk" in one_line(result.stderr)

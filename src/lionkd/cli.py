@@ -5,7 +5,9 @@ User errors print one line and exit 2; internal errors exit 1; `--debug` shows t
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import sys
 import warnings
 from importlib import resources
@@ -403,8 +405,10 @@ def eval_command(
         harness_tasks=[t for t in (harness_tasks or "").split(",") if t.strip()], harness_limit=harness_limit,
         harness_include=harness_include,
     )
+    from .run_guard import hold_run
+
     bars, update = _stage_progress()
-    with bars:
+    with hold_run(out), bars:  # its call cache is a run store: one writer, even when --out is a run's folder
         results = run_eval(settings, progress=update)
     console.print(Markdown(eval_markdown(results, f"Evaluation of {results['model']}")))
     console.print(f"wrote {out / RESULTS_JSON}")
@@ -499,6 +503,23 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+_DISK_ERRNOS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the disk",
+                errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied"}
+_DISK_SQLITE = {"readonly database": "read-only file system (the run store cannot be written)",
+                "disk is full": "no space left on the disk (the run store cannot grow)",
+                "unable to open database file": "the run store cannot be opened for writing"}
+
+
+def _disk_problem(exc: BaseException) -> str | None:
+    """One line for a disk the user must fix (read-only, full, not theirs), or None for anything else."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return next((why for text, why in _DISK_SQLITE.items() if text in str(exc)), None)
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{_DISK_ERRNOS[exc.errno]}"
+    return None
+
+
 def main() -> None:
     from pydantic import ValidationError
 
@@ -542,6 +563,12 @@ def main() -> None:
             sys.exit(code)
         if _debug:
             raise
+        reason = _disk_problem(exc)
+        if reason is not None:
+            err_console.print(f"error: {reason}; what was finished is kept: make room or choose a writable place "
+                              "(run_dir, --out), then run the same command again", markup=False, highlight=False,
+                              soft_wrap=True)
+            sys.exit(2)
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                           markup=False, highlight=False)
         sys.exit(1)
