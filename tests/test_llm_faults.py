@@ -143,11 +143,10 @@ def test_connection_refused_is_retried_then_reported():
 
 def test_a_dead_endpoint_fails_fast_with_one_error():
     b = backend(f"http://127.0.0.1:{closed_port()}/v1", max_retries=6, backoff_base_s=1.0, backoff_max_s=60.0)
-    start = time.monotonic()
     with pytest.raises(UserError, match="cannot reach the endpoint .*refused.*check base_url") as err:
         b.generate([ask(f"q{i}") for i in range(20)])
-    assert time.monotonic() - start < 5
-    assert b.stats["attempts"] == 0 and SECRET not in str(err.value)
+    # the probe's few quick tries only: no request was sent, so none of them waited out its backoffs
+    assert b.stats["attempts"] == 0 and b.stats["retries"] == 0 and SECRET not in str(err.value)
 
 
 def test_an_unknown_host_fails_fast():
