@@ -178,8 +178,8 @@ class TrainConfig(Strict):
     max_length: int = Field(1024, ge=8)
     weight_decay: float = Field(0.0, ge=0, le=1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast over fp32 master weights; auto: bf16 on GPUs with it (else fp16), "
-        "bf16 on CPUs where it measures faster, else fp32")
+        "auto", description="autocast over fp32 master weights; auto (decided once per run): bf16 on GPUs "
+        "with it (else fp16), bf16 on CPUs with AMX, else fp32")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the saved student; auto: the dtype its base was stored in")
     gradient_checkpointing: bool = False

@@ -30,6 +30,7 @@ from rich.table import Table
 from ..config import EndpointConfig, RunConfig
 from ..errors import BudgetExceeded, UserError
 from ..llm.factory import RoleModels
+from ..llm.precision import pin_precision
 from ..progress import progress_bars
 from ..records import Instruction
 from ..referee import PairVerdict, parse_scores, summarise
@@ -76,6 +77,8 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool
         for change in changes:
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
                                        markup=False, highlight=False, soft_wrap=True)
+        # one numeric format for every training process of every stage and rerun of this run
+        cfg.student.train.precision = pin_precision(store, cfg.student.train.precision)
         if store.stage_done(last, "imitation"):
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
                               already_finished=True)
