@@ -4,7 +4,8 @@
 which is exactly what `generate` would have answered (greedy, or sampled with the same per-request
 seeded noise). Only a plain request streams this way - one sample, no beams, no logprobs; the server
 sends any other one in pieces once it is generated. Text that could be the start of a stop string is
-held back until it is known not to be one, so a stop string is never sent.
+held back until it is known not to be one, so a stop string is never sent. A stream whose reader stops
+(a client that disconnected) ends its generation at the next token.
 """
 
 from __future__ import annotations
@@ -31,8 +32,11 @@ class _Pieces:
         self.prompt_seen = False
         self.finished = False
         self.hold = max((len(s) for s in request.stop), default=1) - 1  # a stop string may still be coming
+        self.cancelled = False  # set when nobody reads the stream any more (the client went away)
 
     def put(self, value: torch.Tensor) -> None:
+        if self.cancelled:  # ends generate() in its thread: the model is free for the next request
+            raise _StreamCancelled
         if not self.prompt_seen:  # generate hands the prompt over first
             self.prompt_seen = True
             return
@@ -58,6 +62,10 @@ class _Pieces:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
 
 
+class _StreamCancelled(Exception):
+    """Raised inside generate() by the streamer of a stream whose reader has gone."""
+
+
 class StreamingHFBackend(HFBackend):
     async def stream_text(self, request: GenRequest) -> AsyncIterator[str | GenResult]:
         """Pieces of the reply as they are generated, then the whole `GenResult` (see the module doc)."""
@@ -77,8 +85,11 @@ class StreamingHFBackend(HFBackend):
 
         thread = threading.Thread(target=work, name="lionkd-stream", daemon=True)
         thread.start()
-        while (piece := await queue.get()) is not None:
-            yield piece
+        try:
+            while (piece := await queue.get()) is not None:
+                yield piece
+        finally:  # also when the reader stops early (a client that disconnected): stop generating at once
+            pieces.cancelled = True
         await asyncio.to_thread(thread.join)
         if "error" in done:
             raise done["error"]
