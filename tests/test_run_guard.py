@@ -183,6 +183,18 @@ def test_a_run_that_only_read_its_seeds_is_bound_to_the_seed_keys_alone(tmp_path
             bind_config(store, other_seeds)
 
 
+def test_a_refusal_says_what_the_command_that_ran_can_do(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path))
+    with Store.open_run(cfg.run_dir) as store:
+        bind_config(store, cfg)
+        store.finish_stage(1, "imitation")
+        changed = load_config(write_config(tmp_path, tau=2.5))
+        hint = "run the demo with the options it started with, or give a new --run-dir"
+        with pytest.raises(UserError, match=r"lion.tau: 1.0 -> 2.5\); run the demo with the options") as info:
+            bind_config(store, changed, change_hint=hint)
+        assert "--allow-config-change" not in str(info.value)  # `lionkd demo` has no such option
+
+
 def test_a_run_from_before_the_guard_is_bound_to_its_config_yaml(tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path))
     with Store.open_run(cfg.run_dir) as store:
