@@ -94,7 +94,7 @@ def test_a_lion_run_with_two_training_processes_matches_one(tmp_path):
         busy.wait()
     job = tmp_path / "run2" / "students" / "iter-1" / "train_job.pkl"
     assert job.is_file()  # it did run as a job
-    assert formats[2] in ("fp32", "bf16") and pickle.loads(job.read_bytes())["settings"].precision == formats[2]
+    assert formats[2] in ("fp32", "bf16") and pickle.loads(job.read_bytes()).settings.precision == formats[2]
     diff = max_difference(saved_weights(tmp_path / "run1" / "students" / "iter-1"),
                           saved_weights(tmp_path / "run2" / "students" / "iter-1"))
     assert diff <= 1e-4, diff

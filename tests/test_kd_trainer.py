@@ -360,8 +360,8 @@ def test_a_training_that_goes_non_finite_stops_and_saves_nothing(tmp_path: Path)
     settings = TrainConfig(precision="fp32", max_steps=4, learning_rate=1e-3, batch_size=4, max_length=32,
                            logging_steps=1, save_steps=1)
     with pytest.raises(NonFiniteTraining, match=r"became NaN or infinite by step 1; the student was not saved"):
-        train_student(model, examples(8), tmp_path / "iter-1", settings=settings, tokenizer=tiny_tokenizer(),
-                      template="alpaca", progress=False)
+        train_student(TrainJob(model, examples(8), tmp_path / "iter-1", settings=settings, tokenizer=tiny_tokenizer(),
+                               template="alpaca", progress=False))
     out = tmp_path / "iter-1"
     assert not (out / "train_metrics.json").exists() and not (out / "config.json").exists()
     assert not (out / "checkpoints").exists()  # a rerun does not resume from a NaN checkpoint
