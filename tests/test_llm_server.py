@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -342,3 +343,36 @@ def test_serve_checks_its_port_before_it_loads_a_model(tmp_path):
         result = subprocess.run([sys.executable, "-m", "lionkd", "serve", str(tmp_path / "no-model"), "--port",
                                  str(port)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"127.0.0.1:{port} is already in use" in result.stderr, result.stderr
+
+
+def test_concurrent_streams_are_generated_as_one_batch(tmp_path, monkeypatch):
+    import lionkd.llm.hf_streaming as hf_streaming
+    from lionkd.llm.hf_streaming import StreamingHFBackend
+
+    backend = StreamingHFBackend(str(tiny_model_dir(tmp_path / "m")), batch_size=8)
+    batches: list[int] = []
+    run = backend._run
+
+    def recording_run(reqs, prompts, streamer=None):
+        batches.append(len(reqs))
+        return run(reqs, prompts, streamer=streamer)
+
+    monkeypatch.setattr(backend, "_run", recording_run)
+    monkeypatch.setattr(hf_streaming, "BATCH_WAIT_S", 2.0)  # the window in which the six clients arrive
+    prompts = [f"{k} and {k + 1}" for k in range(6)]
+    with ServerThread(create_app({"m": backend})) as srv:
+        sdk = openai.OpenAI(base_url=srv.base_url, api_key="unused", max_retries=0)
+
+        def streamed(text: str) -> str:
+            chunks = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": text}],
+                                                 max_tokens=10, temperature=0, stream=True)
+            return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(streamed, prompts))
+        assert batches == [6]  # one pass of the model for six streams, not six passes one after another
+        monkeypatch.setattr(hf_streaming, "BATCH_WAIT_S", 0.0)
+        for text, prompt in zip(texts, prompts, strict=True):
+            alone = sdk.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=10, temperature=0)
+            assert text == alone.choices[0].message.content  # a stream in a batch says what it says alone
