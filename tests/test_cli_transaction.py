@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
@@ -148,9 +149,8 @@ def test_two_concurrent_runs_send_one_runs_requests_and_the_second_exits_2(tmp_p
     first = lionkd("run", str(config), "--no-progress", "--no-report")
     lock = tmp_path / "run" / LOCK_NAME
     wait_for(lambda: lock.is_file() and lock.read_text().strip() == str(first.pid), first, "the lock taken")
-    start = time.monotonic()
     second = run_cli("run", str(config), "--no-progress", "--no-report")
-    assert second.returncode == 2 and time.monotonic() - start < 30
+    assert second.returncode == 2  # refused at once: a second run that waited would have taken the lock and run
     line = one_line(second.stderr)
     assert str(lock) in line and f"pid {first.pid}" in line
     out, err = first.communicate(timeout=300)
@@ -201,11 +201,9 @@ def test_a_dead_endpoint_fails_within_seconds_with_one_line(tmp_path: Path) -> N
     url = f"http://127.0.0.1:{closed_port()}/v1"
     roles = {role: {"backend": "openai", "model": role, "base_url": url, "api_key_env": None} for role in ROLES}
     config = write_config(tmp_path, roles=roles)
-    start = time.monotonic()
-    result = run_cli("run", str(config), "--no-progress", "--no-report", timeout=60)
-    elapsed = time.monotonic() - start
-    assert result.returncode == 2 and elapsed < 30, (elapsed, result.stderr)  # retries would take over a minute
-    line = one_line(result.stderr)
+    result = run_cli("run", str(config), "--no-progress", "--no-report")
+    assert result.returncode == 2, result.stderr
+    line = one_line(result.stderr)  # the probe's line: requests retried for minutes would end in "calls failed"
     assert line.startswith("error: teacher: ") and "cannot reach" in line and "refused" in line
 
 
@@ -278,6 +276,39 @@ def test_export_onto_the_run_store_is_refused_and_the_store_kept(small_run: Path
         assert s.count_instructions() == 2
 
 
+def test_export_never_overwrites_and_writes_only_what_the_role_answered(tmp_path: Path) -> None:
+    from lionkd.records import Instruction, Response
+
+    run = tmp_path / "run"
+    with Store.open_run(run) as store:
+        items = [Instruction("Add 2 and 3.", reference="seed answer"), Instruction("Reverse cat.", reference="tac"),
+                 Instruction("Name a colour.")]
+        store.add_instructions(items)
+        store.add_response(Response(items[0].id, "teacher", "t", 1, "5"))
+        store.add_response(Response(items[2].id, "teacher", "t", 1, ""))  # an empty answer is no answer
+        store.add_response(Response(items[1].id, "student", "s", 1, "tac"))
+    model = run / "students" / "iter-3"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (run / "summary.json").write_text("{}")
+    for target in (model / "config.json", run / "summary.json", model / "export.jsonl", model / "hf"):
+        before = sorted(p.name for p in model.iterdir())
+        result = run_cli("export", str(run), "-o", str(target), *(["--format", "hf"] if target.name == "hf" else []))
+        assert result.returncode == 2 and "--out" in one_line(result.stderr), result.stderr
+        assert sorted(p.name for p in model.iterdir()) == before
+    assert (model / "config.json").read_text() == "{}" and (run / "summary.json").read_text() == "{}"
+
+    out = tmp_path / "teacher.jsonl"
+    result = run_cli("export", str(run), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line) for line in out.read_text().splitlines()] == [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    assert "1 empty answer(s) by teacher left out" in result.stderr
+    student = tmp_path / "student.jsonl"
+    assert run_cli("export", str(run), "-o", str(student), "--role", "student").returncode == 0
+    assert [json.loads(line)["output"] for line in student.read_text().splitlines()] == ["tac"]
+
+
 def test_export_of_a_role_without_answers_is_refused(small_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "bogus.jsonl"
     result = run_cli("export", str(small_run), "-o", str(out), "--role", "bogus")
@@ -322,11 +353,9 @@ def write_distill_config(folder: Path, url: str, **kd: Any) -> Path:
 def test_distill_is_locked_bound_to_its_config_and_fails_fast_on_a_dead_teacher(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{closed_port()}/v1"
     config = write_distill_config(tmp_path, url)
-    start = time.monotonic()
     dead = run_cli("distill", str(config), "--no-progress")
-    # Six retries with backoff would take over a minute; the reachability probe answers in seconds
-    # (the bound leaves room for a loaded machine's slow interpreter start).
-    assert dead.returncode == 2 and time.monotonic() - start < 30
+    # The reachability probe's line ("cannot reach"), not six retries with backoff of every request.
+    assert dead.returncode == 2
     assert "teacher: " in one_line(dead.stderr) and "cannot reach" in dead.stderr
 
     changed = run_cli("distill", str(write_distill_config(tmp_path, url, temperature=2.0)), "--no-progress")
@@ -344,3 +373,54 @@ def test_distill_is_locked_bound_to_its_config_and_fails_fast_on_a_dead_teacher(
         holder.communicate("")
     again = run_cli("distill", str(moved), "--no-progress")
     assert again.returncode == 2 and "cannot reach" in one_line(again.stderr)
+
+
+# --------------------------------------------------------------------------- read-only and full disks
+
+
+def in_own_mounts(script: str) -> subprocess.CompletedProcess:
+    """Run `script` (sh) in a user and mount namespace, where it may mount read-only binds and small tmpfs."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode:
+        pytest.skip("no user namespaces here (unshare -rm) to mount a read-only or a full disk")
+    return subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ})
+
+
+def test_a_finished_run_on_a_read_only_disk_is_read_and_a_run_there_is_one_line(tmp_path: Path) -> None:
+    from lionkd.records import Instruction, Response
+
+    run, out = tmp_path / "run", tmp_path / "out"
+    out.mkdir()
+    with Store.open_run(run) as store:
+        items = [Instruction("Add 2 and 3."), Instruction("Reverse the word cat.")]
+        store.add_instructions(items)
+        store.set_pool(1, "train", [i.id for i in items])
+        store.add_response(Response(items[0].id, "teacher", "t", 1, "5"))
+        store.put_metrics(1, {"hard_ratio": 0.25})
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"run_dir": str(run), **sandbox_roles(), "lion": {"seed_pool_size": 10}}))
+    before = digest(run / STORE_NAME)
+    py = f"{sys.executable} -m lionkd"
+    result = in_own_mounts(
+        f"mount --bind -o ro {run} {run} || exit 99; "
+        f"{py} status {run} > {out}/status.txt; echo status=$?; "
+        f"{py} export {run} -o {out}/x.jsonl; echo export=$?; "
+        f"{py} report {run} -o {out}; echo report=$?; "
+        f"{py} run {config} --no-progress; echo run=$?")
+    assert result.returncode == 0, result.stderr
+    codes = dict(line.split("=") for line in result.stdout.split() if "=" in line)
+    assert codes == {"status": "0", "export": "0", "report": "0", "run": "2"}, result.stderr
+    assert "0.25" in (out / "status.txt").read_text() and (out / "x.jsonl").is_file() and (out / "report.html").is_file()
+    assert "read-only file system" in one_line(result.stderr) and "run the same command again" in result.stderr
+    assert digest(run / STORE_NAME) == before
+
+
+def test_a_full_disk_stops_a_run_in_one_line(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    config = write_config(tmp_path)
+    config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"run_dir": str(small / "run")}))
+    result = in_own_mounts(f"mount -t tmpfs -o size=300k tmpfs {small} || exit 99; "
+                           f"{sys.executable} -m lionkd run {config} --no-progress --no-report")
+    assert result.returncode == 2, result.stderr
+    assert "no space left on the disk" in one_line(result.stderr)

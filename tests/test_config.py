@@ -98,3 +98,78 @@ def test_report_to_takes_known_trackers_that_are_installed(tmp_path):
     if importlib.util.find_spec("wandb") is None:  # optional: then the key says how to get it
         with pytest.raises(UserError, match=r"student\.train\.report_to.*pip install wandb"):
             load_config(write(tmp_path, "student:\n  train:\n    report_to: [wandb]\n"))
+
+
+# --------------------------------------------------------------------------- what a first hour of use finds
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("student:\n  train:\n    learning_rate: .inf\n", r"student.train.learning_rate': Input should be a finite"),
+    ("student:\n  train:\n    learning_rate: 1e30\n", r"student.train.learning_rate"),
+    ("student:\n  train:\n    weight_decay: .inf\n", r"student.train.weight_decay"),
+    ("student:\n  train:\n    epochs: .inf\n", r"student.train.epochs"),
+    ("student:\n  train:\n    lr_scheduler: bogus\n", r"lr_scheduler': Input should be 'linear', 'cosine'"),
+    ("lion:\n  hard_easy_ratio: 'nan:1'\n", r"hard_easy_ratio': both sides must be finite"),
+    ("lion:\n  iterations: 1000000000\n", r"lion.iterations"),
+    ("teacher:\n  base_url: http://127.0.0.1:99999/v1\n", r"teacher.base_url': the port of .* is not a port"),
+    ("teacher:\n  base_url: 127.0.0.1:8000\n", r"teacher.base_url': must be an http\(s\) URL"),
+    ("kd:\n  objective: {logit: 1.0}\n", r"kd.objective': unknown objective 'logit' \(did you mean 'logits'\?\)"),
+    ("lion:\n  tau: 2\nseed: 1\nlion:\n  iterations: 2\n", r":4: .*key 'lion' is given twice \(lines 1 and 4\)"),
+])
+def test_implausible_values_are_refused_naming_the_key(tmp_path, text, message):
+    with pytest.raises(UserError, match=message):
+        load_config(write(tmp_path, text))
+
+
+def test_the_schedules_offered_are_transformers_own():
+    from typing import get_args
+
+    from transformers.trainer_utils import SchedulerType
+
+    from lionkd.config import LRScheduler
+
+    assert set(get_args(LRScheduler)) <= {s.value for s in SchedulerType}
+
+
+def test_a_pasted_key_is_refused_without_repeating_it(tmp_path):
+    secret = "sk-proj-abc123DEF456ghi789"
+    with pytest.raises(UserError, match="referee.api_key_env': must name an environment variable") as info:
+        load_config(write(tmp_path, f"referee:\n  api_key_env: {secret}\n"))
+    assert secret not in str(info.value)
+    assert load_config(write(tmp_path, "referee:\n  api_key_env: MY_KEY_2\n")).referee.api_key_env == "MY_KEY_2"
+
+
+def test_a_utf8_bom_is_accepted(tmp_path):
+    path = tmp_path / "bom.yaml"
+    path.write_bytes(b"\xef\xbb\xbfseed: 5\n")
+    assert load_config(path).seed == 5
+
+
+@pytest.mark.parametrize(("student", "message"), [
+    ("./no/such/folder", r"student.model: model not found: ./no/such/folder"),
+    ("{tmp}/notes.gguf", r"student.model: .*notes.gguf is not a GGUF file"),
+    ("{tmp}", r"student.model: .* is not a model folder \(no config.json"),
+])
+def test_config_check_finds_student_mistakes_before_any_call(tmp_path, student, message):
+    (tmp_path / "notes.gguf").write_text("just some text\n")
+    path = write(tmp_path, f"student:\n  model: {student.format(tmp=tmp_path)}\n")
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 2, result.stderr
+    line = [x for x in result.stderr.splitlines() if x.strip()]
+    assert len(line) == 1 and "Traceback" not in result.stderr
+    import re
+    assert re.search(message, line[0]), line[0]
+
+
+def test_fp16_on_a_cpu_and_a_prompt_without_placeholders_are_found_by_config_check(tmp_path):
+    import torch
+
+    from lionkd.lion.loop import check_config
+
+    if not torch.cuda.is_available():
+        cfg = load_config(write(tmp_path, "student:\n  train:\n    precision: fp16\n"))
+        with pytest.raises(UserError, match="student.train.precision: fp16 needs a GPU"):
+            check_config(cfg)
+    cfg = load_config(write(tmp_path, "lion:\n  prompts:\n    referee: 'Judge {instruction} please'\n"))
+    with pytest.raises(UserError, match=r"lion.prompts.referee: missing placeholder \{answer_1\}"):
+        check_config(cfg)

@@ -135,3 +135,14 @@ def test_cli_eval_user_errors(tmp_path: Path, data_file: Path, cli) -> None:
                      "--input-column", "prompt", "--out", str(tmp_path / "o"))
     assert bad_column.returncode == 2 and "no column 'prompt'" in bad_column.stderr
     assert len(bad_column.stderr.strip().splitlines()) == 1
+
+
+def test_eval_into_a_run_being_written_is_refused(tmp_path: Path, data_file: Path, cli) -> None:
+    from lionkd.run_guard import hold_run
+
+    run = tmp_path / "run"
+    with hold_run(run):  # a `lionkd run` of that folder is going on
+        result = cli("eval", "--model", "x", "--base-url", "http://127.0.0.1:9/v1", "--data", str(data_file),
+                     "--input-column", "question", "--out", str(run))
+    assert result.returncode == 2 and "another lionkd process" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (run / "run.sqlite").exists()

@@ -349,3 +349,19 @@ def test_noisy_kd_input_noise_and_teacher_dropout(tmp_path: Path, capfd: pytest.
                                      objective="noisy", tokenizer=tiny_tokenizer(), template="alpaca", progress=False))
     assert metrics["noisy_teacher_dropout"] is False
     assert "the teacher has no dropout" in capfd.readouterr().err
+
+
+def test_a_training_that_goes_non_finite_stops_and_saves_nothing(tmp_path: Path) -> None:
+    from lionkd.kd.train import NonFiniteTraining
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")  # every forward from here on is NaN
+    settings = TrainConfig(precision="fp32", max_steps=4, learning_rate=1e-3, batch_size=4, max_length=32,
+                           logging_steps=1, save_steps=1)
+    with pytest.raises(NonFiniteTraining, match=r"became NaN or infinite by step 1; the student was not saved"):
+        train_student(TrainJob(model, examples(8), tmp_path / "iter-1", settings=settings, tokenizer=tiny_tokenizer(),
+                               template="alpaca", progress=False))
+    out = tmp_path / "iter-1"
+    assert not (out / "train_metrics.json").exists() and not (out / "config.json").exists()
+    assert not (out / "checkpoints").exists()  # a rerun does not resume from a NaN checkpoint

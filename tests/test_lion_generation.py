@@ -273,3 +273,23 @@ def test_student_answers_as_long_as_the_teacher_and_cut_answers_are_counted(tmp_
     assert m["student_truncated"] == 2 and m["student_truncated_ratio"] == 0.5
     assert m["hard_with_truncated_student"] == 1 and m["teacher_truncated"] == 0
     store.close()
+
+
+def test_the_largest_run_a_config_allows_is_planned_at_once(tmp_path: Path) -> None:
+    """`lion.iterations` is bounded (a billion made --dry-run loop for ever): the plan of the largest
+    allowed run has one row per role and iteration, and its totals are the closed-form sums."""
+    import pytest
+    from pydantic import ValidationError
+
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name three rivers of Europe."}\n{"instruction": "Name two lakes of Asia."}\n',
+                     encoding="utf-8")
+    with pytest.raises(ValidationError):
+        RunConfig.model_validate({"lion": {"iterations": 1_000_000_000}})
+    cfg = RunConfig.model_validate({"run_dir": str(tmp_path / "run"),
+                                    "lion": {"seed_pool": str(seeds), "iterations": 1000, "new_per_iteration": 10}})
+    rows = plan_run(cfg)
+    K, n, s = 1000, 10, 2
+    assert sum(r.calls for r in rows if r.role == "teacher") == s + K * n
+    # the Cache Pool grows by n each iteration: sum over k of 2 (s + (k - 1) n) (1 + referee_retries)
+    assert sum(r.calls for r in rows if r.role == "referee") == 2 * (K * s + n * K * (K - 1) // 2) * 3

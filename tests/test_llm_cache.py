@@ -120,10 +120,8 @@ def test_sigkill_mid_batch_then_rerun_resends_nothing_completed(tmp_path):
     with FakeOpenAI(hold_after=done_before_kill) as fake:  # the 11th reply on waits until release()
         child = subprocess.Popen([sys.executable, "-c", CHILD, fake.base_url, str(run_dir), str(count)])
         try:
-            deadline = time.monotonic() + 60
             while stored_calls(run_dir / "run.sqlite") < done_before_kill:
                 assert child.poll() is None, "the child ended before it was killed"
-                assert time.monotonic() < deadline, "the child stored nothing"
                 time.sleep(0.05)
             child.send_signal(signal.SIGKILL)
             child.wait(timeout=30)

@@ -5,6 +5,7 @@ Converted once per test session into a private cache; every test here uses that 
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -60,9 +61,9 @@ def gguf_file():
 def test_conversion_is_cached_and_gives_the_gguf_models_logits(smollm, cache, tokenizer):
     folder = os.path.realpath(smollm)
     assert folder.startswith(str(cache)) and os.path.isfile(os.path.join(folder, "model.safetensors"))
-    started = time.perf_counter()
+    before = {p.name: p.stat().st_mtime_ns for p in (cache / "gguf").iterdir()}
     assert resolve_model_path(str(gguf_file())) == smollm  # the file's path and its name: one conversion
-    assert time.perf_counter() - started < 5
+    assert {p.name: p.stat().st_mtime_ns for p in (cache / "gguf").iterdir()} == before  # nothing converted again
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     converted = AutoModelForCausalLM.from_pretrained(smollm)
     assert im_end in [converted.generation_config.eos_token_id] + list(
@@ -177,14 +178,12 @@ def test_serve_a_gguf_file_to_the_openai_sdk(smollm, cache):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 120
         while True:
             try:
                 models = httpx.get(f"{url}/models", timeout=1).json()
                 break
             except httpx.TransportError:
                 assert proc.poll() is None, proc.stdout.read()
-                assert time.monotonic() < deadline, "lionkd serve did not start"
                 time.sleep(0.2)
         name = gguf_file().stem
         assert [m["id"] for m in models["data"]] == [name]
@@ -223,3 +222,69 @@ def test_eval_takes_the_named_model(smollm, cache, tmp_path):
                      "20", "--out", str(tmp_path / "eval"), env={CACHE_ENV: str(cache)})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Paris" in (tmp_path / "eval" / "predictions.jsonl").read_text()
+
+
+SEED_INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Translate 'good morning' into French.",
+    "Name the largest planet in the solar system.",
+    "Write a haiku about the sea.",
+]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a few minutes on an idle machine; CI's shared cores may take longer
+def test_a_lion_run_with_smollm2_in_every_role_over_http_finishes_or_stops_in_one_line(smollm, cache, tmp_path):
+    """Teacher, referee and generator are one real small chat model served by `lionkd serve`. A model this
+    small rarely writes the referee's score lines: the run either finishes with the parse rate recorded
+    and shown, or stops with the one line naming the role that could not do its job; never a traceback."""
+    import json
+
+    import yaml
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {CACHE_ENV: str(cache)}
+    server = subprocess.Popen([sys.executable, "-m", "lionkd", "serve", NAME, "--name", "smol", "--port", str(port),
+                               "--batch-size", "8"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)
+    url = f"http://127.0.0.1:{port}/v1"
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text("".join(json.dumps({"instruction": t}) + "\n" for t in SEED_INSTRUCTIONS))
+    role = {"backend": "openai", "model": "smol", "base_url": url, "api_key_env": None, "concurrency": 8,
+            "temperature": 0.0}
+    config = tmp_path / "lion.yaml"
+    config.write_text(yaml.safe_dump({
+        "run_dir": str(tmp_path / "run"), "seed": 0,
+        "teacher": role | {"max_tokens": 24}, "referee": role | {"max_tokens": 32},
+        "generator": role | {"max_tokens": 24, "temperature": 0.7},
+        "student": {"model": "sandbox:base-student",
+                    "train": {"max_steps": 1, "batch_size": 4, "max_length": 128, "precision": "fp32"},
+                    "generation": {"max_new_tokens": 16, "batch_size": 8}},
+        "lion": {"seed_pool": str(seeds), "iterations": 1, "new_per_iteration": 2, "generation_rounds": 1,
+                 "referee_retries": 0},
+    }))
+    try:
+        while True:
+            try:
+                httpx.get(f"{url}/models", timeout=1)
+                break
+            except httpx.TransportError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.2)
+        result = run_cli("run", str(config), "--no-progress", "--no-report", env=env, timeout=840)
+    finally:
+        server.kill()  # a stop between batches may leave it generating a reply nobody waits for
+        server.wait(timeout=30)
+    print(result.stderr)
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr, result.stderr
+    if result.returncode == 0:
+        status = run_cli("status", str(tmp_path / "run"))
+        assert status.returncode == 0 and "parse_rate" in status.stdout, status.stdout
+    else:
+        assert result.returncode == 2, result.stderr
+        line = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+        assert len(line) == 1 and re.search(r"(teacher|referee|generator) 'smol': only \d+ of \d+", line[0]), \
+            result.stderr
+        assert "set lion.min_" in line[0]

@@ -135,7 +135,8 @@ def test_bind_config_refuses_result_changes_allows_the_others_and_records_what_i
     with Store.open_run(first.run_dir) as store:
         assert bind_config(store, first) == []
         saved = (first.run_dir / "config.yaml").read_text()
-        store.finish_stage(0, "setup")  # from here on the run is fixed
+        store.finish_stage(0, "setup")
+        store.finish_stage(1, "imitation")  # from here on the run is fixed
 
         changed = load_config(write_config(tmp_path, tau=2.5))
         with pytest.raises(UserError, match=r"lion\.tau: 1\.0 -> 2\.5.*--allow-config-change"):
@@ -150,7 +151,7 @@ def test_bind_config_refuses_result_changes_allows_the_others_and_records_what_i
         applied = bind_config(store, changed, allow_change=True)
         assert [str(c) for c in applied] == ["lion.tau: 1.0 -> 2.5"]
         assert [(c["key"], c["old"], c["new"], c["after"]) for c in store.config_changes()] == [
-            ("lion.tau", 1.0, 2.5, "after iteration 0 setup")]
+            ("lion.tau", 1.0, 2.5, "after iteration 1 imitation")]
         assert yaml.safe_load((first.run_dir / "config.yaml").read_text())["lion"]["tau"] == 2.5
         assert json.loads(store.get_meta("config"))["lion"]["tau"] == 2.5
         assert bind_config(store, changed) == []  # the run is now bound to the new value
@@ -167,10 +168,37 @@ def test_a_run_that_finished_no_stage_takes_the_new_config(tmp_path: Path) -> No
         assert yaml.safe_load((cfg.run_dir / "config.yaml").read_text())["lion"]["tau"] == 3.0
 
 
+def test_a_run_that_only_read_its_seeds_is_bound_to_the_seed_keys_alone(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path))
+    with Store.open_run(cfg.run_dir) as store:
+        bind_config(store, cfg)
+        store.finish_stage(0, "setup")  # then the teacher's calls or the student's training failed
+        fixed = load_config(write_config(tmp_path, tau=3.0))
+        fixed.student.train.learning_rate = 1e-4
+        assert bind_config(store, fixed) == [] and store.config_changes() == []
+        assert json.loads(store.get_meta("config"))["student"]["train"]["learning_rate"] == 1e-4
+        other_seeds = load_config(write_config(tmp_path, tau=3.0))
+        other_seeds.lion.seed_pool_size = 7
+        with pytest.raises(UserError, match=r"lion\.seed_pool_size: \d+ -> 7"):
+            bind_config(store, other_seeds)
+
+
+def test_a_refusal_says_what_the_command_that_ran_can_do(tmp_path: Path) -> None:
+    cfg = load_config(write_config(tmp_path))
+    with Store.open_run(cfg.run_dir) as store:
+        bind_config(store, cfg)
+        store.finish_stage(1, "imitation")
+        changed = load_config(write_config(tmp_path, tau=2.5))
+        hint = "run the demo with the options it started with, or give a new --run-dir"
+        with pytest.raises(UserError, match=r"lion.tau: 1.0 -> 2.5\); run the demo with the options") as info:
+            bind_config(store, changed, change_hint=hint)
+        assert "--allow-config-change" not in str(info.value)  # `lionkd demo` has no such option
+
+
 def test_a_run_from_before_the_guard_is_bound_to_its_config_yaml(tmp_path: Path) -> None:
     cfg = load_config(write_config(tmp_path))
     with Store.open_run(cfg.run_dir) as store:
-        store.finish_stage(0, "setup")
+        store.finish_stage(1, "imitation")
         old = RunConfig.model_validate({**cfg.model_dump(mode="json"), "lion": {"tau": 1.5, "seed_pool_size": 20}})
         (cfg.run_dir / "config.yaml").write_text(yaml.safe_dump(old.model_dump(mode="json")))
         with pytest.raises(UserError, match=r"lion\.tau: 1\.5 -> 1\.0"):

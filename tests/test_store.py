@@ -127,3 +127,38 @@ def test_sigkill_mid_writes_loses_nothing_that_returned(tmp_path):
         answered = store.responses("teacher", 0)
     assert set(returned) <= stored
     assert set(returned) <= set(answered)
+
+
+def test_an_alpaca_size_seed_file_reads_in_linear_time(tmp_path):
+    """52K rows like alpaca_data.json: reading them costs a small multiple of parsing the JSON alone (item
+    line numbers counted from the file start for every item made this quadratic: minutes)."""
+    import time
+
+    rows = [{"instruction": f"Give three tips for staying healthy, number {i}.", "input": "" if i % 3 else f"ctx {i}",
+             "output": "1. Eat a balanced diet. 2. Exercise. 3. Sleep well. " * 3} for i in range(52_000)]
+    src = tmp_path / "alpaca_data.json"
+    src.write_text(json.dumps(rows, indent=4))
+    text = src.read_text()
+    start = time.perf_counter()
+    json.loads(text)
+    parse = time.perf_counter() - start
+    start = time.perf_counter()
+    items = read_instructions(src)
+    read = time.perf_counter() - start
+    assert len(items) == 52_000 and items[-1].text == "Give three tips for staying healthy, number 51999."
+    assert read < 100 * parse, (read, parse)
+    rows[40_000]["instruction"] = 7  # the error still names the item's line
+    src.write_text(json.dumps(rows, indent=4))
+    with pytest.raises(UserError, match=rf"alpaca_data.json: line {2 + 40_000 * 5}: missing key 'instruction'"):
+        read_instructions(src)
+
+
+def test_a_bom_is_accepted_and_a_single_object_is_not_a_list(tmp_path):
+    src = tmp_path / "seeds.json"
+    src.write_bytes(b"\xef\xbb\xbf" + json.dumps(alpaca_rows(3)).encode())
+    assert len(read_instructions(src)) == 3
+    src.write_text(json.dumps(alpaca_rows(1)[0], indent=2))
+    with pytest.raises(UserError, match=r"seeds.json: expected a list of records .*got a single JSON object"):
+        read_instructions(src)
+    src.write_text(json.dumps(alpaca_rows(1)[0]) + "\n")  # one line of JSONL is a list of one
+    assert len(read_instructions(src)) == 1

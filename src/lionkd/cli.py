@@ -5,7 +5,9 @@ User errors print one line and exit 2; internal errors exit 1; `--debug` shows t
 
 from __future__ import annotations
 
+import errno
 import os
+import sqlite3
 import sys
 import warnings
 from importlib import resources
@@ -76,8 +78,10 @@ def init(preset: Annotated[str, typer.Option(help="demo | api | kd | on-policy")
 def config_check(path: Path) -> None:
     """Validate a config file and print it resolved, secrets masked."""
     from .config import load_config, masked_dump
+    from .lion.loop import check_config
 
     cfg = load_config(path)
+    check_config(cfg)
     console.print(yaml.safe_dump(masked_dump(cfg), sort_keys=False), end="", markup=False, highlight=False)
     for role in ("teacher", "referee", "generator"):
         endpoint = getattr(cfg, role)
@@ -237,7 +241,11 @@ def export(
                                 f"(roles with answers: {', '.join(roles) or 'none yet'})")
             answers = store.latest_responses(role)
             make = chat_record if fmt == "chat" else alpaca_record
-            records = [make(ins, answers.get(ins.id)) for ins in store.instructions()]
+            # Only what this role answered, never a seed file's `output` in its place; an empty answer is none.
+            records = [make(ins, answers[ins.id]) for ins in store.instructions() if answers.get(ins.id)]
+            empty = sum(1 for text in answers.values() if not text)
+            if empty:
+                err_console.print(f"note: {empty} empty answer(s) by {role} left out", markup=False, highlight=False)
     if fmt == "hf":
         to_hf_dataset(records).save_to_disk(str(out))
     elif out.suffix == ".json":
@@ -397,8 +405,10 @@ def eval_command(
         harness_tasks=[t for t in (harness_tasks or "").split(",") if t.strip()], harness_limit=harness_limit,
         harness_include=harness_include,
     )
+    from .run_guard import hold_run
+
     bars, update = _stage_progress()
-    with bars:
+    with hold_run(out), bars:  # its call cache is a run store: one writer, even when --out is a run's folder
         results = run_eval(settings, progress=update)
     console.print(Markdown(eval_markdown(results, f"Evaluation of {results['model']}")))
     console.print(f"wrote {out / RESULTS_JSON}")
@@ -493,6 +503,23 @@ def _interrupted() -> None:
     sys.exit(130)
 
 
+_DISK_ERRNOS = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on the disk",
+                errno.EDQUOT: "disk quota exceeded", errno.EACCES: "permission denied"}
+_DISK_SQLITE = {"readonly database": "read-only file system (the run store cannot be written)",
+                "disk is full": "no space left on the disk (the run store cannot grow)",
+                "unable to open database file": "the run store cannot be opened for writing"}
+
+
+def _disk_problem(exc: BaseException) -> str | None:
+    """One line for a disk the user must fix (read-only, full, not theirs), or None for anything else."""
+    if isinstance(exc, sqlite3.OperationalError):
+        return next((why for text, why in _DISK_SQLITE.items() if text in str(exc)), None)
+    if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS:
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{_DISK_ERRNOS[exc.errno]}"
+    return None
+
+
 def main() -> None:
     from pydantic import ValidationError
 
@@ -536,6 +563,12 @@ def main() -> None:
             sys.exit(code)
         if _debug:
             raise
+        reason = _disk_problem(exc)
+        if reason is not None:
+            err_console.print(f"error: {reason}; what was finished is kept: make room or choose a writable place "
+                              "(run_dir, --out), then run the same command again", markup=False, highlight=False,
+                              soft_wrap=True)
+            sys.exit(2)
         err_console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                           markup=False, highlight=False)
         sys.exit(1)

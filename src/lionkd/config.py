@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import math
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -21,7 +24,17 @@ from .errors import UserError
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No option means anything at infinity or NaN: `learning_rate: .inf` would train a NaN student.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# The transformers schedules that need no options beyond the warm-up (a test keeps them transformers' own).
+LRScheduler = Literal["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                      "inverse_sqrt"]
+# The objectives a KD training can weigh (`kd.objective`); the trainer implements exactly these.
+KD_OBJECTIVES = ("ce", "logits", "noisy", "attention", "on_policy")
+# An environment variable's name; a pasted key (`sk-...`, with dashes, or far longer) is not one.
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
 
 
 # --------------------------------------------------------------------------- model endpoints
@@ -100,6 +113,31 @@ class EndpointConfig(Strict):
     vllm: VLLMOptions = Field(default_factory=VLLMOptions)
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
+    @field_validator("api_key_env")
+    @classmethod
+    def _names_a_variable(cls, value: str | None) -> str | None:
+        # The message never repeats the value: it may be the key itself.
+        if value is not None and (not _ENV_NAME.fullmatch(value) or value.lower().startswith(("sk_", "sk-"))):
+            raise ValueError("must name an environment variable that holds the key (e.g. OPENAI_API_KEY), "
+                             "not the key itself; put the key in that variable")
+        return value
+
+    @field_validator("base_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"must be an http(s) URL like http://127.0.0.1:8000/v1, got {value!r}")
+        try:
+            parts.port  # noqa: B018 - raises for a port outside 0-65535
+        except ValueError:
+            raise ValueError(f"the port of {value!r} is not a port number (1-65535)") from None
+        if parts.port == 0:
+            raise ValueError(f"the port of {value!r} is not a port number (1-65535)")
+        return value
+
     def api_key(self) -> str | None:
         """The key, read from the environment at the moment of use; never stored.
 
@@ -131,10 +169,10 @@ class LoraConfig(Strict):
 class TrainConfig(Strict):
     """One training run of the student (the Lion imitation stage, or KD training)."""
 
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int = Field(-1, description="overrides epochs when > 0")
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_scheduler: str = "cosine"
+    epochs: float = Field(3.0, gt=0, le=10_000)
+    max_steps: int = Field(-1, le=100_000_000, description="overrides epochs when > 0")
+    learning_rate: float = Field(2e-5, gt=0, le=1.0)
+    lr_scheduler: LRScheduler = Field("cosine", description="transformers' learning-rate schedule")
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     batch_size: int = Field(8, ge=1, description="examples per optimiser step, over all processes and micro-batches")
     grad_accum: int = Field(1, ge=1, description="micro-batches per process in one optimiser step")
@@ -144,10 +182,10 @@ class TrainConfig(Strict):
     accelerate_config: Path | None = Field(
         None, description="an Accelerate config file (DDP, DeepSpeed ZeRO, FSDP2) the training stage is launched with")
     max_length: int = Field(1024, ge=8)
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, le=1.0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="autocast over fp32 master weights; auto: bf16 on GPUs with it (else fp16), "
-        "bf16 on CPUs where it measures faster, else fp32")
+        "auto", description="autocast over fp32 master weights; auto (decided once per run): bf16 on GPUs "
+        "with it (else fp16), bf16 on CPUs with AMX, else fp32")
     save_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the saved student; auto: the dtype its base was stored in")
     gradient_checkpointing: bool = False
@@ -190,6 +228,7 @@ class TrainConfig(Strict):
             disable_tqdm=True,  # the KD trainer draws its own progress, in the style of every other stage
             use_cpu=not torch.cuda.is_available(),
             dataloader_num_workers=0,
+            logging_nan_inf_filter=False,  # a NaN loss must show, not be replaced by the running mean
         )
 
     @field_validator("report_to")
@@ -253,9 +292,10 @@ class PromptOverrides(Strict):
 
 class LionConfig(Strict):
     seed_pool: Path | None = None
-    seed_pool_size: int = Field(1000, ge=2, description="instructions drawn from the sandbox world when seed_pool is null")
-    iterations: int = Field(3, ge=1)
-    new_per_iteration: int = Field(6000, ge=1)
+    seed_pool_size: int = Field(1000, ge=2, le=10_000_000,
+                                description="instructions drawn from the sandbox world when seed_pool is null")
+    iterations: int = Field(3, ge=1, le=1000)
+    new_per_iteration: int = Field(6000, ge=1, le=10_000_000)
     hard_easy_ratio: str = Field(
         "1:1", description="'hard:easy' seeds per iteration (the paper's 1:1), or 'adaptive': a bandit over "
         "(group, prompt) moves the split and the seeds toward where the last iteration's new data closed the most gap")
@@ -284,12 +324,22 @@ class LionConfig(Strict):
         "referee", description="how generation seeds are chosen: referee (Lion: teacher and student answer the "
         "Cache Pool, the referee splits it into hard and easy) or uniform (self-instruct, as Alpaca: no "
         "discrimination, seeds drawn uniformly from the whole Cache Pool for both generator prompts)")
-    referee_retries: int = Field(2, ge=0)
+    referee_retries: int = Field(2, ge=0, le=100)
     referee_order: Literal["explanation_first", "scores_first"] = Field(
         "explanation_first", description="what the referee writes first: its explanation (the paper's order), "
         "then the two score lines; or the score lines first")
-    generation_rounds: int = Field(4, ge=1, description="rounds of generation to fill N after filters")
+    generation_rounds: int = Field(4, ge=1, le=1000, description="rounds of generation to fill N after filters")
     min_instruction_words: int = Field(4, ge=1)
+    # Floors below which a role is not doing its job: the run stops in one line (0 disables a check).
+    min_readable_verdicts: float = Field(
+        0.5, ge=0, le=1, description="the share of referee verdicts that must be readable, checked after the "
+        "first batch of a discrimination stage and at its end; below it the run stops (0: never; the report warns)")
+    min_kept_generations: float = Field(
+        0.1, ge=0, le=1, description="the share of generator replies that must pass the filters, checked after "
+        "the first round and at the end of a generation stage; below it the run stops (0: never)")
+    min_teacher_answers: float = Field(
+        0.5, ge=0, le=1, description="the share of teacher answers that must be non-empty; below it the run "
+        "stops (0: never; empty answers are left out of training either way)")
     prompts: PromptOverrides = Field(default_factory=PromptOverrides)
     imitation: Literal["sft", "on_policy"] = Field(
         "sft", description="sft: the student learns the teacher's answers (the paper); on_policy: it also "
@@ -305,6 +355,8 @@ class LionConfig(Strict):
             hard, easy = (float(p) for p in parts)
         except ValueError:
             raise ValueError("must look like 'hard:easy', e.g. '1:1', or be 'adaptive'") from None
+        if not (math.isfinite(hard) and math.isfinite(easy)):
+            raise ValueError(f"both sides must be finite numbers, got {v!r}")
         if hard < 0 or easy < 0 or hard + easy == 0:
             raise ValueError("both sides must be >= 0 and not both 0")
         return v
@@ -362,6 +414,20 @@ class KDConfig(Strict):
     teacher_finetune: bool = False
     student_init: Literal["pretrained", "pruned", "config"] = "pretrained"
     objective: dict[str, float] = Field(default_factory=lambda: {"logits": 1.0})
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objectives(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if name not in KD_OBJECTIVES:
+                close = difflib.get_close_matches(name, KD_OBJECTIVES, n=1)
+                hint = f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(KD_OBJECTIVES)}"
+                raise ValueError(f"unknown objective {name!r} ({hint})")
+            if weight < 0:
+                raise ValueError(f"the weight of {name!r} must be >= 0")
+        if value and not any(value.values()):
+            raise ValueError("every weight is zero")
+        return value
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv"] = (
         "forward_kl"
     )
@@ -493,7 +559,23 @@ def describe_error(exc: ValidationError, source: str, text: str = "") -> str:
     got = err.get("input")
     if expected:
         return f"{where}: key '{dotted}' must be {expected}, got {got!r}"
-    return f"{where}: key '{dotted}': {err['msg']}"
+    return f"{where}: key '{dotted}': {err['msg'].removeprefix('Value error, ')}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' is given twice (lines {seen[key]} and {line}); keep one",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_config(path: str | Path, check_paths: bool = True) -> RunConfig:
@@ -503,7 +585,7 @@ def load_config(path: str | Path, check_paths: bool = True) -> RunConfig:
         raise UserError(f"{path}: config file not found")
     text = read_utf8(path)
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f":{mark.line + 1}" if mark else ""

@@ -27,10 +27,11 @@ class ReadReport:
 
 
 def read_utf8(path: str | Path) -> str:
-    """A text file's content; one that is not UTF-8 is an error naming the line of the first bad byte."""
+    """A text file's content; one that is not UTF-8 is an error naming the line of the first bad byte.
+    A UTF-8 byte order mark (which some editors write) is dropped."""
     raw = Path(path).read_bytes()
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise UserError(f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); "
@@ -65,6 +66,15 @@ def read_json_records(path: str | Path, skip_bad: bool = False, report: ReadRepo
             raise UserError(f"{path}: line {exc.lineno}: not valid JSON ({exc.msg})") from None
         lines = _array_item_lines(text, len(values))
         return list(zip(lines, values, strict=True))
+    if text.lstrip().startswith("{") and "\n" in text.strip():
+        # One object spread over several lines is a JSON document, not JSONL: say what is wrong with it.
+        try:
+            single = json.loads(text)
+        except json.JSONDecodeError:
+            single = None
+        if isinstance(single, dict):
+            raise UserError(f"{path}: expected a list of records (a JSON array, or JSONL: one object per line), "
+                            "got a single JSON object")
     return list(_json_lines(path, text, skip_bad, report))
 
 
@@ -72,10 +82,13 @@ def _array_item_lines(text: str, count: int) -> list[int]:
     """The line where each top-level item of a JSON array starts (for error messages)."""
     decoder = json.JSONDecoder()
     lines, pos = [], text.index("[") + 1
+    line, counted = 1 + text.count("\n", 0, pos), pos  # newlines are counted once, from where the last count ended
     for _ in range(count):
         while text[pos] in " \t\r\n,":
             pos += 1
-        lines.append(text.count("\n", 0, pos) + 1)
+        line += text.count("\n", counted, pos)
+        counted = pos
+        lines.append(line)
         _, pos = decoder.raw_decode(text, pos)
     return lines
 
@@ -129,7 +142,8 @@ def read_instructions(path: str | Path, skip_bad: bool = False, report: ReadRepo
 
 
 def alpaca_record(ins: Instruction, output: str | None = None) -> dict[str, Any]:
-    rec: dict[str, Any] = {"instruction": ins.text, "input": ins.input, "output": output or ins.reference or ""}
+    answer = output if output is not None else ins.reference or ""
+    rec: dict[str, Any] = {"instruction": ins.text, "input": ins.input, "output": answer}
     for key in ("domain", "task"):
         if getattr(ins, key):
             rec[key] = getattr(ins, key)

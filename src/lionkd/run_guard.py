@@ -50,6 +50,8 @@ NON_RESULT_KEYS = frozenset({
     *(f"{role}.{key}" for role in _ENDPOINT_ROLES for key in _ENDPOINT_OPERATIONAL),
     # where the student's answers are computed, not what they are
     "student.generation.server_command", "student.generation.vllm",
+    # when to stop on a role that cannot do its job: a run that passed them is the same run
+    "lion.min_readable_verdicts", "lion.min_kept_generations", "lion.min_teacher_answers",
     # how a training stage is spread over processes: `batch_size` is global, so the model is the same
     *(f"{train}.{key}" for train in ("student.train", "kd.teacher_train")
       for key in ("logging_steps", "processes", "accelerate_config")),
@@ -218,29 +220,38 @@ def _started_with(store: Store, run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def bind_config(store: Store, cfg: RunConfig, *, allow_change: bool = False) -> list[ConfigChange]:
+CHANGE_HINT = "rerun with --allow-config-change to apply it from the next unfinished stage, or use a new run_dir"
+
+
+def bind_config(store: Store, cfg: RunConfig, *, allow_change: bool = False, change_hint: str = CHANGE_HINT
+                ) -> list[ConfigChange]:
     """Bind the run to its config at the start; on a rerun, refuse (or, if allowed, record) result changes.
 
     Returns the changes applied now. Call with the run's lock held. The budget is the one setting taken
     from this invocation's config whatever the run started with: every call made through `store` from
     now on keeps to it.
     """
-    changes = _bind(store, cfg, allow_change)
+    changes = _bind(store, cfg, allow_change, change_hint)
     store.budget = Budget.for_run(cfg, store)
     return changes
 
 
-def _bind(store: Store, cfg: RunConfig, allow_change: bool) -> list[ConfigChange]:
+def _bind(store: Store, cfg: RunConfig, allow_change: bool, change_hint: str) -> list[ConfigChange]:
     run_dir = Path(cfg.run_dir)
     current = masked_dump(cfg)
     started = _started_with(store, run_dir)
     # A run is fixed once a stage has finished; before that nothing depends on its config, and a start
-    # that failed (a missing seed file, a dead endpoint) is simply started again with the corrected one.
-    if started is None or not store.stages():
-        store.set_meta(CONFIG_META, json.dumps(current))
-        write_config_file(current, run_dir)
-        return []
-    changes = [c for c in config_changes(started, current) if affects_results(c.key)]
+    # that failed (a missing seed file, a dead endpoint, a student that could not be trained) is simply
+    # started again with the corrected one. Reading the seed instructions (setup) fixes only the keys
+    # it read: the rest of the run has not used the config yet.
+    changes = [c for c in config_changes(started, current) if affects_results(c.key)] if started else []
+    if started is None or not bound_by_stages(store):
+        fixed = [c for c in changes if c.key in SETUP_KEYS] if store.stage_done(0, "setup") else []
+        if not fixed:
+            store.set_meta(CONFIG_META, json.dumps(current))
+            write_config_file(current, run_dir)
+            return []
+        changes = fixed
     if not changes:
         if store.get_meta(CONFIG_META) is None:  # adopt a legacy run's config.yaml as its bound config
             store.set_meta(CONFIG_META, json.dumps(started))
@@ -248,12 +259,20 @@ def _bind(store: Store, cfg: RunConfig, allow_change: bool) -> list[ConfigChange
     listed = "; ".join(str(c) for c in changes)
     if not allow_change:
         raise UserError(f"{run_dir}: the config differs from the one this run started with ({listed}); "
-                        "rerun with --allow-config-change to apply it from the next unfinished stage, "
-                        "or use a new run_dir")
+                        f"{change_hint}")
     store.add_config_changes([(c.key, _json(c.old), _json(c.new)) for c in changes], after=_last_stage(store))
     store.set_meta(CONFIG_META, json.dumps(current))
     write_config_file(current, run_dir)
     return changes
+
+
+# What the setup stage (iteration 0: the seed instructions) reads from the config.
+SETUP_KEYS = frozenset({"seed", "lion.seed_pool", "lion.seed_pool_size", "teacher.backend"})
+
+
+def bound_by_stages(store: Store) -> bool:
+    """Whether a stage that used the whole config has finished (reading the seeds does not count)."""
+    return any((s["iteration"], s["stage"]) != (0, "setup") for s in store.stages())
 
 
 def _json(value: Any) -> str:
@@ -269,11 +288,21 @@ def _last_stage(store: Store) -> str:
 
 
 def check_export_target(run_dir: str | Path, out: str | Path) -> None:
-    """Refuse an export that would overwrite the run's own files (its store, config or lock) or the run folder."""
-    run_dir, out = Path(run_dir).resolve(), Path(out).resolve()
+    """Refuse an export that would overwrite anything: an existing file or folder, the run's own files, or a
+    place inside one of the run's model folders (a student's `config.json` would stop it loading)."""
+    run_dir, given = Path(run_dir).resolve(), Path(out)
+    out = given.resolve()
     own = {run_dir / name for name in (STORE_NAME, f"{STORE_NAME}-wal", f"{STORE_NAME}-shm", CONFIG_NAME, LOCK_NAME)}
     if out == run_dir or out in own or run_dir.is_relative_to(out):
         raise UserError(f"--out: {out} would overwrite the run's own files; choose another path")
+    if out.exists() or out.is_symlink():
+        raise UserError(f"--out: {given} exists already; choose a new path (an export never overwrites)")
+    if out.is_relative_to(run_dir):
+        for folder in out.parents:
+            if folder == run_dir:
+                break
+            if (folder / "config.json").is_file() or folder.name in ("students", "checkpoints"):
+                raise UserError(f"--out: {given} is inside the model folder {folder}; choose a path outside it")
 
 
 # --------------------------------------------------------------------------- what an interrupted run kept

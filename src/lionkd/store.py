@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from .errors import UserError
 from .records import Instruction, Judgement, PseudoTarget, Response, stable_json
@@ -77,15 +78,19 @@ CREATE TABLE IF NOT EXISTS config_changes (
 class Store:
     """A run's state. Safe to share between threads of one process (one connection, one lock)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self._db.row_factory = sqlite3.Row
         # The run's spending limits (a `lionkd.budget.Budget`), set when a command binds the run to its
         # config; every call cache opened on this store keeps to it.
         self.budget: Any = None
+        if readonly:  # status, report, export: nothing is written, so a read-only disk or mount is fine
+            self._db = _connect_readonly(self.path)
+            self._db.row_factory = sqlite3.Row
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
@@ -103,13 +108,13 @@ class Store:
 
     @classmethod
     def open_existing(cls, run_dir: str | Path) -> Store:
-        """A run's store for reading; a file that is not one is an error, and is left as it was."""
+        """A run's store for reading only; a file that is not one is an error, and is left as it was."""
         path = Path(run_dir) / STORE_NAME
         if not path.is_file():
             raise UserError(f"{run_dir}: not a run directory (no {STORE_NAME})")
         if not _is_store(path):
             raise UserError(f"{path}: not a lionkd run store (empty, or another kind of file)")
-        return cls(path)
+        return cls(path, readonly=True)
 
     def close(self) -> None:
         with self._lock:
@@ -376,10 +381,25 @@ class Store:
         return self._query("PRAGMA integrity_check")[0][0] == "ok"
 
 
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """A connection that never writes. Reading a WAL-mode file needs its `-shm` index, which SQLite makes
+    beside the file; where it cannot (a read-only mount without one), the file is read as immutable: a
+    run closed cleanly has everything in the file itself."""
+    uri = f"file:{quote(str(path.absolute()))}"
+    db = sqlite3.connect(f"{uri}?mode=ro", uri=True, check_same_thread=False, isolation_level=None, timeout=30)
+    try:
+        db.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+    return sqlite3.connect(f"{uri}?immutable=1", uri=True, check_same_thread=False, isolation_level=None,
+                           timeout=30)
+
+
 def _is_store(path: Path) -> bool:
     """A SQLite file with lionkd's meta table, checked read-only so that nothing is written into another file."""
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        db = _connect_readonly(path)
         try:
             rows = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchall()
         finally:

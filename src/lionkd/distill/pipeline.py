@@ -478,6 +478,13 @@ def distill(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool 
         for change in bind_config(store, cfg, allow_change=allow_config_change):
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
                                        markup=False, highlight=False, soft_wrap=True)
+        # one numeric format for every training process of every stage and rerun of this run
+        from ..llm.precision import pin_precision
+
+        cfg.student.train.precision = pin_precision(store, cfg.student.train.precision)
+        if cfg.kd.teacher_train is not None:
+            cfg.kd.teacher_train.precision = pin_precision(store, cfg.kd.teacher_train.precision,
+                                                           "kd.teacher_train.precision")
         stages = Stages(store, lambda text: console.print(text, markup=False, highlight=False))
         recorded = stages.detail("data")
         if recorded is not None and recorded.get("fingerprint") != data.fingerprint:

@@ -1,5 +1,5 @@
-"""Callbacks of the KD trainer: the pseudo-target epoch switch on every process, and one rich progress
-bar of optimiser steps."""
+"""Callbacks of the KD trainer: the pseudo-target epoch switch on every process, one rich progress
+bar of optimiser steps, and the stop at a loss that is not finite."""
 
 from __future__ import annotations
 
@@ -66,3 +66,16 @@ class TrainingProgress(TrainerCallback):
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+class StopOnNonFinite(TrainerCallback):
+    """Ends a training at the first logged loss that is not finite: nothing is learnt from NaN on."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        loss = (logs or {}).get("loss")
+        if self.step is None and isinstance(loss, float) and not math.isfinite(loss):
+            self.step = state.global_step
+            control.should_training_stop = True

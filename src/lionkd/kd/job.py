@@ -63,11 +63,16 @@ class TrainJob:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..errors import UserError
     from .train import train_student
 
     path = Path((argv or sys.argv[1:])[0])
     job: TrainJob = pickle.loads(path.read_bytes())  # written by this run's own orchestrator
-    train_student(job)
+    try:
+        train_student(job)
+    except UserError as exc:  # one line (the orchestrator names the stage), not a traceback per process
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

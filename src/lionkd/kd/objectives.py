@@ -8,9 +8,10 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+from ..config import KD_OBJECTIVES
 from ..errors import UserError
 
-OBJECTIVES = ("ce", "logits", "noisy", "attention", "on_policy")
+OBJECTIVES = KD_OBJECTIVES  # validated in the config already; checked again for direct callers
 
 
 def resolve_objective(objective: str | Mapping[str, float] | None, has_teacher: bool) -> dict[str, float]:

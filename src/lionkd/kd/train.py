@@ -21,7 +21,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..config import LoraConfig, TrainConfig
 from ..errors import UserError
 from ..llm.precision import DTYPES, training_precision
-from .callbacks import EpochSwitch, TrainingProgress
+from .callbacks import EpochSwitch, StopOnNonFinite, TrainingProgress
 from .examples import (
     Collator,
     EpochDataset,
@@ -152,7 +152,21 @@ def build_trainer(job: TrainJob) -> KDTrainer:
         trainer.remove_callback(quiet)
     if job.progress:
         trainer.add_callback(TrainingProgress())
+    trainer.non_finite = StopOnNonFinite()
+    trainer.add_callback(trainer.non_finite)
     return trainer
+
+
+class NonFiniteTraining(UserError):
+    """A training produced a loss or weights that are not finite; nothing was saved."""
+
+
+def _non_finite_step(trainer: KDTrainer, training_loss: float, model: Any) -> int | None:
+    """The step at which training went non-finite (loss or weights), or None when it did not."""
+    if trainer.non_finite.step is not None:
+        return trainer.non_finite.step
+    finite = math.isfinite(training_loss) and all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    return None if finite else int(trainer.state.global_step)
 
 
 def run_name(out_dir: str | Path) -> str:
@@ -200,6 +214,13 @@ def train_student(job: TrainJob) -> dict[str, Any]:
         wandb.finish()
 
     final = trainer.accelerator.unwrap_model(trainer.model)
+    bad_step = _non_finite_step(trainer, float(result.training_loss), final)
+    if bad_step is not None:
+        if trainer.is_world_process_zero():  # a rerun must not resume from a NaN checkpoint
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise NonFiniteTraining(
+            f"training {run_name(job.out_dir)}: the loss or the weights became NaN or infinite by step {bad_step}; "
+            f"the student was not saved (lower the learning rate or weight decay, or use precision: fp32)")
     if job.lora is not None and not trainer.params_sharded:
         final = final.merge_and_unload()
     processes = trainer.accelerator.num_processes

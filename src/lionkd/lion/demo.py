@@ -177,7 +177,8 @@ def run_demo(settings: DemoConfig) -> tuple[RunSummary, dict[int, dict[str, Any]
     with ServerThread(create_app(world)) as server:
         console.print(f"sandbox world served at {server.base_url} (teacher, referee, generator); "
                       f"student: {settings.preset.model}")
-        summary = run_lion(demo_config(settings, server.base_url), progress=settings.progress)
+        summary = run_lion(demo_config(settings, server.base_url), progress=settings.progress,
+                           change_hint="run the demo with the options it started with, or give a new --run-dir")
     console.print("scoring the base student and every iteration's student on the held-out test set ...")
     scores = score_students(summary, settings)
     write_summary(summary.run_dir, settings.preset.model, scores, time.perf_counter() - started)

@@ -8,7 +8,7 @@ be read on (after retries) is left out of both sets and counted, never scored.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +17,11 @@ from rich.progress import Progress
 from ..config import RunConfig
 from ..llm.factory import request_defaults
 from ..records import Instruction, Judgement, Response
-from ..referee import RefereeCallError, stream_judgements
+from ..referee import RefereeCallError, parse_scores, stream_judgements
 from ..store import Store
 from .calls import CallsFailed, collect_answers, run_async
 from .prompts import LionPrompts, student_messages
+from .role_checks import FIRST_BATCH, check_share
 from .students import open_student
 
 
@@ -54,19 +55,58 @@ async def _judge(referee: Any, store: Store, instructions: Sequence[Instruction]
                  student: dict[str, Response], *, prompts: LionPrompts, cfg: RunConfig, iteration: int,
                  progress: Progress) -> None:
     done = store.judgements(iteration)
-    todo = [ins for ins in instructions if ins.id not in done]
+    # an unreadable verdict is asked again (free from the call cache unless the referee or its prompt changed)
+    todo = [ins for ins in instructions if ins.id not in done or not done[ins.id].ok]
+    judged = [j for j in done.values() if j.ok]
     task = progress.add_task(f"iteration {iteration}: referee judges both orders", total=len(instructions),
                              completed=len(instructions) - len(todo))
     items = [(ins.prompt, teacher[ins.id].text, student[ins.id].text) for ins in todo]
     try:
-        async for i, verdict in stream_judgements(referee, items, prompt=prompts.referee,
+        async for i, verdict in stream_judgements(_FirstReplies(referee, cfg), items, prompt=prompts.referee,
                                                   params=request_defaults(cfg.referee),
                                                   retries=cfg.lion.referee_retries, iteration=iteration):
-            store.add_judgement(verdict.as_judgement(todo[i].id, iteration))
+            judged.append(verdict.as_judgement(todo[i].id, iteration))
+            store.add_judgement(judged[-1])
             progress.advance(task)
     except RefereeCallError as exc:
         raise CallsFailed(f"referee: {exc}; finished work is saved, run the same command again to retry") from None
     progress.remove_task(task)
+    check_verdicts(cfg, referee.model, judged)
+
+
+class _FirstReplies:
+    """The referee, with its first replies read as they arrive. A verdict is settled only after every
+    retry of its batch, so waiting for verdicts would pay for all retries of a referee that cannot be
+    read; its first FIRST_BATCH pairs of replies show it at once."""
+
+    def __init__(self, referee: Any, cfg: RunConfig) -> None:
+        self.referee, self.cfg = referee, cfg
+        self.model = referee.model
+        self.replies: list[str] = []
+
+    async def stream(self, requests: Sequence[Any], iteration: int | None = None) -> AsyncIterator[tuple[int, Any]]:
+        async for k, result in self.referee.stream(requests, iteration=iteration):
+            if result.ok and len(self.replies) < 2 * FIRST_BATCH:
+                self.replies.append(result.choices[0].text)
+                if len(self.replies) == 2 * FIRST_BATCH:
+                    unreadable = [r for r in self.replies if parse_scores(r) is None]
+                    check_share(role="referee", model=self.model, good=len(self.replies) - len(unreadable),
+                                total=len(self.replies), floor=self.cfg.lion.min_readable_verdicts,
+                                what="replies could be read", failing=unreadable, key="lion.min_readable_verdicts",
+                                advice=REFEREE_ADVICE)
+            yield k, result
+
+
+REFEREE_ADVICE = "use a referee model that writes the two score lines, or fix lion.prompts.referee"
+
+
+def check_verdicts(cfg: RunConfig, model: str, judged: Sequence[Judgement]) -> None:
+    """Stop when too few of the referee's verdicts could be read (`lion.min_readable_verdicts`)."""
+    unreadable = [r for j in judged if not j.ok for r in (j.raw_teacher_first, j.raw_student_first)
+                  if r is not None and parse_scores(r) is None]
+    check_share(role="referee", model=model, good=sum(j.ok for j in judged), total=len(judged),
+                floor=cfg.lion.min_readable_verdicts, what="verdicts could be read", failing=unreadable,
+                key="lion.min_readable_verdicts", advice=REFEREE_ADVICE)
 
 
 def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, prompts: LionPrompts, iteration: int,
@@ -79,7 +119,7 @@ def discriminate(cfg: RunConfig, store: Store, teacher: Any, referee: Any, promp
     teacher_answers = run_async(collect_answers(
         teacher, store, instructions, role="teacher", messages=lambda ins: prompts.teacher_messages(ins.prompt),
         params=request_defaults(cfg.teacher), iteration=iteration, progress=progress,
-        label=f"iteration {iteration}: teacher answers the cache pool",
+        label=f"iteration {iteration}: teacher answers the cache pool", min_nonempty=cfg.lion.min_teacher_answers,
     ), teacher)
     gen = cfg.student.generation
     with open_student(cfg, iteration) as backend:

@@ -28,6 +28,7 @@ from .calls import CallsFailed, run_async
 from .groups import Grouping
 from .novelty import NoveltyFilter
 from .prompts import PROMPT_MARKERS, LionPrompts
+from .role_checks import FIRST_BATCH, check_share
 from .targeting import Bandit, Group, gap_progress, group_thresholds, progress_weights
 
 _QUOTES = {'"': '"', "'": "'", "“": "”", "«": "»", "`": "`"}
@@ -57,6 +58,7 @@ class GenerationOutcome:
     surplus: int = 0  # passed the filters after their side was full: not compared, not kept
     hard_fraction: float = 0.5  # the share of hard seeds aimed at (fixed, or the bandit's)
     groups: int | None = None  # groups of instructions the seed choice worked with, if any
+    rejected: dict[str, list[str]] = field(default_factory=dict)  # by reason: a few of the replies, for the stop line
 
 
 # --------------------------------------------------------------------------- seeds
@@ -213,6 +215,9 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
             reason = reject_reason(text, result.choices[0].finish_reason, lion.min_instruction_words)
             if reason:
                 out.filter_rejections[reason] += 1
+                examples = out.rejected.setdefault(reason, [])
+                if len(examples) < FIRST_BATCH:
+                    examples.append(result.text)
                 continue
             parent = by_id[seed_id]
             candidates[mode].append(Instruction(
@@ -221,7 +226,23 @@ def generate(cfg: RunConfig, store: Store, generator: Any, prompts: LionPrompts,
             ))
         for mode in pools:
             _keep_novel(out, novelty, known, candidates[mode], target[mode] - out.kept[mode], choice.threshold)
+        if round_ == 0:  # the first round is the first batch: stop before paying for more rounds
+            check_kept(cfg, generator.model, out)
+    check_kept(cfg, generator.model, out)
     return out
+
+
+def check_kept(cfg: RunConfig, model: str, out: GenerationOutcome) -> None:
+    """Stop when almost no generator reply passes the filters (`lion.min_kept_generations`)."""
+    reasons = out.filter_rejections + Counter({"not_novel": out.novelty_rejections})
+    if not out.asked or not reasons:
+        return
+    leading, count = reasons.most_common(1)[0]
+    check_share(role="generator", model=model, good=out.asked - sum(reasons.values()), total=out.asked,
+                floor=cfg.lion.min_kept_generations, what="replies passed the filters",
+                failing=out.rejected.get(leading, []), key="lion.min_kept_generations",
+                advice=f"the leading reject reason is {leading} ({count} replies); check the generator's model, "
+                       "max_tokens and lion.prompts")
 
 
 @dataclass

@@ -32,7 +32,7 @@ def training_examples(instructions: Sequence[Instruction], answers: dict[str, Re
     from ..kd.examples import TrainExample
 
     return [TrainExample(messages=student_messages(ins.prompt, system_prompt), target=answers[ins.id].text)
-            for ins in instructions if ins.id in answers]
+            for ins in instructions if ins.id in answers and answers[ins.id].text]  # an empty answer teaches nothing
 
 
 def replay_examples(store: Store, iteration: int, fraction: float, seed: int,
@@ -55,7 +55,7 @@ def answer_train_pool(cfg: RunConfig, store: Store, teacher: Any, prompts: LionP
     answers = run_async(collect_answers(
         teacher, store, instructions, role="teacher", messages=lambda ins: prompts.teacher_messages(ins.prompt),
         params=request_defaults(cfg.teacher), iteration=iteration, progress=progress,
-        label=f"iteration {iteration}: teacher answers the train pool",
+        label=f"iteration {iteration}: teacher answers the train pool", min_nonempty=cfg.lion.min_teacher_answers,
     ), teacher)
     return instructions, answers
 

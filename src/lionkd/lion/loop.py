@@ -30,6 +30,7 @@ from rich.table import Table
 from ..config import EndpointConfig, RunConfig
 from ..errors import BudgetExceeded, UserError
 from ..llm.factory import RoleModels
+from ..llm.precision import pin_precision
 from ..progress import progress_bars
 from ..records import Instruction
 from ..referee import PairVerdict, parse_scores, summarise
@@ -58,24 +59,26 @@ class RunSummary:
 # --------------------------------------------------------------------------- the loop
 
 
-def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False) -> RunSummary:
+def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool = False,
+             change_hint: str | None = None) -> RunSummary:
     """Run (or resume) every iteration of the Lion loop described by `cfg`.
 
     One process at a time writes a run (a second one stops at once), and a rerun keeps the config the
     run started with unless `allow_config_change` (see `lionkd.run_guard`).
     """
-    # a bad prompt override fails before any work, and so does an on-policy imitation without a served teacher
-    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
-    if cfg.lion.imitation == "on_policy" and cfg.teacher.backend != "openai":
-        raise UserError("lion.imitation: 'on_policy' needs a served teacher (teacher.backend: openai, with base_url) "
-                        "that scores the student's answers")
     run_dir = Path(cfg.run_dir)
     console = Console(stderr=True, quiet=not progress)
     last = cfg.lion.iterations + 1
     with hold_run(run_dir), Store.open_run(run_dir) as store:
-        for change in bind_config(store, cfg, allow_change=allow_config_change):
+        # a mistake the config shows fails before any work, and before the run is bound to the config
+        prompts = check_config(cfg)
+        changes = bind_config(store, cfg, allow_change=allow_config_change,
+                              **({"change_hint": change_hint} if change_hint else {}))
+        for change in changes:
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
                                        markup=False, highlight=False, soft_wrap=True)
+        # one numeric format for every training process of every stage and rerun of this run
+        cfg.student.train.precision = pin_precision(store, cfg.student.train.precision)
         if store.stage_done(last, "imitation"):
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
                               already_finished=True)
@@ -100,6 +103,23 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool
                                  cost_left=exc.cost_left) from None
         store.put_metrics(last, usage_metrics(cfg, store, last))
         return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics())
+
+
+def check_config(cfg: RunConfig) -> LionPrompts:
+    """Mistakes found before the first paid call, each one line naming its key (also `lionkd config
+    check`): the prompts' placeholders, an on-policy imitation without a served teacher, the student model,
+    a precision this machine has not."""
+    from ..llm.models import check_model_name
+    from ..llm.precision import training_precision
+
+    prompts = LionPrompts.from_config(cfg.lion.prompts, cfg.lion.referee_order)
+    if cfg.lion.imitation == "on_policy" and cfg.teacher.backend != "openai":
+        raise UserError("lion.imitation: 'on_policy' needs a served teacher (teacher.backend: openai, with base_url) "
+                        "that scores the student's answers")
+    check_model_name(cfg.student.model, "student.model")
+    if cfg.student.train.precision != "auto":  # auto is always available (and measured only when training)
+        training_precision(cfg.student.train.precision)
+    return prompts
 
 
 def resume_line(cfg: RunConfig, store: Store) -> str:
@@ -173,7 +193,7 @@ def imitation_stage(cfg: RunConfig, store: Store, llms: RoleModels, prompts: Lio
         return
     with progress_bars(progress) as p:
         instructions, answers = answer_train_pool(cfg, store, llms["teacher"], prompts, k, p)
-    if answers:
+    if any(r.text for r in answers.values()):
         llms.release_local()  # the GPU is the training stage's now: local role models load again when used
         info = train(cfg, store, instructions, answers, k, show_progress=progress,
                      teacher_system=prompts.teacher_system)

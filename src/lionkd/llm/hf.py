@@ -103,6 +103,11 @@ def load_model(path: str, dtype: str = "auto", device: str = "auto") -> tuple[An
     return (model if spread else model.to(where)), tokenizer
 
 
+def batch_key(r: GenRequest) -> tuple:
+    """What requests must share to be generated in one batch (every setting but the prompt)."""
+    return (r.temperature, r.top_p, r.max_tokens, r.n, r.stop, r.seed, r.logprobs, r.num_beams)
+
+
 class HFBackend(Backend):
     kind = "hf"
 
@@ -198,7 +203,7 @@ class HFBackend(Backend):
         `batch_tokens`, at most that many padded tokens (rows x (longest prompt + max_tokens))."""
         by_settings: dict[tuple, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
-            by_settings[(r.temperature, r.top_p, r.max_tokens, r.n, r.stop, r.seed, r.logprobs, r.num_beams)].append(i)
+            by_settings[batch_key(r)].append(i)
         batches = []
         for (temperature, _top_p, max_tokens, n, _stop, _seed, _lp, beams), indices in by_settings.items():
             per_request = beams if beams > 1 else (n if temperature > 0 else 1)  # rows one request takes

@@ -83,6 +83,28 @@ def resolve_model_path(name: str) -> str:
     return str(Path(name).expanduser()) if name.startswith(("~", ".", "/")) else name
 
 
+def check_model_name(name: str, key: str) -> None:
+    """Raise the one-line error `resolve_model_path` or the loader would give later, without loading or
+    converting anything: a missing folder or file, a `.gguf` that is not one, an unknown sandbox model."""
+    if name.startswith(SANDBOX_PREFIX):
+        _sandbox_model(name)
+    elif name in NAMED_MODELS:
+        NAMED_MODELS[name].file()
+    elif name.lower().endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise UserError(f"{key}: GGUF file not found: {path}")
+        with path.open("rb") as f:
+            if f.read(4) != GGUF_MAGIC:
+                raise UserError(f"{key}: {path} is not a GGUF file (it does not start with 'GGUF')")
+    elif name.startswith(("~", ".", "/")) or Path(name).expanduser().exists():
+        path = Path(name).expanduser()
+        if not path.exists():
+            raise model_not_found(name, key, hub=True)
+        if not (path / "config.json").is_file():
+            raise UserError(f"{key}: {path} is not a model folder (no config.json in it)")
+
+
 def served_name(name: str, path: str) -> str:
     """The name a model is known by to clients: its own name, the GGUF file's stem, or its folder's."""
     if name.startswith(SANDBOX_PREFIX):

@@ -8,9 +8,14 @@ honouring `Retry-After`; 400/401/403/404 are not. A request that still fails end
 whose `error` names the reason. Until the endpoint has answered once, a batch starts with a single
 request, so a wrong key or model name costs one call and raises one `UserError` instead of a volley.
 
+A 429 with `Retry-After` is waited out as asked, for up to the role's `timeout_s` per request, without
+spending an attempt: a rate limit is not a failure.
+
 Failing fast: before its first batch, the backend asks the endpoint for its model list (free, and
 through the same client), so a refused connection, an unknown host, a TLS failure or a rejected key
-is one `UserError` within seconds rather than every request retried for minutes. During a batch,
+is one `UserError` within seconds rather than every request retried for minutes; so is an endpoint
+whose first `SAME_FAILURE_STOP` attempts fail the same way (HTTP 5xx, a body that is not a completion)
+before it ever answered. During a batch,
 once most finished requests have failed the same way (`BREAKER_MIN` or more), the batch stops with
 one `UserError` that counts them.
 
@@ -53,6 +58,8 @@ PROBE_TIMEOUT_S = 5.0
 PROBE_BACKOFF_S = 0.5
 # A batch stops once at least this many requests failed the same way and they are most of those done.
 BREAKER_MIN = 8
+# An endpoint that never answered stops after this many attempts in a row that failed the same way.
+SAME_FAILURE_STOP = 3
 
 
 class MalformedResponse(Exception):
@@ -60,7 +67,8 @@ class MalformedResponse(Exception):
 
 
 class _Rejected(Exception):
-    """A 401/404 before the endpoint has ever answered: the whole batch is pointless."""
+    """A 401/404, or the same failure on every first attempt, before the endpoint has ever answered: the
+    whole batch is pointless."""
 
 
 class OpenAIBackend(Backend):
@@ -92,6 +100,7 @@ class OpenAIBackend(Backend):
         self.token_bucket = TokenBucket(tokens_per_minute) if tokens_per_minute else None
         self.stats: Counter[str] = Counter()  # attempts, ok, failed, retries, retry:<reason>
         self._verified = False  # the endpoint has accepted our key and model at least once
+        self._failing_alike: Counter[str] = Counter()  # failed attempts in a row, before the first answer
         self._reachable = False  # the probe (or a request) has reached the endpoint
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: openai.AsyncOpenAI | None = None
@@ -225,14 +234,15 @@ class OpenAIBackend(Backend):
 
     async def call(self, req: GenRequest) -> GenResult:
         """Send one request, retrying what is worth retrying; never raises for a failed request."""
-        return (await self._call(req))[0]
+        return (await self._call_or_reject(req))[0]
 
     async def _call(self, req: GenRequest) -> tuple[GenResult, str | None]:
         """The result, and the kind of failure when it failed ("connection", "HTTP 503", ...)."""
         self._bind_loop()
         assert self._slots is not None
         reason, kind = "not sent", "none"
-        for attempt in range(self.max_retries + 1):
+        attempt, rate_limited_s = 0, 0.0
+        while True:
             estimate = _estimate_tokens(req)
             if self.request_bucket:
                 await self.request_bucket.acquire(1)
@@ -261,7 +271,17 @@ class OpenAIBackend(Backend):
                     self.stats["ok"] += 1
                     if self.token_bucket:
                         self.token_bucket.correct(result.prompt_tokens + result.completion_tokens - estimate)
+                    self._failing_alike.clear()
                     return result, None
+            if kind == "HTTP 429" and retry_after is not None and rate_limited_s + retry_after <= self.timeout_s:
+                # A rate limit that says when to come back is waited out (within the role's timeout), not a
+                # failure: it costs no attempt.
+                rate_limited_s += retry_after
+                self.stats["rate_limited"] += 1
+                log.info("%s: rate limited; waiting %.2f s as asked", self.where, retry_after)
+                await asyncio.sleep(retry_after)
+                continue
+            self._fail_fast_if_never_answered(kind, reason)
             if attempt == self.max_retries:
                 break
             delay = retry_after if retry_after is not None else self._backoff(attempt)
@@ -269,7 +289,22 @@ class OpenAIBackend(Backend):
             self.stats[f"retry:{kind}"] += 1
             log.info("%s: %s; retry %d/%d in %.2f s", self.where, reason, attempt + 1, self.max_retries, delay)
             await asyncio.sleep(delay)
+            attempt += 1
         return self._give_up(req, reason, self.max_retries), kind
+
+    def _fail_fast_if_never_answered(self, kind: str, reason: str) -> None:
+        """An endpoint that has never answered, and whose first attempts all fail the same way (a 500 on
+        every request, an HTML page with status 200), will not start working by being asked more: stop in
+        seconds with one line instead of retrying request after request for minutes."""
+        if self._verified or not (kind == "malformed" or kind.startswith("HTTP 5")):
+            self._failing_alike.clear()
+            return
+        if set(self._failing_alike) - {kind}:
+            self._failing_alike.clear()
+        self._failing_alike[kind] += 1
+        if self._failing_alike[kind] >= SAME_FAILURE_STOP:
+            raise _Rejected(f"{self.where}: the first {SAME_FAILURE_STOP} attempts all failed the same way "
+                            f"({reason}); stopped - check base_url (an OpenAI-compatible API?) and the server")
 
     def _give_up(self, req: GenRequest, reason: str, attempt: int, fatal_status: int | None = None) -> GenResult:
         if fatal_status in (401, 404) and not self._verified:

@@ -34,6 +34,7 @@ class Section:
     code: str | None = None  # a preformatted block (the configuration)
     facts: list[tuple[str, str]] = field(default_factory=list)  # the headline: label, value
     warnings: list[str] = field(default_factory=list)
+    alerts: list[str] = field(default_factory=list)  # results that rest on too little: shown first, in red
     html: str = ""  # a ready block (the browsable hard set), after the tables
     markdown: str = ""  # its stand-in in report.md
 

@@ -261,6 +261,7 @@ pre { background: var(--alt); border: 1px solid var(--line); border-radius: 6px;
 .headline dd { margin: 0; }
 .warnings { border: 1px solid #e5c07b; background: #fff8e6; border-radius: 6px; padding: 8px 16px; margin: 12px 0; }
 .warnings ul { margin: 4px 0; padding-left: 20px; }
+.alerts { border: 1px solid #c0392b; background: #fdecea; color: #8e1b10; border-radius: 6px; padding: 8px 16px; margin: 12px 0; }
 .ok { color: #1a7f37; }
 .controls { display: flex; flex-wrap: wrap; gap: 8px 18px; align-items: center; margin: 8px 0; font-size: 13.5px;
             background: var(--alt); border: 1px solid var(--line); border-radius: 6px; padding: 6px 10px; }
@@ -291,7 +292,10 @@ def _headline_html(s: Section) -> str:
     else:
         warn = '<p class="ok" id="warnings">No warnings: every verdict was readable, no answer was cut off.</p>' \
             if s.anchor == "headline" else ""
-    return f'<div class="headline"><dl>{facts}</dl></div>{warn}'
+    alerts = "".join(f"<li>{html.escape(a)}</li>" for a in s.alerts)
+    alert = f'<div class="alerts" id="alerts"><strong>Results rest on too little</strong><ul>{alerts}</ul></div>' \
+        if alerts else ""
+    return f'<div class="headline"><dl>{facts}</dl></div>{alert}{warn}'
 
 
 def render_html(title: str, subtitle: str, sections: Sequence[Section]) -> str:
@@ -299,7 +303,7 @@ def render_html(title: str, subtitle: str, sections: Sequence[Section]) -> str:
     parts = []
     for s in sections:
         body = [f'<section id="{s.anchor}"><h2>{html.escape(s.title)}</h2>']
-        if s.facts or s.warnings:
+        if s.facts or s.warnings or s.alerts:
             body.append(_headline_html(s))
         if s.text:
             body.append(f"<p>{html.escape(s.text)}</p>")
@@ -335,6 +339,8 @@ def render_markdown(title: str, subtitle: str, sections: Sequence[Section], asse
         lines += [f"- **{k}**: {v}" for k, v in s.facts]
         if s.facts:
             lines.append("")
+        if s.alerts:
+            lines += ["**Results rest on too little**", "", *(f"- {a}" for a in s.alerts), ""]
         if s.warnings:
             lines += ["**Warnings**", "", *(f"- {w}" for w in s.warnings), ""]
         if s.text:

@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from ..config import LionConfig
 from ..store import Store
 from . import hard_set, plots
 from .blocks import Figure, Ledger, Section, Table, fmt
@@ -100,9 +101,26 @@ def headline(run_dir: Path, store: Store, led: Ledger, evaluations: list[tuple[s
                                    f"{fmt(total['completion_tokens'])} out{cost}"))
     section.facts.append(("wall time", wall_time(store, run_dir)))
     section.warnings = lion_warnings(store, metrics, led)
+    section.alerts = lion_alerts(metrics)
     if led.per_role:
         section.tables.append(usage_table(led))
     return section
+
+
+# The default of `lion.min_readable_verdicts`: a run below it went on only because the user chose so.
+READABLE_FLOOR = LionConfig.model_fields["min_readable_verdicts"].default
+
+
+def lion_alerts(metrics: dict[int, dict[str, Any]]) -> list[str]:
+    """What makes a run's results rest on almost nothing: a referee that could mostly not be read."""
+    out = []
+    for it, m in sorted(metrics.items()):
+        rate = m.get("parse_rate")
+        if isinstance(rate, (int, float)) and rate < READABLE_FLOOR:
+            out.append(f"iteration {it}: only {rate:.0%} of the referee's replies could be read; the hard/easy split "
+                       f"and what was generated from it rest on {m.get('hard', 0) + m.get('easy', 0)} verdicts "
+                       "(lion.min_readable_verdicts was lowered to let the run go on)")
+    return out
 
 
 def lion_warnings(store: Store, metrics: dict[int, dict[str, Any]], led: Ledger) -> list[str]:

@@ -68,14 +68,18 @@ def serve(
     batch_size: int = 16,
 ) -> None:
     """Serve a local model directory and/or the sandbox world until interrupted (`lionkd serve`)."""
-    models = build_models(model_dir, sandbox=sandbox, name=name, template=template, dtype=dtype, device=device,
-                          batch_size=batch_size)
     api_key = None
     if api_key_env:
         api_key = os.environ.get(api_key_env)
         if not api_key:
             raise UserError(f"--api-key-env: the environment variable ${api_key_env} is not set")
-    sock = listen(host, port)
+    sock = listen(host, port)  # before the model loads: a port in use is known in a moment, not after it
+    try:
+        models = build_models(model_dir, sandbox=sandbox, name=name, template=template, dtype=dtype, device=device,
+                              batch_size=batch_size)
+    except BaseException:
+        sock.close()
+        raise
     port = sock.getsockname()[1]
     auth = "bearer key required" if api_key else "no key required"
     print(f"serving {', '.join(models)} at http://{host}:{port}/v1 ({auth}); Ctrl-C stops", flush=True)
