@@ -415,7 +415,7 @@ def test_distill_with_a_served_teacher_trains_on_policy_reports_it_and_never_pay
         calls = sum(r["calls"] for r in store.usage() if r["role"] == "teacher")
     assert metrics["on_policy_samples"] > 0 and metrics["on_policy_scoring_calls"] == calls
     assert math.isfinite(metrics["on_policy_reverse_kl"])
-    again = distill(cfg, progress=False)
+    again = distill(load_config(tmp_path / "run.yaml"), progress=False)  # a rerun, as the command reads it
     assert "kd_train" in again.skipped
     with Store.open_existing(cfg.run_dir) as store:
         assert sum(r["calls"] for r in store.usage() if r["role"] == "teacher") == calls
@@ -492,4 +492,7 @@ def test_lion_imitation_on_policy_without_a_served_teacher_stops_before_any_work
                                     "teacher": {"backend": "sandbox", "model": "teacher"}})
     with pytest.raises(UserError, match="lion.imitation: 'on_policy' needs a served teacher"):
         run_lion(cfg, progress=False)
-    assert not (tmp_path / "lion").exists()
+    from lionkd.store import Store
+
+    with Store.open_run(tmp_path / "lion") as store:  # nothing was done or asked
+        assert store.stages() == [] and store.usage() == []
