@@ -346,7 +346,7 @@ def test_config_mistakes_are_one_line_errors(tmp_path: Path, teachers: dict[str,
         (lambda d: d["kd"]["unlabeled"].update(input_column="body"), "kd.unlabeled: .*missing column 'body'"),
         (lambda d: d["kd"]["eval"].update(path=None), "kd.eval.path"),
         (lambda d: d["teacher"].update(backend="openai"), "teacher.backend"),
-        (lambda d: d["kd"].update(objective={"logit": 1.0}), "kd.objective: unknown objective 'logit'"),
+        (lambda d: d["kd"].update(objective={"logit": 1.0}), "key 'kd.objective': unknown objective 'logit'"),
         (lambda d: (d["student"].update(model="./nowhere"), d["kd"].update(student_init="pretrained")),
          "student.model: model not found: .*a hub id like org/name or one of: smollm2-135m-instruct"),
     ]:

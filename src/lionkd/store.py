@@ -8,6 +8,7 @@ most the calls in flight, and a rerun resumes from what is here.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -108,13 +109,17 @@ class Store:
 
     @classmethod
     def open_existing(cls, run_dir: str | Path) -> Store:
-        """A run's store for reading only; a file that is not one is an error, and is left as it was."""
+        """A run's store for reading (on a read-only disk too); a file that is not one is an error, and is
+        left as it was."""
         path = Path(run_dir) / STORE_NAME
         if not path.is_file():
             raise UserError(f"{run_dir}: not a run directory (no {STORE_NAME})")
         if not _is_store(path):
             raise UserError(f"{path}: not a lionkd run store (empty, or another kind of file)")
-        return cls(path, readonly=True)
+        # Read-only only where it must be: a read-only connection cannot recover the journal of a run that
+        # was killed, and would show the store as it was before the journal's last commits.
+        writable = os.access(path, os.W_OK) and os.access(path.parent, os.W_OK)
+        return cls(path, readonly=not writable)
 
     def close(self) -> None:
         with self._lock:

@@ -481,6 +481,7 @@ def distill(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool 
         # one numeric format for every training process of every stage and rerun of this run
         from ..llm.precision import pin_precision
 
+        cfg = cfg.model_copy(deep=True)  # the caller's config stays as it was given
         cfg.student.train.precision = pin_precision(store, cfg.student.train.precision)
         if cfg.kd.teacher_train is not None:
             cfg.kd.teacher_train.precision = pin_precision(store, cfg.kd.teacher_train.precision,

@@ -78,6 +78,7 @@ def run_lion(cfg: RunConfig, *, progress: bool = True, allow_config_change: bool
             Console(stderr=True).print(f"config change applied from the next unfinished stage: {change}",
                                        markup=False, highlight=False, soft_wrap=True)
         # one numeric format for every training process of every stage and rerun of this run
+        cfg = cfg.model_copy(deep=True)  # the caller's config stays as it was given
         cfg.student.train.precision = pin_precision(store, cfg.student.train.precision)
         if store.stage_done(last, "imitation"):
             return RunSummary(run_dir, cfg.lion.iterations, student_dir(cfg, last), store.metrics(),
