@@ -8,7 +8,6 @@ tokenizer goes through the alignment path.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ from lionkd.kd.losses import on_policy_loss
 from lionkd.kd.on_policy import OnPolicySetup, collate_on_policy
 from lionkd.kd.prune import prune_layers
 from lionkd.llm.cache import CachedLLM
-from lionkd.llm.models import CACHE_ENV, resolve_model_path
+from lionkd.llm.models import resolve_model_path
 from lionkd.llm.scoring import ScoringBackend, TeacherScorer
 from lionkd.llm.server import ServerThread, build_models, create_app
 from lionkd.llm.templates import render_prompt
@@ -30,14 +29,8 @@ QUESTIONS = ["What is 2 + 3?", "Name a colour of the sky."]
 
 
 @pytest.fixture(scope="module")
-def smollm(tmp_path_factory):
-    old = os.environ.get(CACHE_ENV)
-    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("lionkd-cache"))
-    yield resolve_model_path("smollm2-135m-instruct")
-    if old is None:
-        os.environ.pop(CACHE_ENV, None)
-    else:
-        os.environ[CACHE_ENV] = old
+def smollm():
+    return resolve_model_path("smollm2-135m-instruct")  # the user's cache: converted once for every test that needs it
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ TINY = StudentPreset("sandbox:base-student", iterations=3, seeds=1000, new_per_i
 # pools are small and the system prompt asks for the bare result. Answers may run to 28 tokens: the
 # world's longest (seven two-digit numbers reversed) take 27 of SmolLM2's, and the test set has 10
 # items per type, two per level.
-SMOLLM2 = StudentPreset(REAL_STUDENT, iterations=2, seeds=320, new_per_iteration=160, train_epochs=1.0,
+SMOLLM2 = StudentPreset(REAL_STUDENT, iterations=2, seeds=256, new_per_iteration=128, train_epochs=1.0,
                         test_per_task=10, learning_rate=5e-5, batch_size=16, max_length=96, max_new_tokens=28,
                         generation_batch=64, precision="auto", system_prompt="Answer with the result only.")
 
