@@ -11,17 +11,15 @@ from torch import nn
 from ..config import KD_OBJECTIVES
 from ..errors import UserError
 
-OBJECTIVES = KD_OBJECTIVES  # validated in the config already; checked again for direct callers
-
 
 def resolve_objective(objective: str | Mapping[str, float] | None, has_teacher: bool) -> dict[str, float]:
     if objective is None:
         objective = {"logits": 1.0} if has_teacher else {"ce": 1.0}
     if isinstance(objective, str):
         objective = {objective: 1.0}
-    unknown = sorted(set(objective) - set(OBJECTIVES))
+    unknown = sorted(set(objective) - set(KD_OBJECTIVES))  # checked again for callers without a config
     if unknown:
-        raise UserError(f"kd.objective: unknown objective '{unknown[0]}' (valid: {', '.join(OBJECTIVES)})")
+        raise UserError(f"kd.objective: unknown objective '{unknown[0]}' (valid: {', '.join(KD_OBJECTIVES)})")
     weights = {k: float(v) for k, v in objective.items() if v}
     if not weights:
         raise UserError("kd.objective: every weight is zero")
