@@ -267,23 +267,9 @@ def _train(tok, student, served_url, out, *, store=None, max_steps=3, callbacks=
     setup = OnPolicySetup(OnPolicyConfig(max_new_tokens=6, lmbda=lmbda, min_aligned=0.0), scorer,
                           {e.id: render_prompt(tok, e.prompt_messages(), "alpaca") for e in examples})
     settings = TrainConfig(batch_size=2, max_steps=max_steps, logging_steps=1, save_steps=1, learning_rate=1e-3)
-    from lionkd.kd import train as trainer_module
-
-    build = trainer_module.build_trainer
-
-    def with_callbacks(*args, **kwargs):
-        t = build(*args, **kwargs)
-        for c in callbacks:
-            t.add_callback(c)
-        return t
-
-    trainer_module.build_trainer = with_callbacks
-    try:
-        return train_student(TrainJob(student, examples, out, settings=settings, template="alpaca", tokenizer=tok,
-                                      objective=objective or {"on_policy": 1.0}, progress=False,
-                                      on_policy=setup)), scorer
-    finally:
-        trainer_module.build_trainer = build
+    return train_student(TrainJob(student, examples, out, settings=settings, template="alpaca", tokenizer=tok,
+                                  objective=objective or {"on_policy": 1.0}, progress=False, on_policy=setup,
+                                  callbacks=list(callbacks))), scorer
 
 
 def test_on_policy_training_logs_its_loss_and_reverse_kl_per_step(tiny, served, tmp_path):
@@ -337,6 +323,24 @@ def test_a_student_that_cannot_sample_is_refused(tiny):
     model.generation_config = None
     with pytest.raises(UserError, match="student.model: the student cannot sample"):
         check_student_samples(model, tok)
+
+
+def test_on_policy_and_callbacks_refuse_several_processes_before_any_call(tiny, served, tmp_path):
+    from lionkd.kd.job import TrainJob
+    from lionkd.kd.train import train_student
+
+    tok, _ = tiny
+    examples = [TrainExample(target="the quick fox", prompt=p) for p in EXAMPLES]
+    two = TrainConfig(batch_size=2, max_steps=1, processes=2)
+    scorer = TeacherScorer(CachedLLM(ScoringBackend("t", base_url=served.base_url), None, role="teacher"), 4)
+    setup = OnPolicySetup(OnPolicyConfig(), scorer, {e.id: e.prompt for e in examples})
+    with pytest.raises(UserError, match="'on_policy' objective trains in one process"):
+        train_student(TrainJob(tiny_model(tok), examples, tmp_path / "a", settings=two, tokenizer=tok,
+                               objective={"on_policy": 1.0}, on_policy=setup))
+    with pytest.raises(UserError, match="its own callbacks runs in one process"):
+        train_student(TrainJob(tiny_model(tok), examples, tmp_path / "b", settings=two, tokenizer=tok,
+                               callbacks=[object()]))
+    assert scorer.stats["calls_sent"] == 0
 
 
 def test_lmbda_outside_0_1_is_a_config_error():

@@ -50,6 +50,9 @@ class TrainJob:
     resume: bool = True
     progress: bool = True
     on_policy: OnPolicySetup | None = None  # the 'on_policy' objective's served teacher (`on_policy.py`)
+    # Extra `transformers.TrainerCallback`s (an evaluation at some step, a tracker of one's own): they
+    # run in the training process, so a job that launches several processes refuses them.
+    callbacks: Sequence[Any] = ()
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)

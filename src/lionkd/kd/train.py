@@ -154,6 +154,8 @@ def build_trainer(job: TrainJob) -> KDTrainer:
         trainer.add_callback(TrainingProgress())
     trainer.non_finite = StopOnNonFinite()
     trainer.add_callback(trainer.non_finite)
+    for callback in job.callbacks:
+        trainer.add_callback(callback)
     return trainer
 
 
@@ -198,6 +200,8 @@ def train_student(job: TrainJob) -> dict[str, Any]:
     if needs_launch(settings.processes, settings.accelerate_config):
         if job.on_policy is not None:  # the teacher is called, and the store written, by this process alone
             raise UserError("student.train.processes: the 'on_policy' objective trains in one process; set 1")
+        if job.callbacks:
+            raise UserError("student.train.processes: a training with its own callbacks runs in one process; set 1")
         run_training_job(job, process_count(settings.processes), settings.accelerate_config)
         return json.loads(done.read_text())
     trainer = build_trainer(job)
