@@ -481,6 +481,7 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
         row["accuracy"] = {a: m(lambda r, a=a, t=t: r[a]["accuracy"]["by_task"][t]) for a in ("imitation", *GEN_ARMS)}
         per_task[t] = row
     out["per_task"] = per_task
+    out["bands"] = bands(per_task)
     generation = []
     for arm in GEN_ARMS:
         def tot(key: str, arm: str = arm) -> float:
@@ -497,6 +498,28 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
                            per_iteration("hard_ratio") if arm != "self-instruct" else "- (no referee)",
                            per_iteration("hard_fraction")])
     out["generation"] = generation
+    return out
+
+
+# What the imitation student already gets right of a task type: a type in the "low" band is one the
+# student cannot do yet, "high" one it hardly needs more of; the loop arms differ in how they spend
+# their new instructions across these bands, and in what each band gains.
+BANDS = (("low", 0.0, 0.2), ("mid", 0.2, 0.8), ("high", 0.8, 1.01))
+
+
+def bands(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per band of the imitation student's accuracy: its task types, and per loop arm the share of the
+    new instructions it trained on that fell in the band and the band's mean gain over imitation."""
+    out = {}
+    for name, lo, hi in BANDS:
+        types = [t for t, v in per_task.items() if lo <= v["accuracy"]["imitation"] < hi]
+        row: dict[str, Any] = {"types": types}
+        for a in GEN_ARMS:
+            kept = sum(v[a]["kept"] for v in per_task.values())
+            row[a] = {"kept_share": sum(per_task[t][a]["kept"] for t in types) / kept if kept else 0.0,
+                      "gain": statistics.fmean(per_task[t]["accuracy"][a] - per_task[t]["accuracy"]["imitation"]
+                                               for t in types) if types else None}
+        out[name] = row
     return out
 
 
@@ -587,6 +610,14 @@ def markdown(result: dict[str, Any]) -> str:
         row += [f"{v['accuracy'][a]:.3f}" for a in ("imitation", *GEN_ARMS)]
         rows.append(row)
     lines += md_table(head, rows)
+    lines += ["", "Where the new instructions went, by what the imitation student already got right of a task "
+              "type (low: under 0.2, mid: 0.2-0.8, high: over 0.8): the share of each arm's kept new "
+              "instructions in the band, and the band's mean accuracy gain over imitation (balanced over its "
+              "types).", ""]
+    lines += md_table(["band", "task types", *(f"kept {a}" for a in GEN_ARMS), *(f"gain {a}" for a in GEN_ARMS)],
+                      [[name, ", ".join(b["types"]) or "-", *(f"{b[a]['kept_share']:.2f}" for a in GEN_ARMS),
+                        *("-" if b[a]["gain"] is None else f"{b[a]['gain']:+.3f}" for a in GEN_ARMS)]
+                       for name, b in summary["bands"].items()])
     lines += ["", "What the generation stage did, summed over iterations, mean per seed (hard ratio: the share "
               "of the Cache Pool the referee called hard; hard share aimed at: of the seeds, per iteration, per "
               "seed):", ""]

@@ -40,6 +40,27 @@ def test_balanced_and_seed_weighted_accuracy() -> None:
     assert cols["rare types"] == 0.0
 
 
+def test_bands_say_where_each_arm_spent_its_new_instructions() -> None:
+    bench = _bench()
+
+    def task(imitation: float, kept: dict[str, float], acc: dict[str, float]) -> dict:
+        return {"accuracy": {"imitation": imitation, **acc}, **{a: {"kept": kept[a]} for a in bench.GEN_ARMS}}
+
+    even = dict.fromkeys(bench.GEN_ARMS, 1.0)
+    per_task = {
+        "a": task(0.05, {"self-instruct": 1.0, "lion": 6.0, "ours": 0.0}, {"self-instruct": 0.05, "lion": 0.15, "ours": 0.05}),
+        "b": task(0.5, {"self-instruct": 2.0, "lion": 2.0, "ours": 8.0}, {"self-instruct": 0.6, "lion": 0.55, "ours": 0.8}),
+        "c": task(0.9, {"self-instruct": 7.0, "lion": 2.0, "ours": 2.0}, even | {"self-instruct": 0.95}),
+    }
+    b = bench.bands(per_task)
+    assert [b[n]["types"] for n in ("low", "mid", "high")] == [["a"], ["b"], ["c"]]
+    assert b["low"]["lion"]["kept_share"] == pytest.approx(0.6)
+    assert b["mid"]["ours"]["kept_share"] == pytest.approx(0.8)
+    assert b["mid"]["ours"]["gain"] == pytest.approx(0.3)
+    assert b["high"]["self-instruct"]["gain"] == pytest.approx(0.05)
+    assert sum(b[n]["self-instruct"]["kept_share"] for n in b) == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize(("args", "named"), [
     (["--seeds", "0"], "--seeds"), (["--zipf", "-1"], "--zipf"), (["--seed-pool", "x"], "--seed-pool"),
 ])
