@@ -263,6 +263,11 @@ def task_of(text: str) -> str | None:
     return inst.task if inst else None
 
 
+def level_of(text: str) -> int | None:
+    inst = parse(text)
+    return inst.level if inst else None
+
+
 def novelty_check(cfg: RunConfig, k: int, cache: list[Any]) -> Callable[[str], bool]:
     """The arm's own novelty rule against the Cache Pool of iteration `k`: the paper's single threshold,
     or its group's (rebuilt exactly as the generation stage built it: the same grouping and seed)."""
@@ -334,6 +339,7 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                 "judged_by_task": dict(judged),
                 **generator_requests(cfg, k, cache),
                 "new_tasks": dict(Counter(task_of(ins.text) for ins in new)),
+                "new_levels": dict(Counter(str(level_of(ins.text)) for ins in new)),
                 "new": len(new),
                 "new_same_type_prompt": m.get("new_hard"), "new_rarer_prompt": m.get("new_easy"),
                 "generator_calls": m.get("generator_calls"),
@@ -482,6 +488,17 @@ def summarise(s: Settings, runs: dict[int, dict[str, Any]], base: dict[str, Any]
         per_task[t] = row
     out["per_task"] = per_task
     out["bands"] = bands(per_task)
+    out["kept_levels"] = {a: {"mean": interval([mean_level(summed(r, a, "new_levels")) for r in runs.values()]),
+                              "4-5": interval([share_at_least(summed(r, a, "new_levels"), 4) for r in runs.values()])}
+                          for a in GEN_ARMS}
+    # How far apart two arms' choices are, per seed: the task types of the seeds they asked the
+    # generator about, and of the new instructions they kept (total variation distance, 0 to 1).
+    out["choice_distance"] = {
+        f"{a} vs {b}": {key: interval([total_variation(summed(r, a, key), summed(r, b, key)) for r in runs.values()])
+                        for key in ("asked_seed_tasks", "new_tasks")}
+        | {"chance": interval([chance_variation(summed(r, a, "asked_seed_tasks"), summed(r, b, "asked_seed_tasks"))
+                               for r in runs.values()])}
+        for a, b in (("lion", "self-instruct"), ("ours", "self-instruct"), ("ours", "lion"))}
     generation = []
     for arm in GEN_ARMS:
         def tot(key: str, arm: str = arm) -> float:
@@ -521,6 +538,32 @@ def bands(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                                for t in types) if types else None}
         out[name] = row
     return out
+
+
+def mean_level(levels: Counter[str]) -> float:
+    known = {int(k): n for k, n in levels.items() if k.isdigit()}
+    return sum(k * n for k, n in known.items()) / max(1, sum(known.values()))
+
+
+def share_at_least(levels: Counter[str], lowest: int) -> float:
+    known = {int(k): n for k, n in levels.items() if k.isdigit()}
+    return sum(n for k, n in known.items() if k >= lowest) / max(1, sum(known.values()))
+
+
+def total_variation(a: Counter[str], b: Counter[str]) -> float:
+    na, nb = sum(a.values()) or 1, sum(b.values()) or 1
+    return 0.5 * sum(abs(a[t] / na - b[t] / nb) for t in set(a) | set(b))
+
+
+def chance_variation(a: Counter[str], b: Counter[str], draws: int = 200) -> float:
+    """The distance two draws of these sizes from one and the same mix (the two pooled) have by chance."""
+    rng = random.Random(0)
+    types, weights = zip(*(a + b).items(), strict=True) if a + b else ((), ())
+    if not types:
+        return 0.0
+    return statistics.fmean(total_variation(Counter(rng.choices(types, weights, k=sum(a.values()))),
+                                            Counter(rng.choices(types, weights, k=sum(b.values()))))
+                            for _ in range(draws))
 
 
 def budget_line(s: Settings, summary: dict[str, Any]) -> str:
@@ -618,6 +661,15 @@ def markdown(result: dict[str, Any]) -> str:
                       [[name, ", ".join(b["types"]) or "-", *(f"{b[a]['kept_share']:.2f}" for a in GEN_ARMS),
                         *("-" if b[a]["gain"] is None else f"{b[a]['gain']:+.3f}" for a in GEN_ARMS)]
                        for name, b in summary["bands"].items()])
+    lines += ["", "How far apart the arms' choices were, per seed: the total variation distance (0: the same mix, 1: "
+              "disjoint) between the task types of the seeds they gave the generator, and of the new instructions "
+              "they kept; *by chance*: the distance two random draws of the same sizes from one mix have.", ""]
+    lines += md_table(["arms", "seeds given to the generator", "by chance", "new instructions kept"],
+                      [[name, fmt(d["asked_seed_tasks"]), fmt(d["chance"]), fmt(d["new_tasks"])]
+                       for name, d in summary["choice_distance"].items()])
+    lines += ["", "Difficulty of the new instructions kept (the world's levels 1-5 within each type), per seed:", ""]
+    lines += md_table(["arm", "mean level", "share at level 4-5"],
+                      [[a, fmt(v["mean"]), fmt(v["4-5"])] for a, v in summary["kept_levels"].items()])
     lines += ["", "What the generation stage did, summed over iterations, mean per seed (hard ratio: the share "
               "of the Cache Pool the referee called hard; hard share aimed at: of the seeds, per iteration, per "
               "seed):", ""]

@@ -61,6 +61,22 @@ def test_bands_say_where_each_arm_spent_its_new_instructions() -> None:
     assert sum(b[n]["self-instruct"]["kept_share"] for n in b) == pytest.approx(1.0)
 
 
+def test_choice_distances_and_levels() -> None:
+    from collections import Counter
+
+    bench = _bench()
+    a, b = Counter(add=30, sort=10), Counter(add=10, sort=30)
+    assert bench.total_variation(a, a) == 0.0
+    assert bench.total_variation(a, b) == pytest.approx(0.5)
+    assert bench.total_variation(Counter(add=1), Counter(sort=1)) == 1.0
+    chance = bench.chance_variation(a, b)
+    assert 0.0 < chance < 0.3  # two draws of 40 from one mix differ a little, never like disjoint mixes
+    assert chance == bench.chance_variation(a, b)  # seeded
+    levels = Counter({"1": 2, "4": 1, "5": 1, "None": 3})
+    assert bench.mean_level(levels) == pytest.approx(2.75)
+    assert bench.share_at_least(levels, 4) == pytest.approx(0.5)
+
+
 @pytest.mark.parametrize(("args", "named"), [
     (["--seeds", "0"], "--seeds"), (["--zipf", "-1"], "--zipf"), (["--seed-pool", "x"], "--seed-pool"),
 ])
