@@ -12,10 +12,13 @@ the same steps, batch and learning rate:
 - trl_gkd:   TRL's GKD trainer with the same teacher in process (lmbda 1, beta 1: reverse KL on the
              student's samples), the reference implementation
 
-For each arm and seed: held-out exact match, teacher tokens (tokens the teacher read or wrote: its
-answers' prompt and completion tokens, the scored prompts, or for TRL the sequences its in-process
-teacher read), wall time and peak memory from the start of its training (resident set on CPU, allocated
-memory on a GPU), each arm in its own process. Paired differences per seed against SFT and against TRL GKD, mean ± sd.
+For each arm and seed, each arm in its own process: held-out exact match at the end and at half the
+steps, the teacher tokens used by then (the answers trained on, prompt + answer, and every scored
+sample, prompt + sample; for TRL, every sequence its in-process teacher read), wall time, and peak
+memory from the start of the training (resident set on CPU, allocated memory on a GPU); the teacher's
+own accuracy on the same problems. Paired differences per seed with 95% t-intervals, and the two
+aims read off them (on-policy at half its steps against SFT's final accuracy; on-policy against TRL
+GKD at equal steps and memory). Finished arms are kept under --work and reused by a rerun.
 
     python -m benchmarks on_policy                     (the full run: 3 seeds, GPU advised)
     python benchmarks/on_policy.py --quick             (a reduced run that proves the pipeline works)
