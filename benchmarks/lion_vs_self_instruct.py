@@ -263,11 +263,6 @@ def task_of(text: str) -> str | None:
     return inst.task if inst else None
 
 
-def level_of(text: str) -> int | None:
-    inst = parse(text)
-    return inst.level if inst else None
-
-
 def novelty_check(cfg: RunConfig, k: int, cache: list[Any]) -> Callable[[str], bool]:
     """The arm's own novelty rule against the Cache Pool of iteration `k`: the paper's single threshold,
     or its group's (rebuilt exactly as the generation stage built it: the same grouping and seed)."""
@@ -328,7 +323,7 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                     t = task_of(by_id[i].text)
                     judged[t] += 1
                     hard[t] += j.gap >= cfg.lion.tau
-            new = store.instructions(store.pool(k + 1, "train"))
+            new = [parse(ins.text) for ins in store.instructions(store.pool(k + 1, "train"))]
             out["iterations"].append({
                 "iteration": k,
                 "cache": len(cache),
@@ -338,8 +333,8 @@ def dynamics(cfg: RunConfig) -> dict[str, Any]:
                 "hard_share_by_task": {t: hard[t] / judged[t] for t in sorted(judged, key=str)},
                 "judged_by_task": dict(judged),
                 **generator_requests(cfg, k, cache),
-                "new_tasks": dict(Counter(task_of(ins.text) for ins in new)),
-                "new_levels": dict(Counter(str(level_of(ins.text)) for ins in new)),
+                "new_tasks": dict(Counter(inst.task if inst else None for inst in new)),
+                "new_levels": dict(Counter(str(inst.level if inst else None) for inst in new)),
                 "new": len(new),
                 "new_same_type_prompt": m.get("new_hard"), "new_rarer_prompt": m.get("new_easy"),
                 "generator_calls": m.get("generator_calls"),
@@ -542,13 +537,18 @@ def bands(per_task: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _known_levels(levels: Counter[str]) -> dict[int, int]:
+    """Counts by level, without the instructions the world could not read ("None")."""
+    return {int(k): n for k, n in levels.items() if k.isdigit()}
+
+
 def mean_level(levels: Counter[str]) -> float:
-    known = {int(k): n for k, n in levels.items() if k.isdigit()}
+    known = _known_levels(levels)
     return sum(k * n for k, n in known.items()) / max(1, sum(known.values()))
 
 
 def share_at_least(levels: Counter[str], lowest: int) -> float:
-    known = {int(k): n for k, n in levels.items() if k.isdigit()}
+    known = _known_levels(levels)
     return sum(n for k, n in known.items() if k >= lowest) / max(1, sum(known.values()))
 
 
