@@ -7,6 +7,8 @@ Checks (each must pass):
    launched as a child job exactly as `lionkd run` does, with Joint-Teaching sampling under sharding;
    the gathered checkpoint is read back and answers greedily.
 4. vLLM generation gives the same greedy answers as the HF backend (when vLLM is installed).
+5. On-policy KD with the student's samples from a vLLM engine beside the training: it trains, and the
+   engine ends holding the trained weights (when vLLM is installed).
 
 Figures (side by side in this run, as ratios): training tokens/s in fp32, bf16 and bf16 + LoRA; the
 Cache Pool's answers/s through the HF backend (and vLLM when installed); the KD step against TRL's
@@ -96,6 +98,56 @@ def train(path: str, examples: list, out: Path, steps: int, batch: int, precisio
     settings = TrainConfig(max_steps=steps, batch_size=batch, learning_rate=2e-5, warmup_ratio=0, max_length=128,
                            precision=precision, processes=1, save_steps=10_000, logging_steps=5)
     return train_student(TrainJob(path, examples, out, settings=settings, progress=False, **kw))
+
+
+def on_policy_vllm(path: str, examples: list, out: Path) -> dict:
+    """On-policy KD whose samples come from a vLLM engine beside the training, against HF's `generate`:
+    the same steps, the engine holding the trained weights at the end, and the time of each."""
+    from lionkd.config import OnPolicyConfig
+    from lionkd.kd.on_policy import OnPolicySetup
+    from lionkd.llm.cache import CachedLLM
+    from lionkd.llm.scoring import ScoringBackend, TeacherScorer
+    from lionkd.llm.server import ServerThread, create_app
+    from lionkd.llm.templates import render_prompt
+
+    teacher = HFBackend(path, device="cuda", dtype="bfloat16", batch_size=32)
+    tok = teacher.tokenizer
+    prompts = {e.id: render_prompt(tok, e.prompt_messages(), "chat") for e in examples}
+    report = {}
+    with ServerThread(create_app({"teacher": teacher})) as server:
+        for sampler in ("hf", "vllm"):
+            scorer = TeacherScorer(CachedLLM(ScoringBackend("teacher", base_url=server.base_url), None,
+                                             role="teacher"), 5)
+            setup = OnPolicySetup(OnPolicyConfig(max_new_tokens=32, sampler=sampler), scorer, prompts)
+            # a large rate, so that the weights the engine holds tell the trained ones from the initial ones
+            settings = TrainConfig(max_steps=10, batch_size=16, learning_rate=1e-3, warmup_ratio=0, max_length=128,
+                                   precision="bf16", processes=1, save_steps=10_000)
+            trainer = build_trainer(TrainJob(path, examples, out / f"on-policy-{sampler}", settings=settings,
+                                             objective={"on_policy": 1.0}, progress=False, on_policy=setup))
+            started = time.time()
+            trainer.train()
+            stats = trainer.on_policy.stats
+            report[sampler] = {"s": round(time.time() - started, 1), "samples": stats.samples,
+                               "aligned": round(stats.aligned_fraction, 3),
+                               "last_reverse_kl": round(stats.history[max(stats.history)][1], 4)}
+            if sampler == "vllm":
+                engine = trainer.on_policy.sampler.engine
+                copy = dict(engine.llm_engine.model_executor.driver_worker.model_runner.model.named_parameters())
+                trained = dict(trainer.model.named_parameters())
+                name = "model.layers.0.mlp.down_proj.weight"  # vLLM fuses q/k/v and gate/up, not this one
+                held = copy[name].float().cpu()
+                # synced before the last step's update: far nearer the trained weights than the initial ones
+                to_trained = (held - trained[name].detach().float().cpu()).abs().mean().item()
+                to_initial = (held - load_file(Path(path) / "model.safetensors")[name].float()).abs().mean().item()
+                report[sampler].update(engine_to_trained=to_trained, engine_to_initial=to_initial,
+                                       synced_step=trainer.on_policy.sampler.synced_step)
+                report[sampler]["engine_weights_are_the_trained_ones"] = to_trained < to_initial / 3
+            del trainer
+            torch.cuda.empty_cache()
+    report["vllm_vs_hf_time"] = round(report["vllm"]["s"] / report["hf"]["s"], 2)
+    assert report["vllm"]["samples"] == report["hf"]["samples"] > 0, report
+    assert report["vllm"]["engine_weights_are_the_trained_ones"], report
+    return report
 
 
 def main() -> None:
@@ -207,6 +259,12 @@ def main() -> None:
             results["checks"]["vllm_greedy_equals_hf"] = "skipped: vllm is not installed"
         results["figures"]["cache_pool"] = figures
         print(figures, flush=True)
+
+    if importlib.util.find_spec("vllm") is not None:
+        with section("on-policy samples from vLLM"):
+            results["checks"]["on_policy_vllm"] = on_policy_vllm(path, examples[:256], out)
+    else:
+        results["checks"]["on_policy_vllm"] = "skipped: vllm is not installed"
 
     with section("kd step vs TRL GKD"):
         run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kd_step.py"), "--cuda", "--steps", "12",

@@ -74,7 +74,7 @@ def test_secret_never_printed(tmp_path):
         assert part not in result.stdout and part not in result.stderr
 
 
-@pytest.mark.parametrize("preset", ["demo", "api", "kd"])
+@pytest.mark.parametrize("preset", ["demo", "api", "kd", "on-policy"])
 def test_presets_are_valid_configs(tmp_path, preset):
     result = run_cli("init", "--preset", preset)
     assert result.returncode == 0

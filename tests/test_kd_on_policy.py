@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -458,8 +459,13 @@ def test_distill_bad_input_is_one_line_before_any_paid_call(served, tmp_path, cl
     with pytest.raises(UserError, match="teacher.tokenizer: the teacher's tokenizer aligns only") as err:
         distill(cfg, progress=False)
     assert "\n" not in str(err.value)
+    if importlib.util.find_spec("vllm") is None or not torch.cuda.is_available():  # samples from vLLM, here
+        with pytest.raises(UserError, match="kd.on_policy.sampler: 'vllm' needs") as err:
+            distill(load_config(write("vllm", on_policy={"sampler": "vllm"})), progress=False)
+        assert "\n" not in str(err.value)
     assert _teacher_requests(served) == before
     assert not (tmp_path / "words" / "student-kd").exists()
+    assert not (tmp_path / "vllm").exists()
 
 
 # --------------------------------------------------------------------------- Lion's imitation

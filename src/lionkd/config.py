@@ -403,6 +403,12 @@ class OnPolicyConfig(Strict):
     temperature: float = Field(1.0, gt=0)
     min_aligned: float = Field(0.5, ge=0, le=1, description="least share of the student's sampled positions "
                                "with a teacher counterpart (tokenizers that differ); below it the run stops")
+    sampler: Literal["hf", "vllm"] = Field(
+        "hf", description="what makes the student's samples: hf (the training model's generate) or vllm (a vLLM "
+        "engine on the same GPU, given the trained weights before each new step's samples)")
+    vllm: VLLMOptions = Field(default_factory=lambda: VLLMOptions(gpu_memory_utilization=0.3),
+                              description="the sampling engine's settings (sampler: vllm); it shares the GPU with "
+                              "the training, hence its smaller memory share")
 
 
 class KDConfig(Strict):

@@ -102,6 +102,10 @@ def check_config(cfg: RunConfig) -> None:
                             "base_url) that scores the student's samples")
         if isinstance(cfg.student.train.processes, int) and cfg.student.train.processes > 1:
             raise UserError("student.train.processes: the 'on_policy' objective trains in one process; set 1")
+        if cfg.kd.on_policy.sampler == "vllm":
+            from ..kd.on_policy_vllm import check_vllm_sampler
+
+            check_vllm_sampler(cfg.kd.on_policy.vllm, cfg.student.lora)
 
 
 def model_path(name: str, key: str) -> str:

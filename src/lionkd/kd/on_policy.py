@@ -52,6 +52,32 @@ def sampling_processors(seeds: Sequence[int], temperature: float) -> Any:
     return LogitsProcessorList([TemperatureLogitsWarper(temperature), RowSeededGumbel(list(seeds))])
 
 
+class HFSampler:
+    """`(model, prompts, seeds, step) -> token ids`: the training model's own `generate`, each row from its seed."""
+
+    def __init__(self, tokenizer: Any, max_new_tokens: int, temperature: float) -> None:
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+
+    def __call__(self, model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[int], step: int) -> list[list[int]]:
+        samples = generate_token_ids(model, self.tokenizer, prompts, max_new_tokens=self.max_new_tokens,
+                                     do_sample=False, batch_size=len(prompts),
+                                     logits_processor=sampling_processors(seeds, self.temperature))
+        return [ids[0] for ids in samples]
+
+
+def student_sampler(settings: OnPolicyConfig, model: Any, tokenizer: Any, student: Any) -> Any:
+    """The sampler `kd.on_policy.sampler` names, for this student (its folder, for vLLM's engine)."""
+    if settings.sampler == "hf":
+        return HFSampler(tokenizer, settings.max_new_tokens, settings.temperature)
+    from ..llm.templates import stop_token_ids
+    from .on_policy_vllm import VLLMSampler
+
+    return VLLMSampler(student, settings.vllm, max_new_tokens=settings.max_new_tokens,
+                       temperature=settings.temperature, stop_ids=stop_token_ids(model, tokenizer))
+
+
 @dataclass
 class OnPolicyStats:
     """What the on-policy objective did: samples, aligned share, and per optimiser step its losses."""
@@ -86,8 +112,10 @@ class OnPolicyTeacher:
         max_length: int,
         end_id: int,
         seed: int = 0,
+        sampler: Any = None,  # HFSampler (the default) or on_policy_vllm.VLLMSampler
     ) -> None:
         self.settings = settings
+        self.sampler = sampler or HFSampler(tokenizer, settings.max_new_tokens, settings.temperature)
         self.end_id = end_id  # the token that ends a trained answer (the template's end of turn, else EOS)
         self.scorer = scorer
         self.tokenizer = tokenizer
@@ -130,10 +158,8 @@ class OnPolicyTeacher:
     def _sample(self, features: Sequence[Mapping[str, Any]], model: Any, step: int) -> None:
         s = self.settings
         seeds = [_seed(self.seed, "sample", f["id"], step) for f in features]
-        samples = generate_token_ids(model, self.tokenizer, [f["prompt"] for f in features],
-                                     max_new_tokens=s.max_new_tokens, do_sample=False, batch_size=len(features),
-                                     logits_processor=sampling_processors(seeds, s.temperature))
-        texts = [self.tokenizer.decode(ids[0], skip_special_tokens=True) for ids in samples]
+        samples = self.sampler(model, [f["prompt"] for f in features], seeds, step)
+        texts = [self.tokenizer.decode(ids, skip_special_tokens=True) for ids in samples]
         scored = self.scorer.score([(self.teacher_prompt(f["id"]), text) for f, text in zip(features, texts,
                                                                                             strict=True)])
         self.stats.samples += len(features)
@@ -204,10 +230,10 @@ class OnPolicySetup:
     teacher_prompts: dict[str, str]
     seed: int = 0
 
-    def teacher(self, tokenizer: Any, max_length: int, template: str) -> OnPolicyTeacher:
+    def teacher(self, tokenizer: Any, max_length: int, template: str, sampler: Any = None) -> OnPolicyTeacher:
         end_id = target_ids(tokenizer, "", template)[-1]  # type: ignore[arg-type]
         return OnPolicyTeacher(self.settings, self.scorer, tokenizer, self.teacher_prompts.__getitem__,
-                               max_length=max_length, end_id=end_id, seed=self.seed)
+                               max_length=max_length, end_id=end_id, seed=self.seed, sampler=sampler)
 
 
 def check_student_samples(model: Any, tokenizer: Any) -> None:

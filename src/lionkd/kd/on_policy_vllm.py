@@ -1,0 +1,84 @@
+"""The student's on-policy samples from a vLLM engine beside the training (`kd.on_policy.sampler: vllm`).
+
+HF's `generate` writes a step's samples token by token through the training model; a vLLM engine on
+the same GPU writes them several times faster. The engine holds its own copy of the student: before
+it samples for a new step, the trained weights are copied into it, device to device (no checkpoint on
+disk), so every sample comes from the student as it is at that step. Each row is sampled from its own
+seed, so a resumed run samples the same completions (on the same vLLM version and GPU).
+
+The engine runs inside this process (vLLM's "external launcher" executor, with a world of one): only
+then can the training hand it tensors. vLLM is imported only when this sampler is chosen.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import VLLMOptions
+from ..errors import UserError
+from .decoding import cut_at_eos
+
+KEY = "kd.on_policy.sampler"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_vllm_sampler(options: VLLMOptions, lora: Any) -> None:
+    """What the vLLM sampler cannot run with, refused in one line before the engine or any call."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(f"{KEY}: 'vllm' needs vLLM installed (pip install 'lionkd[vllm]'), or use 'hf'")
+    if not torch.cuda.is_available():
+        raise UserError(f"{KEY}: 'vllm' needs a GPU; on this machine use 'hf'")
+    if lora is not None:  # the engine's copy would need the adapters merged at every step
+        raise UserError(f"{KEY}: 'vllm' does not take a LoRA student (student.lora); use 'hf'")
+    if options.tensor_parallel_size != 1:
+        raise UserError("kd.on_policy.vllm.tensor_parallel_size: the sampling engine shares the training's one "
+                        "GPU; set 1")
+
+
+class VLLMSampler:
+    """`(model, prompts, seeds, step) -> token ids`: samples from an engine holding the model's weights."""
+
+    def __init__(self, student_dir: Any, options: VLLMOptions, *, max_new_tokens: int, temperature: float,
+                 stop_ids: set[int], dtype: str = "auto") -> None:
+        import vllm
+
+        if not isinstance(student_dir, str | os.PathLike):
+            raise UserError(f"{KEY}: 'vllm' loads the student from its folder; this student is a model in memory")
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())}.items():
+            os.environ.setdefault(key, value)
+        self.engine = vllm.LLM(model=str(student_dir), dtype=dtype, seed=0,
+                               distributed_executor_backend="external_launcher", **options.engine_args())
+        self._params = vllm.SamplingParams
+        self.max_new_tokens = max_new_tokens
+        self.temperature = temperature
+        self.stop_ids = stop_ids
+        self.synced_step: int | None = None
+
+    def sync(self, model: Any, step: int) -> None:
+        """The engine's copy of the student takes `model`'s weights, once per step."""
+        if self.synced_step == step:
+            return
+        engine_model = self.engine.llm_engine.model_executor.driver_worker.model_runner.model
+        engine_model.load_weights((name, param.data) for name, param in model.named_parameters())
+        self.engine.reset_prefix_cache()  # cached prefixes hold the old weights' keys and values
+        self.synced_step = step
+
+    def __call__(self, model: Any, prompts: Sequence[Sequence[int]], seeds: Sequence[int], step: int) -> list[list[int]]:
+        self.sync(model, step)
+        params = [self._params(n=1, temperature=self.temperature, max_tokens=self.max_new_tokens, seed=seed,
+                               stop_token_ids=sorted(self.stop_ids)) for seed in seeds]
+        outputs = self.engine.generate([{"prompt_token_ids": list(p)} for p in prompts], params, use_tqdm=False)
+        return [cut_at_eos(list(out.outputs[0].token_ids), self.stop_ids) for out in outputs]
