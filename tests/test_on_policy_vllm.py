@@ -29,6 +29,7 @@ from lionkd.llm.hf import HFBackend
 from lionkd.llm.scoring import ScoringBackend, TeacherScorer
 from lionkd.llm.server import ServerThread, create_app
 from lionkd.llm.templates import render_prompt
+from lionkd.report.on_policy_sections import on_policy_section
 from llm_fakes import tiny_model, tiny_tokenizer
 
 
@@ -163,6 +164,9 @@ def test_on_policy_training_samples_from_the_engine_and_trains_on_its_samples(fa
     assert len(engine.seeds) == 6 and len(set(engine.seeds)) == 6
     expected = [tok.decode(out, skip_special_tokens=True) for out in engine.outputs]
     assert scored == expected  # the teacher scored the engine's samples, not HF generate's
+    # the report says what wrote the samples
+    section = on_policy_section([types.SimpleNamespace(label="kd", metrics=metrics)])
+    assert section.tables[0].rows[0][:3] == ["kd", "vllm", 6]
 
 
 @pytest.mark.parametrize(("case", "message"), [

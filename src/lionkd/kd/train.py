@@ -252,7 +252,8 @@ def train_student(job: TrainJob) -> dict[str, Any]:
     if trainer.epoch_switch is not None:  # per process, per epoch (since a resume): the pseudo-target lists read
         metrics["pseudo_targets_read"] = gather_object([trainer.epoch_switch.read])
     if trainer.on_policy is not None:
-        metrics["on_policy"] = trainer.on_policy.stats.as_dict() | {"scoring": dict(trainer.on_policy.scorer.stats)}
+        metrics["on_policy"] = trainer.on_policy.stats.as_dict() | {"scoring": dict(trainer.on_policy.scorer.stats),
+                                                                    "sampler": trainer.on_policy.settings.sampler}
     if trainer.sampler is not None:
         metrics["student_samples"] = {"replaced": trainer.sampler.replaced, "generated": trainer.sampler.generated}
     if trainer.params_sharded:  # every process takes part: the shards are gathered into one checkpoint

@@ -27,12 +27,13 @@ def on_policy_section(trainings: Sequence[Any]) -> Section | None:
     rows = []
     for label, op in used:
         scoring = op.get("scoring") or {}
-        rows.append([label, op.get("samples"), op.get("reused"), op.get("aligned_fraction"),
+        rows.append([label, op.get("sampler", "hf"), op.get("samples"), op.get("reused"), op.get("aligned_fraction"),
                      scoring.get("calls_sent"), scoring.get("calls_cached"), scoring.get("failed"),
                      scoring.get("prompt_tokens")])
     section.tables.append(Table(
-        "Student samples and teacher scoring", ["stage", "samples", "reused", "aligned share", "scoring calls sent",
+        "Student samples and teacher scoring", ["stage", "sampler", "samples", "reused", "aligned share", "scoring calls sent",
                                                 "found cached", "failed", "tokens scored"], rows,
+        "'sampler': what wrote the student's samples (hf: the training model; vllm: an engine beside it); "
         "'aligned share': sampled positions with a teacher counterpart (1 for one tokenizer); 'found cached': "
         "scores a rerun or a resumed run did not pay for again; 'tokens scored': prompt tokens the server read."))
     for label, op in used:
