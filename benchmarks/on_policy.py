@@ -10,7 +10,7 @@ the same steps, batch and learning rate:
 - on_policy: lionkd's on-policy objective (lmbda 1, top-k reverse KL), the teacher scoring over HTTP
 - mixed:     half of each batch on-policy, the other half cross-entropy on the teacher's answers
 - trl_gkd:   TRL's GKD trainer with the same teacher in process (lmbda 1, beta 1: reverse KL on the
-             student's samples), the reference implementation
+             student's samples), the reference implementation, without its default activation checkpointing
 
 For each arm and seed, each arm in its own process: held-out exact match at the end and at half the
 steps, the teacher tokens used by then (the answers trained on, prompt + answer, and every scored
@@ -248,7 +248,10 @@ def train_trl(student: str, teacher_dir: str, prompts: list[str], out: Path, see
                      learning_rate=cfg["lr"], lr_scheduler_type="constant", warmup_steps=0, lmbda=1.0, beta=1.0,
                      temperature=1.0, max_new_tokens=cfg["max_new_tokens"], max_length=128, seed=seed,
                      report_to="none", save_strategy="no", logging_steps=10_000, use_cpu=not cuda,
-                     disable_tqdm=True, bf16=cuda, remove_unused_columns=False)
+                     disable_tqdm=True, bf16=cuda, remove_unused_columns=False,
+                     # TRL turns activation checkpointing on by default; lionkd's arms train without it, and
+                     # with it TRL's sampling runs without a KV cache: the same settings for every arm
+                     gradient_checkpointing=False)
     trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(student),
                          teacher_model=AutoModelForCausalLM.from_pretrained(teacher_dir), args=args,
                          train_dataset=Dataset.from_list(rows), data_collator=collate, processing_class=tok)
