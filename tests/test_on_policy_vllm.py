@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import os
 import sys
 import types
 
@@ -20,10 +21,9 @@ import torch
 
 from lionkd.config import OnPolicyConfig, TrainConfig, VLLMOptions
 from lionkd.errors import UserError
-from lionkd.kd import on_policy_vllm
 from lionkd.kd.examples import TrainExample
 from lionkd.kd.on_policy import OnPolicySetup
-from lionkd.kd.on_policy_vllm import VLLMSampler, check_vllm_sampler
+from lionkd.kd.on_policy_vllm import VLLMSampler, check_sampler
 from lionkd.llm.cache import CachedLLM
 from lionkd.llm.hf import HFBackend
 from lionkd.llm.scoring import ScoringBackend, TeacherScorer
@@ -55,6 +55,7 @@ class FakeLLM:
         from transformers import AutoModelForCausalLM
 
         self.kwargs = kwargs
+        self.environment = dict(os.environ)
         self.copy = FakeEngineModel(AutoModelForCausalLM.from_pretrained(model).eval())
         worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=self.copy))
         self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
@@ -110,6 +111,7 @@ def test_the_engine_takes_the_trained_weights_once_per_step_and_keeps_each_rows_
                           stop_ids=eos)
     engine = FakeLLM.made[-1]
     assert engine.kwargs["distributed_executor_backend"] == "external_launcher"  # in this process
+    assert engine.environment["WORLD_SIZE"] == "1" and "WORLD_SIZE" not in os.environ  # for its start only
     assert engine.kwargs["gpu_memory_utilization"] == 0.3
     prompts = [tok("add 12 and 30")["input_ids"], tok("reverse the word lion")["input_ids"]]
 
@@ -142,10 +144,11 @@ def served():
 
 def test_on_policy_training_samples_from_the_engine_and_trains_on_its_samples(fake_vllm, student_dir, served,
                                                                                 tmp_path, monkeypatch):
+    from lionkd.kd import train
     from lionkd.kd.job import TrainJob
     from lionkd.kd.train import train_student
 
-    monkeypatch.setattr(on_policy_vllm, "check_vllm_sampler", lambda options, lora: None)  # no GPU here
+    monkeypatch.setattr(train, "check_sampler", lambda settings, lora: None)  # no GPU here
     tok = tiny_tokenizer()
     examples = [TrainExample(target="the quick fox", prompt=p) for p in ("add 12 and 30", "sort the list 3 1 2")]
     scored = []
@@ -180,10 +183,11 @@ def test_what_the_vllm_sampler_cannot_run_with_is_one_line(case, message, fake_v
         monkeypatch.delitem(sys.modules, "vllm")
         monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: case != "no gpu")
-    options = VLLMOptions(tensor_parallel_size=2 if case == "tp" else 1)
+    settings = OnPolicyConfig(sampler="vllm", vllm=VLLMOptions(tensor_parallel_size=2 if case == "tp" else 1))
     with pytest.raises(UserError, match=message) as err:
-        check_vllm_sampler(options, {"r": 8} if case == "lora" else None)
+        check_sampler(settings, {"r": 8} if case == "lora" else None)
     assert "\n" not in str(err.value)
+    check_sampler(settings.model_copy(update={"sampler": "hf"}), None)  # HF's generate needs none of it
 
 
 def test_a_student_in_memory_is_refused_by_the_vllm_sampler(fake_vllm):

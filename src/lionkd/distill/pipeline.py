@@ -36,6 +36,7 @@ from ..eval.local_model import evaluate_model
 from ..kd.examples import TrainExample
 from ..kd.job import TrainJob
 from ..kd.joint_teaching import JointTeaching
+from ..kd.on_policy_vllm import check_sampler
 from ..kd.pseudo_targets import PTConfig, cache_teacher_topk, generate_pseudo_targets, pt_schedule
 from ..progress import progress_bars
 from ..records import PseudoTarget
@@ -102,10 +103,7 @@ def check_config(cfg: RunConfig) -> None:
                             "base_url) that scores the student's samples")
         if isinstance(cfg.student.train.processes, int) and cfg.student.train.processes > 1:
             raise UserError("student.train.processes: the 'on_policy' objective trains in one process; set 1")
-        if cfg.kd.on_policy.sampler == "vllm":
-            from ..kd.on_policy_vllm import check_vllm_sampler
-
-            check_vllm_sampler(cfg.kd.on_policy.vllm, cfg.student.lora)
+        check_sampler(cfg.kd.on_policy, cfg.student.lora)
 
 
 def model_path(name: str, key: str) -> str:

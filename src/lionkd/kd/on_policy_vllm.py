@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
-from ..config import VLLMOptions
+from ..config import OnPolicyConfig, VLLMOptions
 from ..errors import UserError
 from .decoding import cut_at_eos
 
@@ -30,19 +31,37 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def check_vllm_sampler(options: VLLMOptions, lora: Any) -> None:
-    """What the vLLM sampler cannot run with, refused in one line before the engine or any call."""
+@contextmanager
+def _world_of_one() -> Iterator[None]:
+    """The rendezvous variables vLLM's in-process executor reads, for its start only: left set, they
+    would tell the Trainer, and every process this one starts, that they are part of a launched job."""
+    values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+              "MASTER_PORT": str(_free_port())}
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update({key: value for key, value in values.items() if before[key] is None})
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+
+
+def check_sampler(settings: OnPolicyConfig, lora: Any) -> None:
+    """With `sampler: vllm`, what it cannot run with, refused in one line before the engine or any call."""
     import importlib.util
 
     import torch
 
+    if settings.sampler != "vllm":
+        return
     if importlib.util.find_spec("vllm") is None:
         raise UserError(f"{KEY}: 'vllm' needs vLLM installed (pip install 'lionkd[vllm]'), or use 'hf'")
     if not torch.cuda.is_available():
         raise UserError(f"{KEY}: 'vllm' needs a GPU; on this machine use 'hf'")
     if lora is not None:  # the engine's copy would need the adapters merged at every step
         raise UserError(f"{KEY}: 'vllm' does not take a LoRA student (student.lora); use 'hf'")
-    if options.tensor_parallel_size != 1:
+    if settings.vllm.tensor_parallel_size != 1:
         raise UserError("kd.on_policy.vllm.tensor_parallel_size: the sampling engine shares the training's one "
                         "GPU; set 1")
 
@@ -56,11 +75,9 @@ class VLLMSampler:
 
         if not isinstance(student_dir, str | os.PathLike):
             raise UserError(f"{KEY}: 'vllm' loads the student from its folder; this student is a model in memory")
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                           "MASTER_PORT": str(_free_port())}.items():
-            os.environ.setdefault(key, value)
-        self.engine = vllm.LLM(model=str(student_dir), dtype=dtype, seed=0,
-                               distributed_executor_backend="external_launcher", **options.engine_args())
+        with _world_of_one():
+            self.engine = vllm.LLM(model=str(student_dir), dtype=dtype, seed=0,
+                                   distributed_executor_backend="external_launcher", **options.engine_args())
         self._params = vllm.SamplingParams
         self.max_new_tokens = max_new_tokens
         self.temperature = temperature

@@ -36,6 +36,7 @@ from .joint_teaching import StudentSampler
 from .launch import needs_launch, process_count, run_training_job, world_size
 from .loading import check_same_vocab, load_model, load_tokenizer
 from .on_policy import check_student_samples, student_sampler
+from .on_policy_vllm import check_sampler
 from .trainer import KDTrainer
 
 METRICS_FILE = "train_metrics.json"
@@ -92,10 +93,8 @@ def build_trainer(job: TrainJob) -> KDTrainer:
         raise UserError("kd.objective: 'on_policy' needs a served teacher that scores the student's samples"
                         if on_policy is None else "kd.objective: on-policy settings given without 'on_policy'")
 
-    if on_policy is not None and on_policy.settings.sampler == "vllm":
-        from .on_policy_vllm import check_vllm_sampler
-
-        check_vllm_sampler(on_policy.settings.vllm, lora)
+    if on_policy is not None:
+        check_sampler(on_policy.settings, lora)
     model = load_model(student)
     # Saved as its base was stored (unless configured), trained on fp32 master weights whatever that is.
     stored = model.dtype if settings.save_dtype == "auto" else DTYPES[settings.save_dtype]

@@ -117,10 +117,10 @@ def check_config(cfg: RunConfig) -> LionPrompts:
     if cfg.lion.imitation == "on_policy" and cfg.teacher.backend != "openai":
         raise UserError("lion.imitation: 'on_policy' needs a served teacher (teacher.backend: openai, with base_url) "
                         "that scores the student's answers")
-    if cfg.lion.imitation == "on_policy" and cfg.kd.on_policy.sampler == "vllm":
-        from ..kd.on_policy_vllm import check_vllm_sampler
+    if cfg.lion.imitation == "on_policy":
+        from ..kd.on_policy_vllm import check_sampler
 
-        check_vllm_sampler(cfg.kd.on_policy.vllm, cfg.student.lora)
+        check_sampler(cfg.kd.on_policy, cfg.student.lora)
     check_model_name(cfg.student.model, "student.model")
     if cfg.student.train.precision != "auto":  # auto is always available (and measured only when training)
         training_precision(cfg.student.train.precision)

@@ -31,8 +31,8 @@ def on_policy_section(trainings: Sequence[Any]) -> Section | None:
                      scoring.get("calls_sent"), scoring.get("calls_cached"), scoring.get("failed"),
                      scoring.get("prompt_tokens")])
     section.tables.append(Table(
-        "Student samples and teacher scoring", ["stage", "sampler", "samples", "reused", "aligned share", "scoring calls sent",
-                                                "found cached", "failed", "tokens scored"], rows,
+        "Student samples and teacher scoring", ["stage", "sampler", "samples", "reused", "aligned share",
+                                                "scoring calls sent", "found cached", "failed", "tokens scored"], rows,
         "'sampler': what wrote the student's samples (hf: the training model; vllm: an engine beside it); "
         "'aligned share': sampled positions with a teacher counterpart (1 for one tokenizer); 'found cached': "
         "scores a rerun or a resumed run did not pay for again; 'tokens scored': prompt tokens the server read."))
