@@ -54,11 +54,15 @@ def launcher_command(processes: int, accelerate_config: Path | None) -> list[str
     if accelerate_config is not None:
         return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
                 "--num_processes", str(processes), "-m", "lionkd.kd.job"]
-    with socket.socket() as s:  # a free port for the rendezvous, so runs side by side do not collide
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-            "--master_addr", "127.0.0.1", "--master_port", str(port), "-m", "lionkd.kd.job"]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "lionkd.kd.job"]
+
+
+def free_port() -> int:
+    """A free local port for a rendezvous, so that runs side by side do not collide."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def run_training_job(job: TrainJob, processes: int, accelerate_config: Path | None) -> None:

@@ -13,7 +13,6 @@ then can the training hand it tensors. vLLM is imported only when this sampler i
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -21,14 +20,9 @@ from typing import Any
 from ..config import OnPolicyConfig, VLLMOptions
 from ..errors import UserError
 from .decoding import cut_at_eos
+from .launch import free_port
 
 KEY = "kd.on_policy.sampler"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager
@@ -36,7 +30,7 @@ def _world_of_one() -> Iterator[None]:
     """The rendezvous variables vLLM's in-process executor reads, for its start only: left set, they
     would tell the Trainer, and every process this one starts, that they are part of a launched job."""
     values = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-              "MASTER_PORT": str(_free_port())}
+              "MASTER_PORT": str(free_port())}
     before = {key: os.environ.get(key) for key in values}
     os.environ.update({key: value for key, value in values.items() if before[key] is None})
     try:
